@@ -1,0 +1,21 @@
+"""Flax models: a LLaMA-style decoder, its configurations and helpers."""
+
+from salaad_jax.models.configs import CONFIGS, LlamaConfig, get_config
+from salaad_jax.models.llama import (
+    Llama,
+    count_params,
+    cross_entropy_loss,
+    generate,
+    init_params,
+)
+
+__all__ = [
+    "CONFIGS",
+    "Llama",
+    "LlamaConfig",
+    "count_params",
+    "cross_entropy_loss",
+    "generate",
+    "get_config",
+    "init_params",
+]

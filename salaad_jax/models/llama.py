@@ -1,0 +1,334 @@
+"""A LLaMA-style decoder in Flax linen, with helpers to init, score and sample.
+
+Architecture (pre-norm residual blocks, no biases), for tokens t_1..t_T:
+
+    x_0   = E[t]                                   E: (V, d) embedding
+    x'    = x_l + Attn(RMSNorm(x_l))               causal, rotary q and k
+    x_l+1 = x' + MLP(RMSNorm(x'))                  SwiGLU
+    logits = RMSNorm(x_L) W_out                    W_out = E^T if tied
+
+    RMSNorm(x) = x / sqrt(mean(x^2) + eps) * scale
+    MLP(x)     = W_down (silu(W_gate x) * (W_up x))
+    Attn(x)    = W_o concat_h softmax(q_h k_h^T / sqrt(d_h) + causal) v_h
+
+Every projection is a 2-D kernel of shape (in, out) at a fixed path, e.g.
+`params/layers_3/attn/q_proj/kernel`, `params/layers_0/mlp/down_proj/kernel`;
+the layers are a plain Python loop (not `nn.scan`) so each block owns its
+matrices. The class building these projections is `Llama.dense_cls`
+(default `nn.Dense`); a replacement must accept
+`dense_cls(features, *, use_bias, dtype, param_dtype, kernel_init, name)`
+and keep the same parameter names to stay path-compatible.
+
+Numerics: parameters are stored in `config.param_dtype`, activations and
+matmuls run in `config.dtype`; RMSNorm, rotary angles and softmax run in
+float32, and the output head accumulates into float32 logits.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from salaad_jax.models.configs import LlamaConfig
+
+__all__ = [
+    "RMSNorm", "apply_rotary", "rotary_angles", "Attention", "MLP", "Block",
+    "Llama", "init_params", "count_params", "cross_entropy_loss", "generate",
+]
+
+Array = jax.Array
+DenseCls = Callable[..., nn.Module]
+
+_INIT_STD = 0.02
+
+
+class RMSNorm(nn.Module):
+  """y = x / sqrt(mean(x^2, -1) + eps) * scale, computed in float32.
+
+  `scale` (shape (d,), initialised to ones) is stored in `param_dtype`; the
+  result is cast to `dtype` (or to the input dtype when `dtype` is None).
+  """
+
+  eps: float = 1e-6
+  dtype: Any = None
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    scale = self.param("scale", nn.initializers.ones, (x.shape[-1],),
+                       self.param_dtype)
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) +
+                            self.eps)
+    y = y * scale.astype(jnp.float32)
+    return y.astype(self.dtype or x.dtype)
+
+
+def rotary_angles(positions: Array, head_dim: int, theta: float) -> Array:
+  """Angles phi[..., i] = p * theta^(-2i / head_dim), i < head_dim / 2 (f32)."""
+  inv_freq = theta ** (-jnp.arange(0, head_dim, 2, dtype=jnp.float32) /
+                       head_dim)
+  return positions.astype(jnp.float32)[..., None] * inv_freq
+
+
+def apply_rotary(x: Array, positions: Array, theta: float) -> Array:
+  """Rotary position embedding (rotate-half convention), in float32.
+
+  For x of shape (batch, seq, heads, head_dim) and positions (batch, seq),
+  the channel pairs (x1, x2) = (x[..., i], x[..., i + head_dim/2]) are
+  rotated by phi_i = p * theta^(-2i/head_dim):
+
+      x1' = x1 cos(phi_i) - x2 sin(phi_i)
+      x2' = x2 cos(phi_i) + x1 sin(phi_i)
+
+  so <R(p) q, R(s) k> depends on p - s only. Returns x's dtype.
+  """
+  head_dim = x.shape[-1]
+  phi = rotary_angles(positions, head_dim, theta)[:, :, None, :]
+  cos, sin = jnp.cos(phi), jnp.sin(phi)
+  x32 = x.astype(jnp.float32)
+  x1, x2 = jnp.split(x32, 2, axis=-1)
+  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return out.astype(x.dtype)
+
+
+def _dense(dense_cls: DenseCls, features: int, name: str, config: LlamaConfig,
+           std: float = _INIT_STD) -> nn.Module:
+  return dense_cls(features, use_bias=False, dtype=config.dtype,
+                   param_dtype=config.param_dtype,
+                   kernel_init=nn.initializers.normal(std), name=name)
+
+
+def _residual_std(config: LlamaConfig) -> float:
+  """Init std of the projections writing into the residual stream."""
+  return _INIT_STD / math.sqrt(2 * config.n_layers)
+
+
+class Attention(nn.Module):
+  """Causal multi-head self-attention with rotary q and k.
+
+  q = x W_q, k = x W_k, v = x W_v split into h heads of d_h = d / h;
+  out = softmax(R(q) R(k)^T / sqrt(d_h) + M) v, M_ts = -inf for s > t;
+  result = concat_h(out) W_o. Logits and softmax are float32.
+  """
+
+  config: LlamaConfig
+  dense_cls: DenseCls = nn.Dense
+
+  @nn.compact
+  def __call__(self, x: Array, positions: Array) -> Array:
+    cfg = self.config
+    batch, seq, _ = x.shape
+    heads_shape = (batch, seq, cfg.n_heads, cfg.head_dim)
+    q = _dense(self.dense_cls, cfg.d_model, "q_proj", cfg)(x)
+    k = _dense(self.dense_cls, cfg.d_model, "k_proj", cfg)(x)
+    v = _dense(self.dense_cls, cfg.d_model, "v_proj", cfg)(x)
+    q = apply_rotary(q.reshape(heads_shape), positions, cfg.rope_theta)
+    k = apply_rotary(k.reshape(heads_shape), positions, cfg.rope_theta)
+    v = v.reshape(heads_shape)
+    out = jax.nn.dot_product_attention(q, k, v, is_causal=True)
+    out = out.reshape(batch, seq, cfg.d_model)
+    return _dense(self.dense_cls, cfg.d_model, "o_proj", cfg,
+                  _residual_std(cfg))(out)
+
+
+class MLP(nn.Module):
+  """SwiGLU: W_down (silu(x W_gate) * (x W_up)), hidden width d_ff."""
+
+  config: LlamaConfig
+  dense_cls: DenseCls = nn.Dense
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    cfg = self.config
+    gate = _dense(self.dense_cls, cfg.d_ff, "gate_proj", cfg)(x)
+    up = _dense(self.dense_cls, cfg.d_ff, "up_proj", cfg)(x)
+    return _dense(self.dense_cls, cfg.d_model, "down_proj", cfg,
+                  _residual_std(cfg))(nn.silu(gate) * up)
+
+
+class Block(nn.Module):
+  """Pre-norm block: x += Attn(RMSNorm(x)); x += MLP(RMSNorm(x))."""
+
+  config: LlamaConfig
+  dense_cls: DenseCls = nn.Dense
+
+  @nn.compact
+  def __call__(self, x: Array, positions: Array) -> Array:
+    cfg = self.config
+    norm = functools.partial(RMSNorm, eps=cfg.norm_eps, dtype=cfg.dtype,
+                             param_dtype=cfg.param_dtype)
+    x = x + Attention(cfg, self.dense_cls, name="attn")(
+        norm(name="attn_norm")(x), positions)
+    x = x + MLP(cfg, self.dense_cls, name="mlp")(norm(name="mlp_norm")(x))
+    return x
+
+
+class Llama(nn.Module):
+  """LLaMA-style decoder: tokens int[batch, seq] -> logits float32[b, s, V].
+
+  Parameter tree: `embed/embedding` (V, d); `layers_{i}/{attn_norm,mlp_norm}/
+  scale`; `layers_{i}/attn/{q,k,v,o}_proj/kernel` (d, d);
+  `layers_{i}/mlp/{gate,up}_proj/kernel` (d, d_ff), `down_proj/kernel`
+  (d_ff, d); `final_norm/scale`; `lm_head/kernel` (d, V) unless
+  `config.tie_embeddings`.
+
+  Attributes:
+    config: the LlamaConfig.
+    dense_cls: class used for the attention and MLP projections (see the
+      module docstring for the constructor contract).
+  """
+
+  config: LlamaConfig
+  dense_cls: DenseCls = nn.Dense
+
+  @nn.compact
+  def __call__(self, tokens: Array, *, positions: Array | None = None,
+               deterministic: bool = True) -> Array:
+    """Logits for every position.
+
+    Args:
+      tokens: int[batch, seq] token ids, seq <= config.max_len.
+      positions: optional int[batch, seq] or int[seq] rotary positions;
+        defaults to 0..seq-1. Causality always follows the sequence index.
+      deterministic: accepted for API symmetry with dropout models; this
+        model has no dropout, so it has no effect.
+
+    Returns:
+      float32[batch, seq, vocab_size] logits.
+    """
+    del deterministic
+    cfg = self.config
+    if tokens.ndim != 2:
+      raise ValueError(
+          f"tokens must have shape (batch, seq), got {tokens.shape}.")
+    if not jnp.issubdtype(tokens.dtype, jnp.integer):
+      raise ValueError(f"tokens must be integers, got dtype {tokens.dtype}.")
+    batch, seq = tokens.shape
+    if seq > cfg.max_len:
+      raise ValueError(
+          f"sequence length {seq} exceeds LlamaConfig.max_len={cfg.max_len}.")
+    if positions is None:
+      positions = jnp.arange(seq, dtype=jnp.int32)
+    positions = jnp.broadcast_to(jnp.asarray(positions), (batch, seq))
+
+    embed = nn.Embed(cfg.vocab_size, cfg.d_model, dtype=cfg.dtype,
+                     param_dtype=cfg.param_dtype,
+                     embedding_init=nn.initializers.normal(_INIT_STD),
+                     name="embed")
+    x = embed(tokens)
+    for i in range(cfg.n_layers):
+      x = Block(cfg, self.dense_cls, name=f"layers_{i}")(x, positions)
+    x = RMSNorm(eps=cfg.norm_eps, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+                name="final_norm")(x)
+
+    # Output head: inputs in the compute dtype, float32 accumulation/output.
+    if cfg.tie_embeddings:
+      table = embed.embedding.astype(cfg.dtype)
+      logits = jnp.einsum("bsd,vd->bsv", x, table,
+                          preferred_element_type=jnp.float32)
+    else:
+      logits = nn.Dense(
+          cfg.vocab_size, use_bias=False, dtype=cfg.dtype,
+          param_dtype=cfg.param_dtype,
+          kernel_init=nn.initializers.normal(_INIT_STD),
+          dot_general=functools.partial(jax.lax.dot_general,
+                                        preferred_element_type=jnp.float32),
+          name="lm_head")(x)
+    return logits.astype(jnp.float32)
+
+
+def init_params(config: LlamaConfig, rng: Array, batch: int = 1,
+                seq: int | None = None, *,
+                dense_cls: DenseCls = nn.Dense) -> dict:
+  """Initialise `Llama(config)` and return `variables['params']`.
+
+  Parameter shapes do not depend on (batch, seq); seq defaults to
+  min(config.max_len, 8). Traceable, so `jax.eval_shape` gives the abstract
+  tree without materialising it.
+  """
+  seq = min(config.max_len, 8) if seq is None else seq
+  tokens = jnp.zeros((batch, seq), jnp.int32)
+  model = Llama(config, dense_cls=dense_cls)
+  return jax.jit(model.init)(rng, tokens)["params"]
+
+
+def count_params(params: Any) -> int:
+  """Total number of scalars over all leaves (arrays or ShapeDtypeStructs)."""
+  return int(sum(int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(params)))
+
+
+def cross_entropy_loss(logits: Array, targets: Array,
+                       mask: Array | None = None) -> tuple[Array, Array]:
+  """Mean token cross-entropy, in float32.
+
+  loss = sum_t m_t * (-log softmax(logits_t)[y_t]) / max(sum_t m_t, 1)
+
+  Args:
+    logits: float[..., V].
+    targets: int[...] labels.
+    mask: optional weights/booleans broadcastable to targets (1 = count).
+
+  Returns:
+    (mean loss, token count sum_t m_t), both float32 scalars.
+  """
+  losses = optax.softmax_cross_entropy_with_integer_labels(
+      logits.astype(jnp.float32), targets)
+  if mask is None:
+    weights = jnp.ones_like(losses)
+  else:
+    weights = jnp.broadcast_to(jnp.asarray(mask, jnp.float32), losses.shape)
+  count = jnp.sum(weights)
+  return jnp.sum(losses * weights) / jnp.maximum(count, 1.0), count
+
+
+def generate(model: Llama, params: Any, prompt_tokens: Array,
+             max_new_tokens: int, rng: Array,
+             temperature: float | Array = 1.0) -> Array:
+  """Autoregressive sampling without a KV cache.
+
+  A fixed buffer int32[batch, P + N] (P = prompt length, N = max_new_tokens)
+  is filled one token per `lax.fori_loop` step; each step runs the full
+  forward pass (causality makes the unfilled tail irrelevant) and draws
+  y ~ softmax(logits_{P+i-1} / temperature), or argmax when
+  temperature <= 0 (greedy). Jit-friendly with N static; temperature may be
+  traced.
+
+  Returns:
+    int32[batch, P + N]: the prompt followed by the sampled tokens.
+  """
+  prompt_tokens = jnp.asarray(prompt_tokens, jnp.int32)
+  if prompt_tokens.ndim == 1:
+    prompt_tokens = prompt_tokens[None]
+  batch, prompt_len = prompt_tokens.shape
+  total = prompt_len + int(max_new_tokens)
+  if prompt_len < 1:
+    raise ValueError("generate needs a prompt of at least one token.")
+  if total > model.config.max_len:
+    raise ValueError(
+        f"prompt length {prompt_len} + max_new_tokens {max_new_tokens} = "
+        f"{total} exceeds LlamaConfig.max_len={model.config.max_len}.")
+  buffer = jnp.zeros((batch, total), jnp.int32)
+  buffer = jax.lax.dynamic_update_slice(buffer, prompt_tokens, (0, 0))
+  temperature = jnp.asarray(temperature, jnp.float32)
+
+  def step(i, buf):
+    pos = prompt_len + i
+    logits = model.apply({"params": params}, buf)
+    last = jax.lax.dynamic_index_in_dim(logits, pos - 1, axis=1,
+                                        keepdims=False)
+    greedy = jnp.argmax(last, axis=-1)
+    sampled = jax.random.categorical(
+        jax.random.fold_in(rng, i),
+        last / jnp.maximum(temperature, 1e-6), axis=-1)
+    token = jnp.where(temperature > 0, sampled, greedy).astype(jnp.int32)
+    return jax.lax.dynamic_update_slice(buf, token[:, None], (0, pos))
+
+  return jax.lax.fori_loop(0, int(max_new_tokens), step, buffer)
