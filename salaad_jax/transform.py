@@ -1,0 +1,565 @@
+"""SALAAD as an optax GradientTransformation (SALAAD.md §2, §4, §5).
+
+Two forms share one state and one ADMM round:
+
+* ``salaad(inner, ...)`` — coupled: the gradient of every block becomes
+  g_i + rho_i (X_i - L_i - S_i + U_i) before ``inner`` (e.g. clip + AdamW)
+  turns it into the update.
+* ``salaad_decoupled(learning_rate, ...)`` — an element appended to an
+  existing chain: the incoming update u_i (already scaled by the base
+  optimiser) becomes u_i - lr * rho_i (X_i - L_i - S_i + U_i).
+
+Every ``every_k`` steps, on the new X = params + update, each block runs one
+ADMM round in float32 (L-step by singular value thresholding, controller on
+alpha, S-step by a sparse prox, controller on beta, dual ascent on the scaled
+dual U = Y / rho).  The round runs under ``lax.cond`` and is vmapped over the
+blocks that share a matrix shape.  L is kept factored at a bounded rank.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Callable, NamedTuple, Optional, Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from salaad_jax import controller as ctl
+from salaad_jax import prox
+from salaad_jax import structure as st
+
+_F32 = jnp.float32
+ScalarOrPerBlock = Union[float, jax.Array, Any, Callable[[str], float]]
+
+SPARSE_MODES = ("soft", "topk", "rows", "cols")  # plus "N:M", e.g. "2:4"
+SVT_METHODS = ("fast", "exact")
+
+
+class SalaadState(NamedTuple):
+  """Optimizer state.  Every field but the counters and ``inner_state`` is a
+  pytree mirroring the params; non-block leaves hold a (0,)-shaped float32
+  placeholder.
+
+  Attributes:
+    count: optimisation steps taken (int32).
+    num_rounds: ADMM rounds / controller updates taken, n (int32).
+    inner_state: the base optimiser's state (EmptyState when decoupled).
+    lr_u, lr_s, lr_v: L_i = lr_u diag(lr_s) lr_v^T, shapes (m, r), (r,),
+      (n, r), float32; lr_s is already thresholded (zeros beyond the rank).
+    sparse: S_i in the param's shape.
+    dual: the scaled dual U_i = Y_i / rho_i in the param's shape.
+    alpha, beta: the penalty weights (float32 scalars).
+    rank_rate, density: gamma_L and d_S measured at the last round.
+  """
+
+  count: jax.Array
+  num_rounds: jax.Array
+  inner_state: Any
+  lr_u: Any
+  lr_s: Any
+  lr_v: Any
+  sparse: Any
+  dual: Any
+  alpha: Any
+  beta: Any
+  rank_rate: Any
+  density: Any
+
+
+_PER_BLOCK_FIELDS = ("lr_u", "lr_s", "lr_v", "sparse", "dual", "alpha", "beta",
+                     "rank_rate", "density")
+
+
+def _placeholder():
+  return jnp.zeros((0,), _F32)
+
+
+def is_placeholder(x) -> bool:
+  return getattr(x, "shape", None) == (0,)
+
+
+# --------------------------------------------------------------------------
+# Hyperparameters.
+# --------------------------------------------------------------------------
+
+
+def _concrete_float(x) -> Optional[float]:
+  """float(x) for Python/NumPy/concrete JAX scalars; None for tracers."""
+  if isinstance(x, jax.core.Tracer):
+    return None
+  try:
+    return float(np.asarray(x))
+  except (TypeError, ValueError):
+    return None
+
+
+def _check_value(name: str, value, path: str, low, high, low_open=True):
+  v = _concrete_float(value)
+  if v is None:
+    return
+  where = f" for block '{path}'" if path else ""
+  if not math.isfinite(v):
+    raise ValueError(f"{name} must be finite, got {v}{where}")
+  if low is not None and (v <= low if low_open else v < low):
+    op = ">" if low_open else ">="
+    raise ValueError(f"{name} must be {op} {low}, got {v}{where}")
+  if high is not None and v > high:
+    raise ValueError(f"{name} must be <= {high}, got {v}{where}")
+
+
+class _BlockHparams(NamedTuple):
+  rho: Any
+  rank_target: Any
+  density_target: Any
+  k_alpha: Any
+  k_beta: Any
+  k_d: Any
+
+
+_HPARAM_RULES = {
+    # name: (low, high, low_open)
+    "rho": (0.0, None, True),
+    "rank_target": (0.0, 1.0, True),
+    "density_target": (0.0, 1.0, True),
+    "k_alpha": (0.0, None, False),
+    "k_beta": (0.0, None, False),
+    "k_d": (0.0, None, False),
+}
+
+
+def _per_leaf(name: str, value, treedef, paths):
+  """Resolves a scalar, a callable(path) or a params-shaped pytree to one
+  value per leaf."""
+  if callable(value) and not hasattr(value, "shape"):
+    return [value(p) for p in paths]
+  leaves = jax.tree.leaves(value)
+  if len(leaves) == 1 and jax.tree.structure(value).num_nodes == 1:
+    return [value] * len(paths)
+  try:
+    return treedef.flatten_up_to(value)
+  except (ValueError, TypeError) as e:
+    raise ValueError(
+        f"{name} must be a scalar, a callable(path) -> scalar, or a pytree "
+        f"with the params' structure; got a mismatching pytree ({e})") from None
+
+
+def _block_hparams(hp: dict, treedef, paths, infos) -> list[Optional[_BlockHparams]]:
+  resolved = {k: _per_leaf(k, v, treedef, paths) for k, v in hp.items()}
+  out = []
+  for i, info in enumerate(infos):
+    if info is None:
+      out.append(None)
+      continue
+    vals = {k: resolved[k][i] for k in hp}
+    for k, v in vals.items():
+      _check_value(k, v, info.path, *_HPARAM_RULES[k])
+    out.append(_BlockHparams(**vals))
+  return out
+
+
+def _parse_sparse_mode(mode: str):
+  if mode in SPARSE_MODES:
+    return mode, None
+  if isinstance(mode, str) and ":" in mode:
+    try:
+      n, m = (int(t) for t in mode.split(":"))
+    except ValueError:
+      n = m = -1
+    if 0 < n <= m:
+      return "n:m", (n, m)
+  raise ValueError(
+      f"sparse_mode must be one of {SPARSE_MODES} or 'N:M' (e.g. '2:4'), got {mode!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class _Static:
+  """The static (hashable) part of the configuration."""
+
+  mode: str
+  sparse_mode: str
+  n_m: Optional[tuple[int, int]]
+  svt: str
+  svt_iters: int
+  init_iters: int
+  energy: float
+  alpha_init: Any
+  max_rank: Optional[int]
+
+
+def _rank_for(info: st.BlockInfo, cfg: _Static, rank_target) -> int:
+  m, n = info.matrix_shape
+  k = min(m, n)
+  if cfg.max_rank is not None:
+    return max(1, min(k, int(cfg.max_rank)))
+  if cfg.svt == "exact":
+    return k
+  r = _concrete_float(rank_target)
+  return k if r is None else prox.default_max_rank(m, n, r)
+
+
+# --------------------------------------------------------------------------
+# One block: initialisation and the ADMM round (pure, vmappable).
+# --------------------------------------------------------------------------
+
+
+def _init_block(x, key, rank_target, rho, r: int, cfg: _Static):
+  """L_0 = truncated SVD of X_0 at rank floor(r* min(m, n)) (§5)."""
+  m, n = x.shape
+  k = min(m, n)
+  if cfg.svt == "exact":
+    f = prox.svd_exact(x, r)
+  else:
+    f = prox.subspace_svd(x, prox.random_basis(key, n, r), cfg.init_iters)
+  keep = jnp.floor(jnp.asarray(rank_target, _F32) * k + 1e-6).astype(jnp.int32)
+  s0 = jnp.where(jnp.arange(r) < keep, f.s, 0.0)
+  if not isinstance(cfg.alpha_init, str):
+    alpha0 = jnp.asarray(cfg.alpha_init, _F32)
+  elif cfg.alpha_init == "sigma_k":
+    idx = jnp.clip(jnp.ceil(jnp.asarray(rank_target, _F32) * k - 1e-6).astype(jnp.int32) - 1, 0, r - 1)
+    alpha0 = jnp.asarray(rho, _F32) * f.s[idx]
+  else:
+    alpha0 = jnp.zeros((), _F32)
+  rate0 = prox.effective_rank(s0, cfg.energy).astype(_F32) / k
+  return prox.Factors(f.u, s0, f.v), alpha0, rate0
+
+
+def _sparse_step(z, beta, hp: _BlockHparams, cfg: _Static):
+  """S = prox of (beta/rho) * sparse penalty at z; returns (S, beta')."""
+  rho = jnp.asarray(hp.rho, _F32)
+  if cfg.mode == "hard_cut" or cfg.sparse_mode == "topk":
+    tau = prox.topk_threshold(z, hp.density_target)
+    tau = jnp.where(jnp.isfinite(tau), tau, 0.0)
+    if cfg.sparse_mode == "topk":
+      s = prox.hard_topk(z, hp.density_target)
+    else:
+      s = prox.soft_threshold(z, tau)
+    return s, rho * tau
+  tau = beta / rho
+  if cfg.sparse_mode == "soft":
+    s = prox.soft_threshold(z, tau)
+  elif cfg.sparse_mode == "rows":
+    s = prox.group_soft_threshold(z, tau, axis=1)
+  elif cfg.sparse_mode == "cols":
+    s = prox.group_soft_threshold(z, tau, axis=0)
+  else:  # N:M along the input dimension (the rows of the matrix view)
+    n_keep, m_group = cfg.n_m
+    s = jnp.where(prox.n_m_mask(z, n_keep, m_group, axis=0),
+                  prox.soft_threshold(z, tau), 0.0)
+  return s, None
+
+
+def _round_block(x, f: prox.Factors, s, dual, alpha, beta, rank_prev, dens_prev,
+                 num_rounds, hp: _BlockHparams, deriv_start, cfg: _Static):
+  """One ADMM round for one block (matrix view, float32), SALAAD.md §2."""
+  m, n = x.shape
+  rho = jnp.asarray(hp.rho, _F32)
+  # 1. L <- SVT_{alpha/rho}(X - S + U)
+  z = x - s + dual
+  if cfg.svt == "exact":
+    f = prox.svt_exact(z, alpha / rho, f.s.shape[0])
+  else:
+    f = prox.svt_subspace(z, alpha / rho, f.v, cfg.svt_iters)
+  l_dense = prox.dense(f)
+  # 2. controller on alpha
+  rank_rate = prox.effective_rank(f.s, cfg.energy).astype(_F32) / min(m, n)
+  alpha = ctl.next_weight(cfg.mode, alpha, rank_rate, rank_prev, hp.rank_target,
+                          rho, hp.k_alpha, hp.k_d, num_rounds, deriv_start)
+  # 3. S <- prox_{beta/rho}(X - L + U)
+  s, beta_cut = _sparse_step(x - l_dense + dual, beta, hp, cfg)
+  # 4. controller on beta
+  dens = prox.density(s)
+  if beta_cut is not None:
+    beta = beta_cut
+  else:
+    beta = ctl.next_weight(cfg.mode, beta, dens, dens_prev, hp.density_target,
+                           rho, hp.k_beta, hp.k_d, num_rounds, deriv_start)
+  # 5. U <- U + (X - L - S)
+  dual = dual + (x - l_dense - s)
+  return f, s, dual, alpha, beta, rank_rate, dens
+
+
+# --------------------------------------------------------------------------
+# The transform.
+# --------------------------------------------------------------------------
+
+
+class _Layout(NamedTuple):
+  treedef: Any
+  paths: list
+  infos: list  # BlockInfo or None per leaf
+  hparams: list  # _BlockHparams or None per leaf
+  ranks: list  # int or None per leaf
+
+
+def _groups(layout: _Layout):
+  """Leaf indices of blocks grouped by (matrix shape, factor rank)."""
+  groups: dict[tuple, list[int]] = {}
+  for i, info in enumerate(layout.infos):
+    if info is not None:
+      groups.setdefault((info.matrix_shape, layout.ranks[i]), []).append(i)
+  return list(groups.values())
+
+
+def _stack_hparams(hps: list[_BlockHparams]) -> _BlockHparams:
+  return _BlockHparams(*(jnp.stack([jnp.asarray(v, _F32) for v in vals])
+                         for vals in zip(*hps)))
+
+
+def _penalty_term(x, l_u, l_s, l_v, s, dual, info, rho):
+  """rho (X - L - S + U) in float32, in the param's shape."""
+  l_dense = st.from_matrix(prox.dense(prox.Factors(l_u, l_s, l_v)), info)
+  return jnp.asarray(rho, _F32) * (
+      jnp.asarray(x, _F32) - l_dense - jnp.asarray(s, _F32) + jnp.asarray(dual, _F32))
+
+
+def _make(inner: Optional[optax.GradientTransformation], learning_rate, *,
+          structure, include_embedding, include_head, row_axes, every_k, rho,
+          rank_target, density_target, k_alpha, k_beta, k_d, deriv_start,
+          energy, mode, sparse_mode, svt, svt_iters, init_iters, max_rank,
+          alpha_init, beta_init, state_dtype, seed):
+  ctl.check_mode(mode)
+  sparse_kind, n_m = _parse_sparse_mode(sparse_mode)
+  if svt not in SVT_METHODS:
+    raise ValueError(f"svt must be one of {SVT_METHODS}, got {svt!r}")
+  if isinstance(alpha_init, str):
+    if alpha_init not in ("zero", "sigma_k"):
+      raise ValueError(f"alpha_init must be 'zero', 'sigma_k' or a number, got {alpha_init!r}")
+  else:
+    _check_value("alpha_init", alpha_init, "", 0.0, None, low_open=False)
+  _check_value("beta_init", beta_init, "", 0.0, None, low_open=False)
+  k_val = _concrete_float(every_k)
+  if k_val is not None and (k_val < 1 or k_val != int(k_val)):
+    raise ValueError(f"every_k (K) must be an integer >= 1, got {every_k}")
+  _check_value("energy", energy, "", 0.0, 1.0)
+  if int(svt_iters) < 1 or int(init_iters) < 1:
+    raise ValueError("svt_iters and init_iters must be >= 1")
+  if max_rank is not None and int(max_rank) < 1:
+    raise ValueError(f"max_rank must be >= 1 or None, got {max_rank}")
+  cfg = _Static(mode, sparse_kind, n_m, svt, int(svt_iters), int(init_iters),
+                float(energy) if _concrete_float(energy) is not None else energy,
+                alpha_init, None if max_rank is None else int(max_rank))
+  hp_in = dict(rho=rho, rank_target=rank_target, density_target=density_target,
+               k_alpha=k_alpha, k_beta=k_beta, k_d=k_d)
+  # Validate scalar hyperparameters now rather than at the first init.
+  for name, value in hp_in.items():
+    if not callable(value) and len(jax.tree.leaves(value)) == 1:
+      _check_value(name, jax.tree.leaves(value)[0], "", *_HPARAM_RULES[name])
+  inner = None if inner is None else optax.with_extra_args_support(inner)
+
+  def layout_of(params) -> _Layout:
+    leaves_with_path, treedef = jax.tree_util.tree_flatten_with_path(params)
+    paths = [st.path_str(p) for p, _ in leaves_with_path]
+    info_tree = st.select_blocks(params, structure, include_embedding=include_embedding,
+                                 include_head=include_head, row_axes=row_axes)
+    infos = treedef.flatten_up_to(info_tree)
+    hps = _block_hparams(hp_in, treedef, paths, infos)
+    ranks = [None if i is None else _rank_for(i, cfg, h.rank_target)
+             for i, h in zip(infos, hps)]
+    return _Layout(treedef, paths, infos, hps, ranks)
+
+  def storage_dtype(x):
+    return jnp.dtype(x.dtype) if state_dtype is None else jnp.dtype(state_dtype)
+
+  def init_fn(params):
+    layout = layout_of(params)
+    leaves = layout.treedef.flatten_up_to(params)
+    fields = {k: [_placeholder() for _ in leaves] for k in _PER_BLOCK_FIELDS}
+    key = jax.random.key(seed)
+    for idx in _groups(layout):
+      xs = jnp.stack([st.as_matrix(jnp.asarray(leaves[i], _F32), layout.infos[i])
+                      for i in idx])
+      hps = _stack_hparams([layout.hparams[i] for i in idx])
+      keys = jax.random.split(jax.random.fold_in(key, idx[0]), len(idx))
+      init_one = lambda x, k, r_t, rho_: _init_block(x, k, r_t, rho_, layout.ranks[idx[0]], cfg)
+      f, alpha0, rate0 = jax.vmap(init_one)(xs, keys, hps.rank_target, hps.rho)
+      for j, i in enumerate(idx):
+        fields["lr_u"][i], fields["lr_s"][i], fields["lr_v"][i] = f.u[j], f.s[j], f.v[j]
+        dt = storage_dtype(leaves[i])
+        fields["sparse"][i] = jnp.zeros(layout.infos[i].shape, dt)
+        fields["dual"][i] = jnp.zeros(layout.infos[i].shape, dt)
+        fields["alpha"][i] = alpha0[j]
+        fields["beta"][i] = jnp.asarray(beta_init, _F32)
+        fields["rank_rate"][i] = rate0[j]
+        fields["density"][i] = jnp.zeros((), _F32)
+    trees = {k: jax.tree_util.tree_unflatten(layout.treedef, v) for k, v in fields.items()}
+    inner_state = optax.EmptyState() if inner is None else inner.init(params)
+    return SalaadState(count=jnp.zeros([], jnp.int32), num_rounds=jnp.zeros([], jnp.int32),
+                       inner_state=inner_state, **trees)
+
+  def penalties(params, state, layout):
+    """Per-leaf float32 rho (X - L - S + U) for blocks, None otherwise."""
+    flat = {k: layout.treedef.flatten_up_to(getattr(state, k)) for k in
+            ("lr_u", "lr_s", "lr_v", "sparse", "dual")}
+    leaves = layout.treedef.flatten_up_to(params)
+    out = []
+    for i, info in enumerate(layout.infos):
+      if info is None:
+        out.append(None)
+      else:
+        out.append(_penalty_term(leaves[i], flat["lr_u"][i], flat["lr_s"][i],
+                                 flat["lr_v"][i], flat["sparse"][i], flat["dual"][i],
+                                 info, layout.hparams[i].rho))
+    return out
+
+  def admm_round(new_x_leaves, state: SalaadState, layout: _Layout) -> SalaadState:
+    flat = {k: list(layout.treedef.flatten_up_to(getattr(state, k))) for k in _PER_BLOCK_FIELDS}
+    for idx in _groups(layout):
+      infos = [layout.infos[i] for i in idx]
+
+      def stack(name, as_mat=False):
+        vals = [flat[name][i] for i in idx]
+        if as_mat:
+          vals = [st.as_matrix(jnp.asarray(v, _F32), inf) for v, inf in zip(vals, infos)]
+        return jnp.stack([jnp.asarray(v, _F32) for v in vals])
+
+      xs = jnp.stack([st.as_matrix(jnp.asarray(new_x_leaves[i], _F32), inf)
+                      for i, inf in zip(idx, infos)])
+      f = prox.Factors(stack("lr_u"), stack("lr_s"), stack("lr_v"))
+      hps = _stack_hparams([layout.hparams[i] for i in idx])
+      one = lambda x, f_, s_, u_, a_, b_, rp, dp, h: _round_block(
+          x, f_, s_, u_, a_, b_, rp, dp, state.num_rounds, h, deriv_start, cfg)
+      f, s, dual, alpha, beta, rate, dens = jax.vmap(one)(
+          xs, f, stack("sparse", True), stack("dual", True), stack("alpha"),
+          stack("beta"), stack("rank_rate"), stack("density"), hps)
+      for j, i in enumerate(idx):
+        dt = flat["sparse"][i].dtype
+        flat["lr_u"][i], flat["lr_s"][i], flat["lr_v"][i] = f.u[j], f.s[j], f.v[j]
+        flat["sparse"][i] = st.from_matrix(s[j], infos[j]).astype(dt)
+        flat["dual"][i] = st.from_matrix(dual[j], infos[j]).astype(flat["dual"][i].dtype)
+        flat["alpha"][i], flat["beta"][i] = alpha[j], beta[j]
+        flat["rank_rate"][i], flat["density"][i] = rate[j], dens[j]
+    trees = {k: jax.tree_util.tree_unflatten(layout.treedef, v) for k, v in flat.items()}
+    return state._replace(num_rounds=state.num_rounds + 1, **trees)
+
+  def finish(updates, new_x_leaves, inner_state, state, layout):
+    count = optax.safe_increment(state.count)
+    state = state._replace(count=count, inner_state=inner_state)
+    do_round = (count % jnp.asarray(every_k, jnp.int32)) == 0
+    state = jax.lax.cond(do_round, lambda s: admm_round(new_x_leaves, s, layout),
+                         lambda s: s, state)
+    return updates, state
+
+  def check_params(params):
+    if params is None:
+      raise ValueError("salaad needs the current params: call update(grads, state, params)")
+
+  def update_coupled(updates, state, params=None, **extra_args):
+    check_params(params)
+    layout = layout_of(params)
+    pen = penalties(params, state, layout)
+    g = layout.treedef.flatten_up_to(updates)
+    g = [gi if p is None else (jnp.asarray(gi, _F32) + p).astype(gi.dtype)
+         for gi, p in zip(g, pen)]
+    g = jax.tree_util.tree_unflatten(layout.treedef, g)
+    new_updates, inner_state = inner.update(g, state.inner_state, params, **extra_args)
+    u_leaves = layout.treedef.flatten_up_to(new_updates)
+    x_leaves = layout.treedef.flatten_up_to(params)
+    new_x = [None if inf is None else jnp.asarray(x, _F32) + jnp.asarray(u, _F32)
+             for x, u, inf in zip(x_leaves, u_leaves, layout.infos)]
+    return finish(new_updates, new_x, inner_state, state, layout)
+
+  def update_decoupled(updates, state, params=None, **extra_args):
+    del extra_args
+    check_params(params)
+    layout = layout_of(params)
+    pen = penalties(params, state, layout)
+    lr = learning_rate(state.count) if callable(learning_rate) else learning_rate
+    lr = jnp.asarray(lr, _F32)
+    u_leaves = layout.treedef.flatten_up_to(updates)
+    u_leaves = [u if p is None else (jnp.asarray(u, _F32) - lr * p).astype(u.dtype)
+                for u, p in zip(u_leaves, pen)]
+    x_leaves = layout.treedef.flatten_up_to(params)
+    new_x = [None if inf is None else jnp.asarray(x, _F32) + jnp.asarray(u, _F32)
+             for x, u, inf in zip(x_leaves, u_leaves, layout.infos)]
+    new_updates = jax.tree_util.tree_unflatten(layout.treedef, u_leaves)
+    return finish(new_updates, new_x, state.inner_state, state, layout)
+
+  update = update_coupled if inner is not None else update_decoupled
+  return optax.GradientTransformationExtraArgs(init_fn, update)
+
+
+_DOC_ARGS = """
+  Args (all keyword-only):
+    structure: which params are blocks: None (2-D+ ``kernel`` leaves except
+      the head), a regex on the '/'-joined parameter path, or a predicate
+      ``(path, leaf) -> bool``.
+    include_embedding, include_head: add the token embedding / output head to
+      the default selection.
+    row_axes: for kernels of rank > 2, how many leading axes form the matrix
+      rows (int or ``(path, shape) -> int``); default: the squarest split.
+    every_k: K, steps between ADMM rounds (>= 1).
+    rho: ADMM penalty rho_i > 0.  Per-block hyperparameters (rho,
+      rank_target, density_target, k_alpha, k_beta, k_d) are a scalar, a
+      callable ``path -> value`` or a pytree shaped like the params.
+    rank_target, density_target: r* and d* in (0, 1].
+    k_alpha, k_beta, k_d: controller gains (>= 0).
+    deriv_start: n_d, rounds before the one-sided derivative term acts.
+    energy: e, the energy fraction of the effective rank.
+    mode: 'adaptive' | 'fixed' | 'hard_cut'.
+    sparse_mode: 'soft' (l1), 'topk' (keep d* of the entries), 'rows' /
+      'cols' (group l2 over rows / columns), or 'N:M' along the input
+      dimension (e.g. '2:4').
+    svt: 'fast' (warm-started subspace iteration at rank ``max_rank``) or
+      'exact' (full SVD).
+    svt_iters: subspace iterations per round (fast SVT).
+    init_iters: subspace iterations of the randomized initial SVD (fast SVT).
+    max_rank: bound on the factor rank r; default: min(m, n) for 'exact',
+      ceil(2 r* min(m, n)) + 8 for 'fast'.
+    alpha_init: 'zero' (reference) or 'sigma_k' (alpha_0 = rho sigma_k(X_0),
+      k = ceil(r* min(m, n)), so the first SVT cuts at the target rank), or
+      a number (alpha_0 itself; with mode='fixed' it stays there).
+    beta_init: beta_0 (default 0).
+    state_dtype: dtype of S and U (default float32; None: the params' dtype).
+    seed: seed of the random initial sketch.
+"""
+
+def salaad(inner: optax.GradientTransformation, *, structure=None,
+           include_embedding: bool = False, include_head: bool = False,
+           row_axes=None, every_k: int = 10, rho: ScalarOrPerBlock = 1e-6,
+           rank_target: ScalarOrPerBlock = 0.15,
+           density_target: ScalarOrPerBlock = 0.05,
+           k_alpha: ScalarOrPerBlock = 0.2, k_beta: ScalarOrPerBlock = 0.002,
+           k_d: ScalarOrPerBlock = 0.01, deriv_start: int = 1500,
+           energy: float = 0.999, mode: str = "adaptive",
+           sparse_mode: str = "soft", svt: str = "fast", svt_iters: int = 1,
+           init_iters: int = 4, max_rank: Optional[int] = None,
+           alpha_init: Union[str, float] = "zero", beta_init: float = 0.0,
+           state_dtype=jnp.float32,
+           seed: int = 0) -> optax.GradientTransformationExtraArgs:
+  """Coupled SALAAD: g_i + rho_i (X_i - L_i - S_i + U_i) feeds ``inner``.
+
+  ``inner`` is any optax transformation (e.g. clip + AdamW); extra keyword
+  arguments of ``update`` are passed on to it.
+  """
+  if not (hasattr(inner, "init") and hasattr(inner, "update")):
+    raise TypeError("salaad(inner, ...) needs an optax GradientTransformation as inner")
+  return _make(inner, None, **{k: v for k, v in locals().items() if k != "inner"})
+
+
+def salaad_decoupled(learning_rate, *, structure=None,
+                     include_embedding: bool = False, include_head: bool = False,
+                     row_axes=None, every_k: int = 10, rho: ScalarOrPerBlock = 1e-6,
+                     rank_target: ScalarOrPerBlock = 0.15,
+                     density_target: ScalarOrPerBlock = 0.05,
+                     k_alpha: ScalarOrPerBlock = 0.2, k_beta: ScalarOrPerBlock = 0.002,
+                     k_d: ScalarOrPerBlock = 0.01, deriv_start: int = 1500,
+                     energy: float = 0.999, mode: str = "adaptive",
+                     sparse_mode: str = "soft", svt: str = "fast", svt_iters: int = 1,
+                     init_iters: int = 4, max_rank: Optional[int] = None,
+                     alpha_init: Union[str, float] = "zero", beta_init: float = 0.0,
+           state_dtype=jnp.float32,
+                     seed: int = 0) -> optax.GradientTransformationExtraArgs:
+  """Decoupled SALAAD, appended after a base chain:
+  u_i <- u_i - lr * rho_i (X_i - L_i - S_i + U_i).
+
+  ``learning_rate`` is a scalar or an optax schedule of the step count.
+  """
+  return _make(None, learning_rate,
+               **{k: v for k, v in locals().items() if k != "learning_rate"})
+
+
+salaad.__doc__ += _DOC_ARGS
+salaad_decoupled.__doc__ += _DOC_ARGS
