@@ -319,7 +319,7 @@ def _make(inner: Optional[optax.GradientTransformation], learning_rate, *,
           structure, include_embedding, include_head, row_axes, every_k, rho,
           rank_target, density_target, k_alpha, k_beta, k_d, deriv_start,
           energy, mode, sparse_mode, svt, svt_iters, init_iters, max_rank,
-          alpha_init, beta_init, state_dtype, seed):
+          alpha_init, beta_init, state_dtype, spread_rounds, seed):
   ctl.check_mode(mode)
   sparse_kind, n_m = _parse_sparse_mode(sparse_mode)
   if svt not in SVT_METHODS:
@@ -336,6 +336,8 @@ def _make(inner: Optional[optax.GradientTransformation], learning_rate, *,
   _check_value("energy", energy, "", 0.0, 1.0)
   if int(svt_iters) < 1 or int(init_iters) < 1:
     raise ValueError("svt_iters and init_iters must be >= 1")
+  if spread_rounds and k_val is None:
+    raise ValueError("spread_rounds needs a concrete every_k (not an injected hyperparameter)")
   if max_rank is not None and int(max_rank) < 1:
     raise ValueError(f"max_rank must be >= 1 or None, got {max_rank}")
   cfg = _Static(mode, sparse_kind, n_m, svt, int(svt_iters), int(init_iters),
@@ -404,42 +406,67 @@ def _make(inner: Optional[optax.GradientTransformation], learning_rate, *,
                                  info, layout.hparams[i].rho))
     return out
 
-  def admm_round(new_x_leaves, state: SalaadState, layout: _Layout) -> SalaadState:
-    flat = {k: list(layout.treedef.flatten_up_to(getattr(state, k))) for k in _PER_BLOCK_FIELDS}
-    for idx in _groups(layout):
-      infos = [layout.infos[i] for i in idx]
+  def work_units(layout: _Layout):
+    """Lists of leaf indices (one shape group or a chunk of one) with the
+    phase in [0, K) at which each unit runs its round."""
+    groups = _groups(layout)
+    if not spread_rounds:
+      return [(idx, 0) for idx in groups]
+    k = int(_concrete_float(every_k))
+    total = sum(len(g) for g in groups)
+    chunk = max(1, math.ceil(total / k))
+    units = [g[a:a + chunk] for g in groups for a in range(0, len(g), chunk)]
+    return [(u, (n * k) // len(units)) for n, u in enumerate(units)]
 
-      def stack(name, as_mat=False):
-        vals = [flat[name][i] for i in idx]
-        if as_mat:
-          vals = [st.as_matrix(jnp.asarray(v, _F32), inf) for v, inf in zip(vals, infos)]
-        return jnp.stack([jnp.asarray(v, _F32) for v in vals])
+  def round_unit(idx, new_x_leaves, sub, num_rounds, layout: _Layout):
+    """One ADMM round for the blocks ``idx`` (one shape), vmapped.  ``sub``
+    maps each per-block field name to the list of those blocks' values."""
+    infos = [layout.infos[i] for i in idx]
 
-      xs = jnp.stack([st.as_matrix(jnp.asarray(new_x_leaves[i], _F32), inf)
-                      for i, inf in zip(idx, infos)])
-      f = prox.Factors(stack("lr_u"), stack("lr_s"), stack("lr_v"))
-      hps = _stack_hparams([layout.hparams[i] for i in idx])
-      one = lambda x, f_, s_, u_, a_, b_, rp, dp, h: _round_block(
-          x, f_, s_, u_, a_, b_, rp, dp, state.num_rounds, h, deriv_start, cfg)
-      f, s, dual, alpha, beta, rate, dens = jax.vmap(one)(
-          xs, f, stack("sparse", True), stack("dual", True), stack("alpha"),
-          stack("beta"), stack("rank_rate"), stack("density"), hps)
-      for j, i in enumerate(idx):
-        dt = flat["sparse"][i].dtype
-        flat["lr_u"][i], flat["lr_s"][i], flat["lr_v"][i] = f.u[j], f.s[j], f.v[j]
-        flat["sparse"][i] = st.from_matrix(s[j], infos[j]).astype(dt)
-        flat["dual"][i] = st.from_matrix(dual[j], infos[j]).astype(flat["dual"][i].dtype)
-        flat["alpha"][i], flat["beta"][i] = alpha[j], beta[j]
-        flat["rank_rate"][i], flat["density"][i] = rate[j], dens[j]
-    trees = {k: jax.tree_util.tree_unflatten(layout.treedef, v) for k, v in flat.items()}
-    return state._replace(num_rounds=state.num_rounds + 1, **trees)
+    def stack(name, as_mat=False):
+      vals = [jnp.asarray(v, _F32) for v in sub[name]]
+      if as_mat:
+        vals = [st.as_matrix(v, inf) for v, inf in zip(vals, infos)]
+      return jnp.stack(vals)
+
+    xs = jnp.stack([st.as_matrix(jnp.asarray(new_x_leaves[i], _F32), inf)
+                    for i, inf in zip(idx, infos)])
+    f = prox.Factors(stack("lr_u"), stack("lr_s"), stack("lr_v"))
+    hps = _stack_hparams([layout.hparams[i] for i in idx])
+    one = lambda x, f_, s_, u_, a_, b_, rp, dp, h: _round_block(
+        x, f_, s_, u_, a_, b_, rp, dp, num_rounds, h, deriv_start, cfg)
+    f, s, dual, alpha, beta, rate, dens = jax.vmap(one)(
+        xs, f, stack("sparse", True), stack("dual", True), stack("alpha"),
+        stack("beta"), stack("rank_rate"), stack("density"), hps)
+    out = {k: list(v) for k, v in sub.items()}
+    for j, inf in enumerate(infos):
+      out["lr_u"][j], out["lr_s"][j], out["lr_v"][j] = f.u[j], f.s[j], f.v[j]
+      out["sparse"][j] = st.from_matrix(s[j], inf).astype(sub["sparse"][j].dtype)
+      out["dual"][j] = st.from_matrix(dual[j], inf).astype(sub["dual"][j].dtype)
+      out["alpha"][j], out["beta"][j] = alpha[j], beta[j]
+      out["rank_rate"][j], out["density"][j] = rate[j], dens[j]
+    return out
 
   def finish(updates, new_x_leaves, inner_state, state, layout):
+    """Counts the step and runs every work unit's round when its phase is due
+    (each under its own ``lax.cond``; without spreading there is one phase)."""
     count = optax.safe_increment(state.count)
-    state = state._replace(count=count, inner_state=inner_state)
-    do_round = (count % jnp.asarray(every_k, jnp.int32)) == 0
-    state = jax.lax.cond(do_round, lambda s: admm_round(new_x_leaves, s, layout),
-                         lambda s: s, state)
+    k = jnp.asarray(every_k, jnp.int32)
+    flat = {f: list(layout.treedef.flatten_up_to(getattr(state, f)))
+            for f in _PER_BLOCK_FIELDS}
+    for idx, phase in work_units(layout):
+      due = ((count + phase) % k) == 0
+      num_rounds = (count + phase) // k - 1  # rounds this unit has done before
+      sub = {f: [flat[f][i] for i in idx] for f in _PER_BLOCK_FIELDS}
+      sub = jax.lax.cond(
+          due, lambda s_, idx=idx, n=num_rounds: round_unit(idx, new_x_leaves, s_, n, layout),
+          lambda s_: s_, sub)
+      for f in _PER_BLOCK_FIELDS:
+        for j, i in enumerate(idx):
+          flat[f][i] = sub[f][j]
+    trees = {f: jax.tree_util.tree_unflatten(layout.treedef, v) for f, v in flat.items()}
+    state = state._replace(count=count, num_rounds=count // k, inner_state=inner_state,
+                           **trees)
     return updates, state
 
   def check_params(params):
@@ -513,6 +540,10 @@ _DOC_ARGS = """
       a number (alpha_0 itself; with mode='fixed' it stays there).
     beta_init: beta_0 (default 0).
     state_dtype: dtype of S and U (default float32; None: the params' dtype).
+    spread_rounds: spread the blocks' rounds over the K steps (each shape
+      group, chunked, runs at its own phase) instead of running all blocks
+      every K-th step: the same work, no step-time spike, less transient
+      memory.  Needs a concrete every_k.
     seed: seed of the random initial sketch.
 """
 
@@ -527,7 +558,7 @@ def salaad(inner: optax.GradientTransformation, *, structure=None,
            sparse_mode: str = "soft", svt: str = "fast", svt_iters: int = 1,
            init_iters: int = 4, max_rank: Optional[int] = None,
            alpha_init: Union[str, float] = "zero", beta_init: float = 0.0,
-           state_dtype=jnp.float32,
+           state_dtype=jnp.float32, spread_rounds: bool = False,
            seed: int = 0) -> optax.GradientTransformationExtraArgs:
   """Coupled SALAAD: g_i + rho_i (X_i - L_i - S_i + U_i) feeds ``inner``.
 
@@ -550,7 +581,7 @@ def salaad_decoupled(learning_rate, *, structure=None,
                      sparse_mode: str = "soft", svt: str = "fast", svt_iters: int = 1,
                      init_iters: int = 4, max_rank: Optional[int] = None,
                      alpha_init: Union[str, float] = "zero", beta_init: float = 0.0,
-           state_dtype=jnp.float32,
+                     state_dtype=jnp.float32, spread_rounds: bool = False,
                      seed: int = 0) -> optax.GradientTransformationExtraArgs:
   """Decoupled SALAAD, appended after a base chain:
   u_i <- u_i - lr * rho_i (X_i - L_i - S_i + U_i).

@@ -312,3 +312,48 @@ def test_error_update_without_params():
   state = tx.init(_params())
   with pytest.raises(ValueError, match="needs the current params"):
     tx.update(_params(), state)
+
+
+def test_spread_rounds_runs_each_block_once_per_k_steps():
+  rng = np.random.default_rng(0)
+  params = {f"l{i}": {"kernel": jnp.asarray(rng.normal(size=(8, 6 + i % 2)), jnp.float32)}
+            for i in range(6)}
+  k = 3
+  tx = sj.salaad(optax.sgd(0.01), every_k=k, rho=0.1, spread_rounds=True)
+  state = tx.init(params)
+  g = jax.tree.map(jnp.ones_like, params)
+  step = jax.jit(lambda s, p: tx.update(g, s, p))
+  last = {p: np.asarray(v) for p, v in sj.sparse_parts(state).items()}
+  changes = {p: [] for p in last}
+  for t in range(2 * k):
+    u, state = step(state, params)
+    params = optax.apply_updates(params, u)
+    for p, v in sj.sparse_parts(state).items():
+      v = np.asarray(v)
+      changes[p].append(not np.array_equal(v, last[p]))
+      last[p] = v
+  phases = set()
+  for p, ch in changes.items():
+    # Every block runs exactly once in each window of K steps.
+    assert sum(ch[:k]) == 1 and sum(ch[k:]) == 1, (p, ch)
+    assert ch.index(True) + k == k + ch[k:].index(True)
+    phases.add(ch.index(True))
+  assert len(phases) > 1  # the work is spread over several steps
+  assert int(state.num_rounds) == 2
+
+
+def test_spread_rounds_matches_plain_rounds_when_x_is_fixed():
+  rng = np.random.default_rng(1)
+  params = {f"l{i}": {"kernel": jnp.asarray(rng.normal(size=(10, 8)), jnp.float32)}
+            for i in range(4)}
+  zeros = jax.tree.map(jnp.zeros_like, params)
+  outs = []
+  for spread in (False, True):
+    tx = sj.salaad(optax.sgd(0.0), every_k=2, rho=0.5, spread_rounds=spread, svt="exact")
+    state = tx.init(params)
+    step = jax.jit(lambda s: tx.update(zeros, s, params)[1])
+    for _ in range(12):  # every block gets 6 rounds (the last phase lands on step 12)
+      state = step(state)
+    outs.append(sj.surrogate_blocks(state))
+  for p in outs[0]:
+    np.testing.assert_allclose(outs[0][p], outs[1][p], atol=1e-5)
