@@ -40,7 +40,7 @@ _CYCLES = flags.DEFINE_integer("cycles", 3, "timed K-step cycles per variant")
 _VARIANTS = flags.DEFINE_list("variants", ["dense", "exact", "fast"], "variants to run")
 _STATE_DTYPE = flags.DEFINE_enum("state_dtype", "float32", ["float32", "bfloat16"],
                                  "storage dtype of S and U")
-_SVT_ITERS = flags.DEFINE_integer("svt_iters", 1, "subspace iterations per round (fast)")
+_SVT_ITERS = flags.DEFINE_integer("svt_iters", 2, "subspace iterations per round (fast)")
 _MAX_RANK = flags.DEFINE_integer("max_rank", None, "factor rank bound (fast); default 2 r* k + 8")
 _JSON = flags.DEFINE_string("json", None, "write results to this JSON file")
 
