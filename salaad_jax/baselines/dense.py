@@ -1,0 +1,27 @@
+"""Dense full-rank training: the unchanged Llama and the reference AdamW."""
+
+from __future__ import annotations
+
+import flax.linen as nn
+
+from salaad_jax.baselines import accounting, spec
+
+
+def footprint(config, costs: accounting.ByteCosts = accounting.ByteCosts()
+              ) -> accounting.Footprint:
+  """Every parameter dense: P = P_model, bytes = P b_w."""
+  blocks = accounting.model_blocks(config)
+  size = blocks.rest + sum(m * n for m, n in blocks.shapes.values())
+  return accounting.dense_footprint(size, costs.b_w)
+
+
+def method() -> spec.MethodSpec:
+  """The dense baseline."""
+  return spec.MethodSpec(
+      name="dense",
+      hparams={},
+      dense_cls=lambda config: nn.Dense,
+      optimizer=spec.reference_adamw,
+      footprint=footprint,
+      to_dense=lambda variables: variables["params"],
+  )
