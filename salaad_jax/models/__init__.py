@@ -19,3 +19,6 @@ __all__ = [
     "get_config",
     "init_params",
 ]
+from salaad_jax.models.structured import BlockLayout, StructuredDense, structured_dense
+
+__all__ += ["BlockLayout", "StructuredDense", "structured_dense"]

@@ -1,0 +1,38 @@
+"""Elastic deployment: one SALAAD run, any memory budget (SALAAD.md §6).
+
+Typical use::
+
+    from salaad_jax import deploy
+
+    blocks = deploy.spectra(params, opt_state)          # once per run
+    alloc = deploy.allocate(blocks, 0.5, method="global")
+    deploy.account(params, alloc, fmt="csr", dtype="bfloat16")  # params, bytes
+    hat = deploy.dense_reconstruction(params, blocks, alloc)    # plain Llama eval
+    art = deploy.compress(params, blocks, alloc, fmt="csr")
+    deploy.export("/tmp/m50", art, config)
+    model, params, manifest = deploy.load("/tmp/m50")
+
+Modules: ``spectra`` (canonical per-block spectra), ``allocation`` (HPA and
+global allocation), ``accounting`` (parameter counts and bytes),
+``compress`` (truncation, dense reconstruction, compact storage),
+``export`` (Orbax artifact and manifest), ``posthoc`` (dense-model
+baseline), ``calibration`` (activation row weights).
+"""
+
+from salaad_jax.deploy.accounting import FORMATS, account, value_bytes
+from salaad_jax.deploy.allocation import (Allocation, BlockAllocation, allocate,
+                                          allocation_error, global_allocation, greedy, hpa,
+                                          resolve_budget)
+from salaad_jax.deploy.calibration import activation_weights
+from salaad_jax.deploy.compress import Artifact, compress, dense_reconstruction
+from salaad_jax.deploy.export import export, export_budget, load, read_manifest
+from salaad_jax.deploy.posthoc import posthoc_factors
+from salaad_jax.deploy.spectra import BlockSpectrum, Blocks, Decomposition, decomposition, spectra
+
+__all__ = [
+    "Allocation", "Artifact", "BlockAllocation", "BlockSpectrum", "Blocks", "Decomposition",
+    "FORMATS", "account", "activation_weights", "allocate", "allocation_error", "compress",
+    "decomposition", "dense_reconstruction", "export", "export_budget", "global_allocation",
+    "greedy", "hpa", "load", "posthoc_factors", "read_manifest", "resolve_budget", "spectra",
+    "value_bytes",
+]

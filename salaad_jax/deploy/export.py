@@ -1,0 +1,191 @@
+"""Writing a compressed model to disk and loading it back.
+
+An exported artifact is a directory
+
+    <path>/params/          Orbax checkpoint of the artifact's parameter tree
+    <path>/manifest.json    budget, method, per-block shape/rank/nnz, format,
+                            dtype, parameter count and bytes, model config
+
+The manifest is written last, so a directory holding one is complete.
+``load`` rebuilds ``Llama(config, dense_cls=structured_dense(layouts))``
+(plain ``Llama`` for the 'dense' format) and restores the parameters against
+its abstract tree.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+
+from salaad_jax import structure as st
+from salaad_jax.deploy import accounting as acc
+from salaad_jax.deploy.allocation import allocate
+from salaad_jax.deploy.compress import Artifact, compress
+from salaad_jax.deploy.spectra import Blocks, spectra
+from salaad_jax.models.configs import LlamaConfig
+from salaad_jax.models.llama import Llama
+from salaad_jax.models.structured import BlockLayout, structured_dense
+
+MANIFEST = "manifest.json"
+PARAMS_DIR = "params"
+FORMAT_VERSION = 1
+
+
+def _config_dict(config: LlamaConfig) -> dict[str, Any]:
+  d = dataclasses.asdict(config)
+  return {k: (jnp.dtype(v).name if k in ("dtype", "param_dtype") else v) for k, v in d.items()}
+
+
+def model_for(config: LlamaConfig, layouts: dict[str, BlockLayout], fmt: str, dtype: str):
+  """The Llama that holds an artifact: parameters stored in ``dtype``."""
+  cfg = config.replace(param_dtype=dtype)
+  if fmt == "dense":
+    return Llama(cfg)
+  return Llama(cfg, dense_cls=structured_dense(layouts))
+
+
+def _abstract_params(model) -> Any:
+  tokens = jnp.zeros((1, 1), jnp.int32)
+  return jax.eval_shape(lambda: model.init(jax.random.key(0), tokens))["params"]
+
+
+def _signature(tree) -> dict[str, tuple]:
+  return {st.path_str(p): (tuple(np.shape(x)), jnp.dtype(x.dtype).name)
+          for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def _check_fits(artifact: Artifact, model) -> None:
+  want, have = _signature(_abstract_params(model)), _signature(artifact.params)
+  if want == have:
+    return
+  diff = sorted(set(want.items()) ^ set(have.items()))[:6]
+  raise ValueError(
+      "the artifact's parameters do not fit Llama(config) with the structured layer; "
+      f"first differences (path, (shape, dtype)): {diff}. Blocks must be the attention/MLP "
+      "projections (train without include_embedding / include_head to export).")
+
+
+def manifest_for(artifact: Artifact, config: Optional[LlamaConfig] = None,
+                 extra: Optional[dict] = None) -> dict[str, Any]:
+  """The manifest of ``artifact`` (what ``export`` writes)."""
+  alloc = artifact.allocation
+  counts = acc.account(None, alloc, artifact.fmt, artifact.dtype)
+  return dict(
+      format_version=FORMAT_VERSION, fmt=artifact.fmt, dtype=artifact.dtype,
+      budget=dict(value=alloc.budget, unit=alloc.unit,
+                  fraction=alloc.budget / (counts["dense_params"] if alloc.unit == "params"
+                                           else counts["dense_bytes"])),
+      method=alloc.method, gamma=alloc.gamma, solver=alloc.solver, weighted=alloc.weighted,
+      error=alloc.error, relative_error=alloc.relative_error,
+      params=counts["params"], bytes=counts["bytes"], dense_params=counts["dense_params"],
+      dense_bytes=counts["dense_bytes"],
+      blocks={b.path: dict(shape=list(b.shape), m=b.m, n=b.n, rank=b.rank, nnz=b.nnz)
+              for b in alloc.blocks},
+      allocation=alloc.to_dict(),
+      model_config=None if config is None else _config_dict(config),
+      extra=extra or {})
+
+
+def _prepare_dir(path: str, overwrite: bool) -> None:
+  if os.path.exists(path):
+    if not os.path.isdir(path):
+      raise ValueError(f"export path '{path}' exists and is not a directory")
+    entries = os.listdir(path)
+    if entries:
+      if not overwrite:
+        raise ValueError(f"export path '{path}' is not empty; pass overwrite=True to replace "
+                         "an earlier artifact")
+      if MANIFEST not in entries:
+        raise ValueError(f"export path '{path}' holds files that are not an artifact; "
+                         "refusing to overwrite it")
+      shutil.rmtree(path)
+
+
+def export(path: str, artifact: Artifact, config: Optional[LlamaConfig] = None, *,
+           overwrite: bool = False, extra: Optional[dict] = None) -> dict[str, Any]:
+  """Writes ``artifact`` (and its manifest) to the directory ``path``.
+
+  With a ``config`` the artifact is checked, before anything is written, to
+  be exactly the parameter tree of the Llama that ``load`` rebuilds.
+
+  Returns the manifest.  Raises ValueError (writing nothing) when the
+  artifact does not fit the model or ``path`` is taken.
+  """
+  path = os.path.abspath(path)
+  if config is not None:
+    _check_fits(artifact, model_for(config, artifact.layouts, artifact.fmt, artifact.dtype))
+  manifest = manifest_for(artifact, config, extra)
+  _prepare_dir(path, overwrite)
+  os.makedirs(path, exist_ok=True)
+  ckpt = ocp.StandardCheckpointer()
+  ckpt.save(os.path.join(path, PARAMS_DIR), artifact.params)
+  ckpt.wait_until_finished()
+  with open(os.path.join(path, MANIFEST), "w") as f:
+    json.dump(manifest, f, indent=1)
+  return manifest
+
+
+def read_manifest(path: str) -> dict[str, Any]:
+  file = os.path.join(os.path.abspath(path), MANIFEST)
+  if not os.path.exists(file):
+    raise ValueError(f"'{path}' holds no exported artifact ({MANIFEST} missing)")
+  with open(file) as f:
+    manifest = json.load(f)
+  if manifest.get("format_version") != FORMAT_VERSION:
+    raise ValueError(f"artifact format_version {manifest.get('format_version')} is not "
+                     f"{FORMAT_VERSION}")
+  return manifest
+
+
+def layouts_of(manifest: dict[str, Any]) -> dict[str, BlockLayout]:
+  """{module path: BlockLayout} of a manifest's structured blocks."""
+  if manifest["fmt"] == "dense":
+    return {}
+  return {p.rsplit("/", 1)[0] if "/" in p else "": BlockLayout(b["m"], b["n"], b["rank"],
+                                                               b["nnz"], manifest["fmt"])
+          for p, b in manifest["blocks"].items()}
+
+
+def load(path: str):
+  """(model, params, manifest) of an exported artifact.
+
+  ``model`` is the Llama that evaluates ``params`` (None when the artifact
+  was exported without a model config; ``params`` then come back as
+  stored).
+  """
+  path = os.path.abspath(path)
+  manifest = read_manifest(path)
+  ckpt = ocp.StandardCheckpointer()
+  if manifest["model_config"] is None:
+    return None, ckpt.restore(os.path.join(path, PARAMS_DIR)), manifest
+  config = LlamaConfig(**manifest["model_config"])
+  model = model_for(config, layouts_of(manifest), manifest["fmt"], manifest["dtype"])
+  params = ckpt.restore(os.path.join(path, PARAMS_DIR), _abstract_params(model))
+  return model, params, manifest
+
+
+def export_budget(path: str, params, source, budget, config: Optional[LlamaConfig] = None, *,
+                  method: str = "global", gamma: float = 0.5, unit: str = "params",
+                  fmt: str = "coo", dtype="bfloat16", row_weights=None,
+                  overwrite: bool = False, extra: Optional[dict] = None) -> dict[str, Any]:
+  """Allocates ``budget``, compresses and exports in one call.
+
+  ``source`` is an optimizer state holding a SALAAD state, a
+  ``Decomposition`` or ``Blocks``; ``row_weights`` (calibration) apply when
+  the spectra are computed here.  Every check (SALAAD state present, budget
+  within [P_rest, P_model], format, fit to the model) runs before anything
+  is written.  Returns the manifest.
+  """
+  blocks = source if isinstance(source, Blocks) else spectra(params, source,
+                                                             row_weights=row_weights)
+  alloc = allocate(blocks, budget, method, gamma=gamma, unit=unit, fmt=fmt, dtype=dtype)
+  return export(path, compress(params, blocks, alloc, fmt, dtype), config,
+                overwrite=overwrite, extra=extra)

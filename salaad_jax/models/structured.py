@@ -1,0 +1,156 @@
+"""Structured inference layer: a Dense whose kernel is stored as L + S.
+
+A block X = L + S of shape (m, n) = (in, out) is held as two thin factors
+A (m, r) and B (n, r) with L = A B^T, and the nnz entries of S in a compact
+sparse format, so
+
+    y = (x A) B^T + x S,      (x S)_c = sum_{k: col_k = c} x_{row_k} v_k,
+
+with the sparse product done by a gather of x at the entries' rows and a
+scatter-add into their columns (accumulated in float32); the dense X_hat is
+never materialised.  Sparse formats and their parameters:
+
+    coo     sp_values (nnz,), sp_rows (nnz,) int32, sp_cols (nnz,) int32
+    csr     sp_values (nnz,), sp_cols (nnz,) int32, sp_row_ptr (m+1,) int32
+    bitmap  sp_values (nnz,) in row-major order, sp_bitmap (ceil(m n / 8),)
+            uint8 (numpy.packbits, big-endian bits)
+
+with low-rank parameters lr_a (m, r) and lr_b (n, r).  A part that is empty
+(r = 0 or nnz = 0) has no parameters.  Per-block shapes differ, so the layer
+reads them from a table keyed by the module path (e.g.
+'layers_0/attn/q_proj'); a projection not in the table keeps a dense
+``kernel``.  Use ``Llama(config, dense_cls=structured_dense(layouts))``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Mapping
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from flax.linen.dtypes import promote_dtype
+
+__all__ = ["BlockLayout", "StructuredDense", "structured_dense"]
+
+SPARSE_FORMATS = ("coo", "csr", "bitmap")
+_ZEROS = nn.initializers.zeros_init()
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockLayout:
+  """Static shape of one structured block: matrix (m, n), rank, nnz, format."""
+
+  m: int
+  n: int
+  rank: int
+  nnz: int
+  fmt: str = "coo"
+
+  def __post_init__(self):
+    if self.fmt not in SPARSE_FORMATS:
+      raise ValueError(f"sparse format must be one of {SPARSE_FORMATS}, got {self.fmt!r}")
+    if min(self.m, self.n) <= 0 or self.rank < 0 or not 0 <= self.nnz <= self.m * self.n:
+      raise ValueError(f"invalid block layout {self}")
+
+
+def sparse_rows_cols(layout: BlockLayout, idx: Mapping[str, jax.Array]):
+  """(rows, cols) int32 of the nnz stored entries, from the format's indices."""
+  k = layout.nnz
+  if layout.fmt == "coo":
+    return idx["sp_rows"], idx["sp_cols"]
+  if layout.fmt == "csr":
+    rows = jnp.searchsorted(idx["sp_row_ptr"], jnp.arange(k, dtype=jnp.int32),
+                            side="right") - 1
+    return rows.astype(jnp.int32), idx["sp_cols"]
+  bits = jnp.unpackbits(idx["sp_bitmap"], count=layout.m * layout.n)
+  flat = jnp.nonzero(bits, size=k)[0].astype(jnp.int32)
+  return flat // layout.n, flat % layout.n
+
+
+_INDEX_PARAMS = {"coo": (("sp_rows", "nnz"), ("sp_cols", "nnz")),
+                 "csr": (("sp_cols", "nnz"), ("sp_row_ptr", "m+1")),
+                 "bitmap": (("sp_bitmap", "bits"),)}
+
+
+def index_shapes(layout: BlockLayout) -> dict[str, tuple[tuple[int, ...], Any]]:
+  """{name: (shape, dtype)} of the index arrays of a block's sparse part."""
+  if layout.nnz == 0:
+    return {}
+  sizes = {"nnz": layout.nnz, "m+1": layout.m + 1, "bits": -(-layout.m * layout.n // 8)}
+  return {name: ((sizes[size],), jnp.uint8 if name == "sp_bitmap" else jnp.int32)
+          for name, size in _INDEX_PARAMS[layout.fmt]}
+
+
+class StructuredDense(nn.Module):
+  """Drop-in for ``nn.Dense`` computing x (A B^T + S) from compact storage.
+
+  Attributes:
+    features: n, the output width.
+    layouts: ((module path, BlockLayout), ...): the structured blocks.
+    use_bias, dtype, param_dtype, kernel_init, bias_init: as ``nn.Dense``
+      (``kernel_init`` is used only by projections outside ``layouts``).
+  """
+
+  features: int
+  layouts: tuple[tuple[str, BlockLayout], ...] = ()
+  use_bias: bool = False
+  dtype: Any = None
+  param_dtype: Any = jnp.float32
+  kernel_init: Callable = nn.initializers.lecun_normal()
+  bias_init: Callable = nn.initializers.zeros_init()
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    key = "/".join(self.path)
+    layout = dict(self.layouts).get(key)
+    if layout is None:
+      kernel = self.param("kernel", self.kernel_init, (x.shape[-1], self.features),
+                          self.param_dtype)
+      x, kernel = promote_dtype(x, kernel, dtype=self.dtype)
+      y = x @ kernel
+    else:
+      if (x.shape[-1], self.features) != (layout.m, layout.n):
+        raise ValueError(
+            f"structured block '{key}' stores a ({layout.m}, {layout.n}) matrix but the "
+            f"layer maps {x.shape[-1]} to {self.features} features")
+      y = self._structured(x, layout)
+    if self.use_bias:
+      bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype)
+      y = y + jnp.asarray(bias, y.dtype)
+    return y
+
+  def _structured(self, x: jax.Array, layout: BlockLayout) -> jax.Array:
+    dtype = self.dtype or x.dtype
+    lead = x.shape[:-1]
+    xs = jnp.asarray(x, dtype).reshape(-1, layout.m)
+    out = jnp.zeros((xs.shape[0], layout.n), jnp.float32)
+    if layout.rank:
+      a = self.param("lr_a", _ZEROS, (layout.m, layout.rank),
+                     self.param_dtype)
+      b = self.param("lr_b", _ZEROS, (layout.n, layout.rank),
+                     self.param_dtype)
+      t = jnp.dot(xs, jnp.asarray(a, dtype), preferred_element_type=jnp.float32)
+      out = out + jnp.dot(t.astype(dtype), jnp.asarray(b, dtype).T,
+                          preferred_element_type=jnp.float32)
+    if layout.nnz:
+      values = self.param("sp_values", _ZEROS, (layout.nnz,),
+                          self.param_dtype)
+      idx = {name: self.param(name, _ZEROS, shape, dt)
+             for name, (shape, dt) in index_shapes(layout).items()}
+      rows, cols = sparse_rows_cols(layout, idx)
+      contrib = xs[:, rows].astype(jnp.float32) * values.astype(jnp.float32)
+      out = out.at[:, cols].add(contrib)
+    return out.astype(dtype).reshape(lead + (layout.n,))
+
+
+def structured_dense(layouts: Mapping[str, BlockLayout]) -> Callable[..., nn.Module]:
+  """A ``dense_cls`` for ``Llama`` building ``StructuredDense`` layers that
+  read their shapes from ``layouts`` ({module path: BlockLayout})."""
+  for path, lay in layouts.items():
+    if not isinstance(lay, BlockLayout):
+      raise TypeError(f"layouts['{path}'] must be a BlockLayout, got {type(lay).__name__}")
+  return functools.partial(StructuredDense, layouts=tuple(sorted(layouts.items())))

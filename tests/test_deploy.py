@@ -1,0 +1,470 @@
+"""Deployment: allocation (HPA, global), accounting, export / load, errors."""
+
+import json
+import math
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as hst
+
+import salaad_jax as sj
+from salaad_jax import deploy
+from salaad_jax.deploy import accounting
+from salaad_jax.models import Llama, LlamaConfig, generate, init_params
+
+Factors = sj.Factors
+
+
+# ---------------------------------------------------------------------------
+# Hand-worked example.
+# ---------------------------------------------------------------------------
+
+
+def _diag_factors(m, n, sigma):
+  r = len(sigma)
+  return Factors(np.eye(m)[:, :r], np.asarray(sigma, float), np.eye(n)[:, :r])
+
+
+def _sparse(m, n, entries):
+  s = np.zeros((m, n))
+  for (i, j), val in entries.items():
+    s[i, j] = val
+  return s
+
+
+def _hand_blocks():
+  """Block a (8x8): sigma~ = [6, 3, 1, 0.001], S entries 5, -4, 3, 2, 1e-9.
+  Block b (4x8): sigma~ = [4, 0.002], S entries 1, 0.5.  Ten more scalars.
+
+  Base ranks (unsquared 99.9 % mass): a: 6 + 3 + 1 = 10 >= 0.999 * 10.001
+  -> 3; b: 4 >= 0.999 * 4.002 -> 1.  Base nnz (> 1e-8 max): a 4, b 2.
+  P_model = 64 + 32 + 10 = 106, P_L = 3 * 16 + 1 * 12 = 60, P_S = 6,
+  P_total = 10 + 60 + 6 = 76.
+  """
+  params = {"a": {"kernel": np.zeros((8, 8))}, "b": {"kernel": np.zeros((4, 8))},
+            "norm": {"scale": np.zeros(10)}}
+  dec = deploy.Decomposition(
+      {"a/kernel": _diag_factors(8, 8, [6, 3, 1, 0.001]),
+       "b/kernel": _diag_factors(4, 8, [4, 0.002])},
+      {"a/kernel": _sparse(8, 8, {(0, 7): 5, (1, 6): -4, (2, 5): 3, (3, 4): 2, (7, 0): 1e-9}),
+       "b/kernel": _sparse(4, 8, {(0, 7): 1.0, (3, 2): 0.5})})
+  return params, deploy.spectra(params, dec)
+
+
+# (budget, gamma) -> (ranks a, b), (nnz a, b), P
+HPA_CASES = [
+    # 0.9 * 106 -> 95 >= P_total: no cut, the base allocation.
+    (0.9, 0.5, (3, 1), (4, 2), 76),
+    # D = 76 - 46 = 30: D_L = D_S = 15; D_S > P_S = 6 overflows 9 to D_L = 24.
+    # ranks * (1 - 24/60): 3 * 0.6 -> 1, 1 * 0.6 -> 0; nnz * 0 -> 0.
+    (46, 0.5, (1, 0), (0, 0), 26),
+    # D = 10: D_L = D_S = 5. ranks * 55/60: 2.75 -> 2, 0.92 -> 0; nnz * 1/6 -> 0, 0.
+    (66, 0.5, (2, 0), (0, 0), 42),
+    # gamma = 1 (the reference's evaluation): D = 6 = D_L: ranks * 0.9 -> 2, 0.
+    (70, 1.0, (2, 0), (4, 2), 48),
+    # gamma = 0: D = 3 = D_S: nnz * 0.5 -> 2, 1; ranks unchanged.  P = 73 exactly.
+    (73, 0.0, (3, 1), (2, 1), 73),
+]
+
+
+@pytest.mark.parametrize("budget,gamma,ranks,nnz,p", HPA_CASES)
+def test_hpa_hand_worked(budget, gamma, ranks, nnz, p):
+  _, blocks = _hand_blocks()
+  assert blocks.total_params == 106 and blocks.rest_params == 10
+  alloc = deploy.allocate(blocks, budget, "hpa", gamma=gamma)
+  assert (alloc.ranks["a/kernel"], alloc.ranks["b/kernel"]) == ranks
+  assert (alloc.nnz["a/kernel"], alloc.nnz["b/kernel"]) == nnz
+  assert alloc.params == p
+
+
+def test_hand_worked_error_and_global_beats_hpa():
+  _, blocks = _hand_blocks()
+  h = deploy.allocate(blocks, 73, "hpa", gamma=0.0)
+  # Dropped: a's 4th triplet and entries 3, 2, 1e-9; b's 2nd triplet and 0.5.
+  want = 0.001**2 + 3**2 + 2**2 + 1e-18 + 0.002**2 + 0.5**2
+  assert h.error == pytest.approx(want, rel=1e-9)
+  g = deploy.allocate(blocks, 73, "global")
+  assert g.params <= 73 and g.solver == "greedy"
+  # Gain per parameter: a's entries 25, 16, 9, 4; a's triplets 36/16, 9/16,
+  # 1/16; b's triplet 16/12, entries 1, 0.25.  Greedy takes them in that
+  # order until a's third triplet (16) no longer fits the 63 left after
+  # P_rest; b's second triplet (12) and a's 1e-9 entry fill the slack.
+  assert (g.ranks["a/kernel"], g.ranks["b/kernel"]) == (2, 2)
+  assert (g.nnz["a/kernel"], g.nnz["b/kernel"]) == (5, 2) and g.params == 73
+  assert g.error == pytest.approx(1.0 + 0.001**2, rel=1e-9)
+
+
+def test_accounting_formulas_by_hand():
+  _, blocks = _hand_blocks()
+  alloc = deploy.allocate(blocks, 73, "hpa", gamma=0.0)  # a: r 3, nnz 2; b: r 1, nnz 1
+  got = {(f, d): deploy.account(None, alloc, f, d)
+         for f in accounting.FORMATS for d in ("bfloat16", "float32")}
+  assert got["coo", "bfloat16"]["params"] == 73
+  # bf16: rest 10 * 2; low rank (48 + 12) * 2; COO (2 + 8) per entry.
+  assert got["coo", "bfloat16"]["bytes"] == 20 + 120 + 3 * 10
+  # CSR: (2 + 4) per entry plus (m + 1) * 4 row pointers per block with nnz > 0.
+  assert got["csr", "bfloat16"]["bytes"] == 20 + 120 + 3 * 6 + 9 * 4 + 5 * 4
+  # bitmap: 2 per entry plus ceil(m n / 8) bytes per block.
+  assert got["bitmap", "float32"]["bytes"] == 40 + 240 + 3 * 4 + 8 + 4
+  assert got["dense", "float32"]["bytes"] == 106 * 4
+  assert got["dense", "bfloat16"]["params"] == 106
+  assert got["coo", "float32"]["bytes"] == 40 + 240 + 3 * 12
+
+
+# ---------------------------------------------------------------------------
+# Property: global allocation meets the budget and never loses to HPA.
+# ---------------------------------------------------------------------------
+
+
+def _random_problem(seed, n_blocks, max_dim=10):
+  rng = np.random.default_rng(seed)
+  params, factors, sparse = {"rest": {"scale": np.zeros(int(rng.integers(1, 20)))}}, {}, {}
+  for i in range(n_blocks):
+    m, n = (int(x) for x in rng.integers(2, max_dim + 1, 2))
+    r = min(m, n)
+    sigma = rng.uniform(0.5, 3) * rng.uniform(0.2, 0.95) ** np.arange(r)
+    u = np.linalg.qr(rng.normal(size=(m, r)))[0]
+    v = np.linalg.qr(rng.normal(size=(n, r)))[0]
+    # Unsorted, with a zero: the canonical SVD must sort and drop it.
+    sigma[-1] = 0.0
+    perm = rng.permutation(r)
+    s = np.where(rng.random((m, n)) < rng.uniform(0.05, 0.5), rng.normal(size=(m, n)), 0.0)
+    path = f"blk{i}/kernel"
+    params[f"blk{i}"] = {"kernel": np.zeros((m, n))}
+    factors[path] = Factors(u[:, perm] * 1.0, sigma[perm], v[:, perm])
+    sparse[path] = s
+  dec = deploy.Decomposition(factors, sparse)
+  return params, dec, deploy.spectra(params, dec)
+
+
+def _separable_error(dec, alloc):
+  """sum ||L - best rank-r L||^2 + ||S - top-nnz S||^2 from dense matrices."""
+  err = 0.0
+  for b in alloc.blocks:
+    f = dec.factors[b.path]
+    sv = np.linalg.svd((f.u * f.s) @ f.v.T, compute_uv=False)
+    err += float(np.sum(sv[b.rank:] ** 2))
+    mags = np.sort(np.abs(np.asarray(dec.sparse[b.path])).reshape(-1))[::-1]
+    err += float(np.sum(mags[b.nnz:] ** 2))
+  return err
+
+
+@settings(max_examples=60, deadline=None)
+@given(seed=hst.integers(0, 2**31 - 1), n_blocks=hst.integers(1, 4),
+       frac=hst.floats(0.0, 1.0), gamma=hst.floats(0.0, 1.0))
+def test_global_meets_budget_and_beats_hpa(seed, n_blocks, frac, gamma):
+  params, dec, blocks = _random_problem(seed, n_blocks)
+  budget = blocks.rest_params + int(round(frac * (blocks.total_params - blocks.rest_params)))
+  g = deploy.allocate(blocks, budget, "global", gamma=gamma)
+  h = deploy.allocate(blocks, budget, "hpa", gamma=gamma)
+  assert g.params <= budget and h.params <= budget
+  assert deploy.account(params, g)["params"] == g.params
+  assert g.error <= h.error + 1e-9 * max(1.0, h.error)
+  # The reported error is the measured Frobenius error of the truncation.
+  for a in (g, h):
+    assert a.error == pytest.approx(_separable_error(dec, a), rel=1e-6, abs=1e-9)
+
+
+def _brute_force_error(blocks, avail):
+  """Exact optimum over all (rank, nnz) of two blocks, parameters unit."""
+  tables = []
+  for b in blocks.blocks:
+    tail_l = np.concatenate([np.cumsum(b.triplet_gain[::-1])[::-1], [0.0]])
+    tail_s = np.concatenate([np.cumsum(b.sparse_gain[::-1])[::-1], [0.0]])
+    r, k = np.meshgrid(np.arange(tail_l.size), np.arange(tail_s.size), indexing="ij")
+    tables.append(((b.m + b.n) * r + k, tail_l[r] + tail_s[k]))
+  (c1, e1), (c2, e2) = ((c.reshape(-1), e.reshape(-1)) for c, e in tables)
+  cost = c1[:, None] + c2[None, :]
+  return float(np.min(np.where(cost <= avail, e1[:, None] + e2[None, :], np.inf)))
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=hst.integers(0, 2**31 - 1), frac=hst.floats(0.0, 1.0))
+def test_greedy_is_optimal_up_to_one_item(seed, frac):
+  _, _, blocks = _random_problem(seed, 2, max_dim=4)
+  budget = blocks.rest_params + int(round(frac * (blocks.total_params - blocks.rest_params)))
+  opt = _brute_force_error(blocks, budget - blocks.rest_params)
+  g = deploy.greedy(blocks, budget)
+  biggest = max(float(np.max(b.triplet_gain, initial=0.0)) for b in blocks.blocks)
+  assert opt - 1e-9 <= g.error <= opt + biggest + 1e-9
+
+
+@pytest.mark.parametrize("fmt", ["coo", "csr", "bitmap"])
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_byte_budget_is_met(fmt, dtype):
+  params, _, blocks = _random_problem(3, 4)
+  dense_bytes = blocks.total_params * deploy.value_bytes(dtype)
+  for frac in (0.45, 0.6, 0.8, 1.0):
+    alloc = deploy.allocate(blocks, frac, unit="bytes", fmt=fmt, dtype=dtype)
+    spent = deploy.account(params, alloc, fmt, dtype)["bytes"]
+    assert spent <= math.floor(frac * dense_bytes)
+    assert alloc.unit == "bytes" and alloc.fmt == fmt
+  # More bytes never hurt.
+  errs = [deploy.allocate(blocks, f, unit="bytes", fmt=fmt, dtype=dtype).error
+          for f in (0.5, 0.7, 0.9)]
+  assert errs[0] >= errs[1] >= errs[2]
+
+
+# ---------------------------------------------------------------------------
+# A small SALAAD-trained model.
+# ---------------------------------------------------------------------------
+
+CFG = LlamaConfig(vocab_size=64, d_model=32, d_ff=48, n_heads=2, n_layers=1, max_len=16,
+                  dtype="float32")
+_DENSE_APPLY = jax.jit(Llama(CFG).apply)
+
+
+@pytest.fixture(scope="module")
+def params0():
+  return init_params(CFG, jax.random.key(0))
+
+
+@pytest.fixture(scope="module")
+def trained(params0):
+  params = params0
+  model = Llama(CFG)
+  tx = sj.salaad(optax.adamw(1e-2), every_k=1, rho=1.0, mode="fixed", alpha_init=0.1,
+                 beta_init=0.02, svt="exact")
+  state = tx.init(params)
+
+  @jax.jit
+  def step(p, s, t):
+    def loss(p):
+      logits = model.apply({"params": p}, t[:, :-1])
+      return optax.softmax_cross_entropy_with_integer_labels(logits, t[:, 1:]).mean()
+    g = jax.grad(loss)(p)
+    u, s = tx.update(g, s, p)
+    return optax.apply_updates(p, u), s
+
+  rng = np.random.default_rng(0)
+  for _ in range(4):
+    params, state = step(params, state, jnp.asarray(rng.integers(0, 64, (4, 16)), jnp.int32))
+  return params, state
+
+
+def _tokens(seed=1):
+  return jnp.asarray(np.random.default_rng(seed).integers(0, 64, (2, 12)), jnp.int32)
+
+
+@pytest.mark.parametrize("fmt", accounting.FORMATS)
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_exported_artifact_matches_accounting(trained, tmp_path, fmt, dtype):
+  params, state = trained
+  blocks = deploy.spectra(params, state)
+  alloc = deploy.allocate(blocks, 0.6)
+  manifest = deploy.export(tmp_path / "art", deploy.compress(params, blocks, alloc, fmt, dtype),
+                           CFG)
+  model, loaded, read = deploy.load(tmp_path / "art")
+  assert read == json.loads(json.dumps(manifest))
+  leaves = jax.tree.leaves(loaded)
+  n_values = sum(x.size for x in leaves if jnp.issubdtype(x.dtype, jnp.floating))
+  n_bytes = sum(x.nbytes for x in leaves)
+  want = deploy.account(params, alloc, fmt, dtype)
+  assert (n_values, n_bytes) == (want["params"], want["bytes"])
+  assert (read["params"], read["bytes"]) == (want["params"], want["bytes"])
+  assert all(jnp.dtype(x.dtype).name == dtype for x in leaves
+             if jnp.issubdtype(x.dtype, jnp.floating))
+  assert {p: (b["rank"], b["nnz"]) for p, b in read["blocks"].items()} == {
+      b.path: (b.rank, b.nnz) for b in alloc.blocks}
+  assert read["budget"]["value"] == alloc.budget and read["fmt"] == fmt
+  assert deploy.Allocation.from_dict(read["allocation"]) == alloc
+  if fmt != "dense":
+    assert want["params"] < want["dense_params"]
+  if dtype == "bfloat16" and fmt == "bitmap":
+    # The loaded model evaluates and generates.
+    logits = jax.jit(model.apply)({"params": loaded}, _tokens())
+    assert logits.shape == (2, 12, 64) and bool(jnp.all(jnp.isfinite(logits)))
+    out = generate(model, loaded, _tokens()[:, :4], 2, jax.random.key(0), temperature=0.0)
+    assert out.shape == (2, 6)
+
+
+def test_loaded_artifact_equals_dense_reconstruction(trained, tmp_path):
+  params, state = trained
+  for method in ("hpa", "global"):
+    manifest = deploy.export_budget(tmp_path / method, params, state, 0.55, CFG,
+                                    method=method, fmt="csr", dtype="float32")
+    model, loaded, _ = deploy.load(tmp_path / method)
+    alloc = deploy.Allocation.from_dict(manifest["allocation"])
+    ref = _DENSE_APPLY({"params": deploy.dense_reconstruction(params, state, alloc)}, _tokens())
+    np.testing.assert_allclose(jax.jit(model.apply)({"params": loaded}, _tokens()), ref,
+                               atol=2e-5, rtol=1e-5)
+
+
+def test_global_error_at_most_hpa_on_trained_model(trained):
+  params, state = trained
+  blocks = deploy.spectra(params, state)
+  for frac in (0.45, 0.6, 0.8):
+    g, h = (deploy.allocate(blocks, frac, m) for m in ("global", "hpa"))
+    assert g.error <= h.error and max(g.params, h.params) <= g.budget
+
+
+def test_budget_spectrum_is_monotone(trained):
+  params, state = trained
+  blocks = deploy.spectra(params, state)
+  errs = [deploy.allocate(blocks, f).error for f in (0.4, 0.5, 0.7, 0.9, 1.0)]
+  assert all(a >= b for a, b in zip(errs, errs[1:]))
+  assert errs[0] > errs[-1]
+
+
+# ---------------------------------------------------------------------------
+# Post-hoc baseline and calibration.
+# ---------------------------------------------------------------------------
+
+
+def test_posthoc_factors_split_and_allocate(params0):
+  params = params0
+  dec = deploy.posthoc_factors(params, rank=0.25, density=0.1)
+  x = np.asarray(params["layers_0"]["mlp"]["up_proj"]["kernel"])
+  f, s = dec.factors["layers_0/mlp/up_proj/kernel"], np.asarray(
+      dec.sparse["layers_0/mlp/up_proj/kernel"])
+  assert f.s.shape == (8,)  # ceil(0.25 * 32)
+  assert np.count_nonzero(s) == math.ceil(0.1 * x.size)
+  l = np.asarray(sj.prox.dense(f))
+  # The kept residual entries are the largest ones and reduce the error.
+  resid = x - l
+  assert np.min(np.abs(resid[s != 0])) >= np.max(np.abs(resid[s == 0])) - 1e-7
+  assert np.linalg.norm(x - l - s) < np.linalg.norm(x - l)
+  full = deploy.posthoc_factors(params, rank=1.0, density=0.0)
+  np.testing.assert_allclose(sj.prox.dense(full.factors["layers_0/attn/q_proj/kernel"]),
+                             params["layers_0"]["attn"]["q_proj"]["kernel"], atol=1e-5)
+  blocks = deploy.spectra(params, dec)
+  alloc = deploy.allocate(blocks, 0.7)
+  assert alloc.params <= alloc.budget
+  hat = deploy.dense_reconstruction(params, dec, alloc)
+  assert jax.tree.structure(hat) == jax.tree.structure(params)
+
+
+def test_activation_weights_and_weighted_error(params0):
+  params = params0
+  toks = [_tokens(s) for s in range(3)]
+  d = deploy.activation_weights(Llama(CFG), params, toks)
+  # q, k and v read the same normalised input.
+  np.testing.assert_allclose(d["layers_0/attn/q_proj/kernel"], d["layers_0/attn/v_proj/kernel"])
+  assert d["layers_0/mlp/down_proj/kernel"].shape == (48,)
+  counts = np.bincount(np.concatenate([np.asarray(t).reshape(-1) for t in toks]), minlength=64)
+  seen = counts > 0
+  np.testing.assert_allclose(d["embed/embedding"][seen], np.sqrt(counts[seen] / counts.sum()),
+                             rtol=1e-6)
+  assert np.all(d["embed/embedding"] > 0)
+
+  dec = deploy.posthoc_factors(params, rank=0.5, density=0.1)
+  blocks = deploy.spectra(params, dec, row_weights=d)
+  alloc = deploy.allocate(blocks, 0.6)
+  assert alloc.weighted
+  # The weighted error is ||diag(d) (L + S - X_hat)||^2 summed over blocks
+  # when L and S parts are measured apart.
+  art = deploy.compress(params, blocks, alloc, "coo", "float32")
+  err = 0.0
+  for b in alloc.blocks:
+    node = art.params
+    for key in b.path.split("/")[:-1]:
+      node = node[key]
+    f = dec.factors[b.path]
+    l_full = np.asarray(sj.prox.dense(f), np.float64)
+    l_kept = (np.asarray(node["lr_a"]) @ np.asarray(node["lr_b"]).T if b.rank
+              else np.zeros_like(l_full))
+    s_full = np.asarray(dec.sparse[b.path], np.float64)
+    s_kept = np.zeros_like(s_full)
+    if b.nnz:
+      s_kept[np.asarray(node["sp_rows"]), np.asarray(node["sp_cols"])] = node["sp_values"]
+    w = d[b.path][:, None]
+    err += np.sum((w * (l_full - l_kept)) ** 2) + np.sum((w * (s_full - s_kept)) ** 2)
+  assert alloc.error == pytest.approx(err, rel=1e-4)
+  with pytest.raises(ValueError, match="weights"):
+    deploy.dense_reconstruction(params, dec, alloc)
+
+
+# ---------------------------------------------------------------------------
+# Bad input: a clear ValueError and nothing written.
+# ---------------------------------------------------------------------------
+
+
+def _p_rest(params):
+  return sum(x.size for p, x in jax.tree_util.tree_flatten_with_path(params)[0]
+             if "proj" not in sj.structure.path_str(p))
+
+
+@pytest.mark.parametrize("budget,match", [
+    ("below", "below the minimum representable"),
+    (1.5, "must lie in \\(0, 1\\]"),
+    ("above", "above the dense model"),
+    (0.0, "must lie in \\(0, 1\\]"),
+    (True, "budget must be"),
+])
+def test_bad_budget_writes_nothing(trained, tmp_path, budget, match):
+  params, state = trained
+  rest = _p_rest(params)
+  total = sum(x.size for x in jax.tree.leaves(params))
+  budget = {"below": rest - 1, "above": total + 1}.get(budget, budget)
+  with pytest.raises(ValueError, match=match):
+    deploy.export_budget(tmp_path / "out", params, state, budget, CFG)
+  assert not os.path.exists(tmp_path / "out")
+
+
+def test_budget_equal_to_rest_keeps_no_block_part(trained):
+  params, state = trained
+  rest = _p_rest(params)
+  alloc = deploy.allocate(deploy.spectra(params, state), rest)
+  assert alloc.params == rest and not any(alloc.ranks.values()) and not any(alloc.nnz.values())
+
+
+def test_no_salaad_state_writes_nothing(params0, tmp_path):
+  params = params0
+  state = optax.adamw(1e-3).init(params)
+  with pytest.raises(ValueError, match="no SALAAD state"):
+    deploy.export_budget(tmp_path / "out", params, state, 0.5, CFG)
+  with pytest.raises(ValueError, match="no SALAAD state"):
+    deploy.spectra(params, state)
+  assert not os.path.exists(tmp_path / "out")
+
+
+def test_artifact_that_does_not_fit_the_model_writes_nothing(params0, tmp_path):
+  params = params0
+  dec = deploy.posthoc_factors(params, include_embedding=True)
+  with pytest.raises(ValueError, match="do not fit"):
+    deploy.export_budget(tmp_path / "out", params, dec, 0.9, CFG)
+  assert not os.path.exists(tmp_path / "out")
+
+
+def test_other_bad_arguments(trained, tmp_path):
+  params, state = trained
+  blocks = deploy.spectra(params, state)
+  with pytest.raises(ValueError, match="method"):
+    deploy.allocate(blocks, 0.5, "uniform")
+  with pytest.raises(ValueError, match="unit='params'"):
+    deploy.allocate(blocks, 0.5, "hpa", unit="bytes")
+  with pytest.raises(ValueError, match="storage format"):
+    deploy.account(params, deploy.allocate(blocks, 0.5), "ell")
+  with pytest.raises(ValueError, match="dtype"):
+    deploy.compress(params, blocks, deploy.allocate(blocks, 0.5), "coo", "int8")
+  with pytest.raises(ValueError, match="gamma"):
+    deploy.allocate(blocks, 0.5, "hpa", gamma=1.5)
+  deploy.export_budget(tmp_path / "a", params, state, 0.5, CFG)
+  with pytest.raises(ValueError, match="not empty"):
+    deploy.export_budget(tmp_path / "a", params, state, 0.5, CFG)
+  deploy.export_budget(tmp_path / "a", params, state, 0.7, CFG, overwrite=True)
+  assert deploy.read_manifest(tmp_path / "a")["budget"]["fraction"] == pytest.approx(0.7, 1e-3)
+  (tmp_path / "b").mkdir()
+  (tmp_path / "b" / "notes.txt").write_text("keep me")
+  with pytest.raises(ValueError, match="not an artifact"):
+    deploy.export_budget(tmp_path / "b", params, state, 0.5, CFG, overwrite=True)
+  assert (tmp_path / "b" / "notes.txt").exists()
+  with pytest.raises(ValueError, match="no exported artifact"):
+    deploy.load(tmp_path / "b")
+
+
+def test_export_without_model_config_round_trips(tmp_path):
+  params, blocks = _hand_blocks()
+  alloc = deploy.allocate(blocks, 73, "global")
+  art = deploy.compress(params, blocks, alloc, "csr", "float32")
+  deploy.export(tmp_path / "generic", art)
+  model, loaded, manifest = deploy.load(tmp_path / "generic")
+  assert model is None and manifest["model_config"] is None
+  assert jax.tree.map(np.shape, loaded) == jax.tree.map(np.shape, art.params)
+  jax.tree.map(np.testing.assert_array_equal, loaded, art.params)
+  assert sum(np.asarray(x).nbytes for x in jax.tree.leaves(loaded)) == manifest["bytes"]

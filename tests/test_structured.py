@@ -1,0 +1,161 @@
+"""The structured inference layer against the dense reconstruction X_hat = L + S."""
+
+import dataclasses
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import salaad_jax as sj
+from salaad_jax import deploy
+from salaad_jax.models import (BlockLayout, Llama, LlamaConfig, StructuredDense, generate,
+                               init_params, structured_dense)
+
+FORMATS = ("coo", "csr", "bitmap")
+
+
+def _block(m=12, n=10, rank=3, density=0.3, seed=0, empty_rows=(2, 5)):
+  rng = np.random.default_rng(seed)
+  a, b = rng.normal(size=(m, rank)), rng.normal(size=(n, rank))
+  s = np.where(rng.random((m, n)) < density, rng.normal(size=(m, n)), 0.0)
+  s[list(empty_rows)] = 0.0  # rows without entries: CSR pointers repeat
+  return a, b, s
+
+
+def _arrays(a, b, s, fmt):
+  """Parameters of one structured block, built independently of deploy."""
+  rows, cols = np.nonzero(s)  # row-major order
+  out = {"lr_a": a, "lr_b": b, "sp_values": s[rows, cols]}
+  if fmt == "coo":
+    out.update(sp_rows=rows.astype(np.int32), sp_cols=cols.astype(np.int32))
+  elif fmt == "csr":
+    ptr = np.searchsorted(rows, np.arange(s.shape[0] + 1)).astype(np.int32)
+    out.update(sp_cols=cols.astype(np.int32), sp_row_ptr=ptr)
+  else:
+    out.update(sp_bitmap=np.packbits((s != 0).reshape(-1).astype(np.uint8)))
+  return {k: jnp.asarray(v, jnp.float32 if v.dtype == np.float64 else v.dtype)
+          for k, v in out.items()}
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_layer_matches_dense_matrix(fmt):
+  a, b, s = _block()
+  layout = BlockLayout(12, 10, 3, int(np.count_nonzero(s)), fmt)
+  layer = StructuredDense(10, layouts=(("", layout),), dtype=jnp.float32)
+  x = jnp.asarray(np.random.default_rng(1).normal(size=(2, 5, 12)), jnp.float32)
+  params = _arrays(a, b, s, fmt)
+  abstract = jax.eval_shape(layer.init, jax.random.key(0), x)["params"]
+  assert jax.tree.map(lambda t: (t.shape, t.dtype), abstract) == jax.tree.map(
+      lambda t: (t.shape, t.dtype), params)
+  y = jax.jit(layer.apply)({"params": params}, x)
+  np.testing.assert_allclose(y, np.asarray(x) @ (a @ b.T + s), atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize("rank,density", [(0, 0.3), (3, 0.0)])
+def test_layer_with_an_empty_part_has_no_parameters_for_it(rank, density):
+  a, b, s = _block(rank=rank, density=density)
+  layout = BlockLayout(12, 10, rank, int(np.count_nonzero(s)), "coo")
+  layer = StructuredDense(10, layouts=(("", layout),), dtype=jnp.float32)
+  x = jnp.ones((3, 12), jnp.float32)
+  names = set(layer.init(jax.random.key(0), x)["params"])
+  assert ("lr_a" in names) == (rank > 0) and ("sp_values" in names) == (density > 0)
+  params = {k: v for k, v in _arrays(a, b, s, "coo").items() if k in names}
+  np.testing.assert_allclose(layer.apply({"params": params}, x),
+                             np.asarray(x) @ (a @ b.T + s), atol=1e-4)
+
+
+def test_layer_outside_the_table_is_a_plain_dense():
+  layer = StructuredDense(7, layouts=(("other", BlockLayout(4, 7, 1, 0)),), use_bias=True)
+  x = jnp.ones((2, 4))
+  params = layer.init(jax.random.key(0), x)["params"]
+  assert set(params) == {"kernel", "bias"}
+  ref = nn.Dense(7).apply({"params": params}, x)
+  np.testing.assert_allclose(layer.apply({"params": params}, x), ref, atol=1e-6)
+
+
+def test_layer_rejects_a_layout_of_another_shape():
+  layer = StructuredDense(10, layouts=(("", BlockLayout(12, 9, 2, 0)),))
+  with pytest.raises(ValueError, match="stores a \\(12, 9\\) matrix"):
+    layer.init(jax.random.key(0), jnp.ones((1, 12)))
+  with pytest.raises(ValueError, match="sparse format"):
+    BlockLayout(4, 4, 1, 1, "ell")
+
+
+# ---------------------------------------------------------------------------
+# Whole model.
+# ---------------------------------------------------------------------------
+
+CFG = LlamaConfig(vocab_size=48, d_model=32, d_ff=40, n_heads=2, n_layers=1, max_len=16,
+                  dtype="float32")
+_DENSE_APPLY = jax.jit(Llama(CFG).apply)
+
+
+@pytest.fixture(scope="module")
+def model_and_blocks():
+  params = init_params(CFG, jax.random.key(0))
+  dec = sj.deploy.posthoc_factors(params, rank=0.5, density=0.15)
+  return params, deploy.spectra(params, dec)
+
+
+def _tokens():
+  return jnp.asarray(np.random.default_rng(2).integers(0, 48, (2, 10)), jnp.int32)
+
+
+def _with_empty_parts(alloc):
+  """The first block keeps no triplet, the second no sparse entry."""
+  blocks = list(alloc.blocks)
+  blocks[0] = dataclasses.replace(blocks[0], rank=0)
+  blocks[1] = dataclasses.replace(blocks[1], nnz=0)
+  return dataclasses.replace(alloc, blocks=tuple(blocks))
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_model_logits_match_dense_reconstruction(model_and_blocks, fmt):
+  params, blocks = model_and_blocks
+  alloc = _with_empty_parts(deploy.allocate(blocks, 0.7))
+  art = deploy.compress(params, blocks, alloc, fmt, "float32")
+  model = Llama(CFG, dense_cls=structured_dense(art.layouts))
+  got = jax.jit(model.apply)({"params": art.params}, _tokens())
+  ref = _DENSE_APPLY({"params": deploy.dense_reconstruction(params, blocks, alloc)}, _tokens())
+  np.testing.assert_allclose(got, ref, atol=2e-5, rtol=1e-5)
+  # And the comparison can fail: the logits move with the allocation.
+  other = deploy.dense_reconstruction(params, blocks, deploy.allocate(blocks, 0.9))
+  assert float(jnp.max(jnp.abs(_DENSE_APPLY({"params": other}, _tokens()) - ref))) > 1e-3
+
+
+def test_bfloat16_artifact_is_close_to_the_reference(model_and_blocks):
+  params, blocks = model_and_blocks
+  alloc = deploy.allocate(blocks, 0.7)
+  art = deploy.compress(params, blocks, alloc, "csr", "bfloat16")
+  cfg = CFG.replace(param_dtype="bfloat16", dtype="bfloat16")
+  got = jax.jit(Llama(cfg, dense_cls=structured_dense(art.layouts)).apply)(
+      {"params": art.params}, _tokens())
+  ref = _DENSE_APPLY({"params": deploy.dense_reconstruction(params, blocks, alloc)}, _tokens())
+  scale = float(jnp.max(jnp.abs(ref)))
+  assert float(jnp.max(jnp.abs(got - ref))) < 0.05 * scale
+
+
+def test_greedy_generation_matches_dense_reconstruction(model_and_blocks):
+  params, blocks = model_and_blocks
+  alloc = deploy.allocate(blocks, 0.8)
+  art = deploy.compress(params, blocks, alloc, "bitmap", "float32")
+  model = Llama(CFG, dense_cls=structured_dense(art.layouts))
+  prompt = _tokens()[:, :3]
+  got = generate(model, art.params, prompt, 3, jax.random.key(0), temperature=0.0)
+  ref = generate(Llama(CFG), deploy.dense_reconstruction(params, blocks, alloc), prompt, 3,
+                 jax.random.key(0), temperature=0.0)
+  np.testing.assert_array_equal(got, ref)
+
+
+def test_artifact_stores_compact_arrays(model_and_blocks):
+  params, blocks = model_and_blocks
+  alloc = deploy.allocate(blocks, 0.6)
+  art = deploy.compress(params, blocks, alloc, "coo", "float32")
+  node = art.params["layers_0"]["mlp"]["up_proj"]
+  b = {x.path: x for x in alloc.blocks}["layers_0/mlp/up_proj/kernel"]
+  assert "kernel" not in node
+  assert node.get("lr_a", jnp.zeros((32, 0))).shape == (32, b.rank)
+  assert node.get("sp_values", jnp.zeros(0)).shape == (b.nnz,)
+  assert art.layouts["layers_0/mlp/up_proj"] == BlockLayout(32, 40, b.rank, b.nnz, "coo")
