@@ -1,0 +1,233 @@
+"""``TrainConfig``: every setting of a pretraining run, as one JSON-able dataclass.
+
+The fields are the flags of ``experiments/pretrain.py`` (see
+:mod:`salaad_jax.train.flags`); each field's ``metadata`` holds its help text,
+its allowed values (``choices``) or its lower bound (``min``). A run writes its
+resolved config to ``<workdir>/config.json``; resuming a workdir requires the
+fields that shape the computation (everything outside ``RESUMABLE_FIELDS``) to
+match.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from typing import Any, Mapping
+
+from salaad_jax.models.configs import CONFIGS
+
+
+class TrainError(Exception):
+  """A user-caused problem that stops a run: bad setting, data or workdir.
+
+  ``str(error)`` is one line meant to be shown as it is.
+  """
+
+
+def _f(default, help: str, **meta):  # pylint: disable=redefined-builtin
+  if isinstance(default, dict):
+    return dataclasses.field(default_factory=lambda: dict(default),
+                             metadata=dict(help=help, **meta))
+  return dataclasses.field(default=default, metadata=dict(help=help, **meta))
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  """Every setting of a pretraining run (defaults: the 60M reference, SALAAD.md §7)."""
+
+  # --- what is trained -----------------------------------------------------
+  method: str = _f("salaad", "training method (a registered name: salaad, dense, ...)")
+  method_options: dict = _f({}, "method-specific options, key=value (see the method)")
+  model: str = _f("60m", "model preset", choices=tuple(CONFIGS))
+  dtype: str = _f("bfloat16", "compute dtype of activations and matmuls",
+                  choices=("float32", "bfloat16", "float16"))
+  param_dtype: str = _f("float32", "storage dtype of the parameters",
+                        choices=("float32", "bfloat16"))
+  vocab_size: int = _f(0, "model vocabulary; 0: the tokenizer's", min=0)
+  seed: int = _f(0, "seed of the parameter initialisation")
+
+  # --- data ------------------------------------------------------------------
+  source: str = _f("synthetic", "data: 'synthetic[:k=v,...]', 'tfds:<name>' (e.g. "
+                   "tfds:c4/en), 'text:<path or glob>' or a path to text files")
+  tokenizer: str = _f("byte", "'byte' or the path of a SentencePiece .model (T5: "
+                      "the spiece.model of t5-base)")
+  data_dir: str = _f("", "TFDS data directory ('' = the TFDS default)")
+  train_split: str = _f("train", "split to train on")
+  eval_split: str = _f("validation", "held-out split for evaluation")
+  seq_len: int = _f(256, "tokens per sequence T", min=1)
+  batch_size: int = _f(512, "global batch in sequences (over all devices and hosts)", min=1)
+  grad_accum: int = _f(1, "micro-batches per step (gradient accumulation)", min=1)
+  eval_batch_size: int = _f(0, "evaluation batch; 0: batch_size", min=0)
+  data_seed: int = _f(0, "seed of the data order / synthetic sampling")
+
+  # --- base optimiser (AdamW, clip, cosine schedule) -------------------------
+  steps: int = _f(11000, "training steps", min=1)
+  lr: float = _f(3e-3, "peak learning rate", min=0.0)
+  warmup_steps: int = _f(2200, "linear warm-up steps", min=0)
+  min_lr_ratio: float = _f(0.1, "final learning rate as a fraction of the peak", min=0.0)
+  schedule: str = _f("cosine", "learning-rate schedule after warm-up",
+                     choices=("cosine", "constant"))
+  b1: float = _f(0.9, "AdamW beta1", min=0.0)
+  b2: float = _f(0.95, "AdamW beta2", min=0.0)
+  eps: float = _f(1e-8, "AdamW epsilon", min=0.0)
+  weight_decay: float = _f(0.0, "AdamW decoupled weight decay", min=0.0)
+  clip_norm: float = _f(1.0, "global-norm gradient clip; 0: off", min=0.0)
+
+  # --- SALAAD (SALAAD.md §2-§5) ----------------------------------------------
+  every_k: int = _f(10, "K: steps between ADMM rounds", min=1)
+  rho: float = _f(1e-6, "rho: ADMM penalty of the attention/MLP blocks", min=0.0)
+  rho_embed: float = _f(3e-7, "rho of the embedding and output head blocks", min=0.0)
+  rank_target: float = _f(0.15, "r*: target rank rate of every L", min=0.0)
+  density_target: float = _f(0.05, "d*: target density of every S", min=0.0)
+  k_alpha: float = _f(0.2, "controller gain of alpha (rank)", min=0.0)
+  k_beta: float = _f(0.002, "controller gain of beta (density)", min=0.0)
+  k_d: float = _f(0.01, "one-sided derivative gain", min=0.0)
+  k_d_embed: float = _f(1.0, "derivative gain for the embedding/head blocks", min=0.0)
+  deriv_start: int = _f(1500, "n_d: ADMM rounds before the derivative term acts", min=0)
+  energy: float = _f(0.999, "e: energy fraction of the effective rank", min=0.0)
+  salaad_mode: str = _f("adaptive", "controller mode",
+                        choices=("adaptive", "fixed", "hard_cut"))
+  sparse_mode: str = _f("soft", "sparse prox: soft, topk, rows, cols or N:M (e.g. 2:4)")
+  svt: str = _f("fast", "singular value thresholding", choices=("fast", "exact"))
+  svt_iters: int = _f(1, "subspace iterations per ADMM round (fast SVT)", min=1)
+  init_iters: int = _f(4, "subspace iterations of the initial SVD (fast SVT)", min=1)
+  max_rank: int = _f(0, "bound on the factor rank of L; 0: automatic", min=0)
+  alpha_init: str = _f("zero", "alpha_0: 'zero', 'sigma_k' or a number")
+  beta_init: float = _f(0.0, "beta_0", min=0.0)
+  include_embedding: bool = _f(False, "make the token embedding a SALAAD block")
+  include_head: bool = _f(False, "make the output head a SALAAD block")
+  coupling: str = _f("coupled", "coupled (penalty gradient before AdamW) or decoupled",
+                     choices=("coupled", "decoupled"))
+
+  # --- devices -----------------------------------------------------------------
+  parallelism: str = _f("jit", "jit (NamedSharding over a mesh) or pmap",
+                        choices=("jit", "pmap"))
+  mesh_data: int = _f(-1, "devices on the 'data' mesh axis; -1: the rest", min=-1)
+  mesh_fsdp: int = _f(1, "devices on the 'fsdp' axis (params and optimizer state "
+                      "sharded over it); -1: the rest", min=-1)
+  distributed: bool = _f(False, "call jax.distributed.initialize() (multi-host)")
+
+  # --- loop, logging, checkpoints ---------------------------------------------
+  log_every: int = _f(50, "steps between progress lines / metric records", min=1)
+  eval_every: int = _f(1000, "steps between evaluations; 0: only at the end", min=0)
+  eval_batches: int = _f(20, "batches per evaluation", min=1)
+  checkpoint_every: int = _f(1000, "steps between checkpoints; 0: only at the end", min=0)
+  keep_checkpoints: int = _f(3, "checkpoints kept (the latest ones)", min=1)
+  async_checkpoint: bool = _f(True, "write checkpoints in the background")
+  tensorboard: bool = _f(True, "also write TensorBoard events when a writer is installed")
+  stop_after: int = _f(0, "debug: checkpoint and stop after this step, as if "
+                       "interrupted; 0: off", min=0)
+
+  # ------------------------------------------------------------------------
+  def to_json(self) -> str:
+    return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
+
+  @classmethod
+  def from_dict(cls, d: Mapping[str, Any]) -> "TrainConfig":
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - names)
+    if unknown:
+      raise TrainError(f"unknown TrainConfig field(s) {unknown}")
+    return cls(**dict(d))
+
+  @classmethod
+  def from_json(cls, text: str) -> "TrainConfig":
+    return cls.from_dict(json.loads(text))
+
+  def replace(self, **changes) -> "TrainConfig":
+    return dataclasses.replace(self, **changes)
+
+
+# Fields that may differ when a workdir is resumed: they do not change the
+# computed trajectory (or, for `steps`, extend it on purpose).
+RESUMABLE_FIELDS = frozenset({
+    "steps", "stop_after", "log_every", "eval_every", "eval_batches",
+    "eval_batch_size", "checkpoint_every", "keep_checkpoints", "async_checkpoint",
+    "tensorboard", "parallelism", "mesh_data", "mesh_fsdp", "distributed",
+    "data_dir",
+})
+
+_UNIT_INTERVAL = ("rank_target", "density_target", "energy", "b1", "b2")
+
+
+def validate(config: TrainConfig) -> TrainConfig:
+  """Checks every field against its metadata and the cross-field rules.
+
+  Raises:
+    TrainError naming the offending flag.
+  """
+  for f in dataclasses.fields(config):
+    value = getattr(config, f.name)
+    choices = f.metadata.get("choices")
+    if choices is not None and value not in choices:
+      raise TrainError(f"--{f.name}={value!r} is not one of {list(choices)}")
+    low = f.metadata.get("min")
+    if low is not None:
+      if isinstance(value, float) and not math.isfinite(value):
+        raise TrainError(f"--{f.name}={value} must be finite")
+      if value < low:
+        raise TrainError(f"--{f.name}={value} must be >= {low}")
+  for name in _UNIT_INTERVAL:
+    value = getattr(config, name)
+    if not 0.0 < value <= 1.0 or (name in ("b1", "b2") and value >= 1.0):
+      raise TrainError(f"--{name}={value} must lie in (0, 1)")
+  if config.mesh_data == 0 or config.mesh_fsdp == 0:
+    raise TrainError("--mesh_data and --mesh_fsdp must be >= 1 or -1 (the rest)")
+  if config.warmup_steps > config.steps:
+    raise TrainError(f"--warmup_steps={config.warmup_steps} exceeds --steps={config.steps}")
+  if config.batch_size % config.grad_accum:
+    raise TrainError(f"--batch_size={config.batch_size} is not divisible by "
+                     f"--grad_accum={config.grad_accum}")
+  if config.alpha_init not in ("zero", "sigma_k"):
+    try:
+      float(config.alpha_init)
+    except ValueError:
+      raise TrainError(f"--alpha_init={config.alpha_init!r} must be 'zero', "
+                       "'sigma_k' or a number") from None
+  if not isinstance(config.method_options, dict):
+    raise TrainError("method_options must be a dict")
+  return config
+
+
+def alpha_init_value(config: TrainConfig):
+  """``alpha_init`` as the transform takes it: 'zero', 'sigma_k' or a float."""
+  if config.alpha_init in ("zero", "sigma_k"):
+    return config.alpha_init
+  return float(config.alpha_init)
+
+
+def config_path(workdir: str) -> str:
+  return os.path.join(workdir, "config.json")
+
+
+def read_config(workdir: str) -> TrainConfig:
+  """The config saved in ``workdir``; TrainError when there is none or it is corrupt."""
+  path = config_path(workdir)
+  if not os.path.exists(path):
+    raise TrainError(f"{workdir!r} holds no run: {path} does not exist")
+  try:
+    with open(path) as fh:
+      return TrainConfig.from_json(fh.read())
+  except (json.JSONDecodeError, TypeError) as e:
+    raise TrainError(f"{path} is not a valid TrainConfig: {e}") from None
+
+
+def config_differences(saved: TrainConfig, new: TrainConfig) -> list[str]:
+  """'field: saved -> new' for every field outside RESUMABLE_FIELDS that differs."""
+  out = []
+  for f in dataclasses.fields(TrainConfig):
+    a, b = getattr(saved, f.name), getattr(new, f.name)
+    if f.name not in RESUMABLE_FIELDS and a != b:
+      out.append(f"{f.name}: {a!r} -> {b!r}")
+  return out
+
+
+def write_config(workdir: str, config: TrainConfig) -> None:
+  """Writes ``config.json`` atomically (temp file + rename)."""
+  path = config_path(workdir)
+  tmp = path + ".tmp"
+  with open(tmp, "w") as fh:
+    fh.write(config.to_json() + "\n")
+  os.replace(tmp, path)

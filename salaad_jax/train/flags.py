@@ -1,0 +1,61 @@
+"""absl flags generated from the TrainConfig fields, and the config they give.
+
+Every field becomes ``--<field>`` with the field's help text, its choices
+(``DEFINE_enum``) or lower bound; ``method_options`` becomes the repeatable
+``--method_option key=value``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from absl import flags
+
+from salaad_jax.train.config import TrainConfig, TrainError
+
+
+def _define(field: dataclasses.Field, flag_values) -> None:
+  name, default, meta = field.name, field.default, field.metadata
+  help_text = meta.get("help", name)
+  low = meta.get("min")
+  if meta.get("choices"):
+    flags.DEFINE_enum(name, default, list(meta["choices"]), help_text, flag_values=flag_values)
+  elif isinstance(default, bool):
+    flags.DEFINE_bool(name, default, help_text, flag_values=flag_values)
+  elif isinstance(default, int):
+    flags.DEFINE_integer(name, default, help_text, lower_bound=low, flag_values=flag_values)
+  elif isinstance(default, float):
+    flags.DEFINE_float(name, default, help_text, lower_bound=low, flag_values=flag_values)
+  else:
+    flags.DEFINE_string(name, default, help_text, flag_values=flag_values)
+
+
+def define_flags(flag_values=flags.FLAGS) -> None:
+  """Defines one flag per TrainConfig field on ``flag_values``."""
+  for field in dataclasses.fields(TrainConfig):
+    if field.name == "method_options":
+      flags.DEFINE_multi_string("method_option", [], "method-specific option key=value "
+                                "(repeatable)", flag_values=flag_values)
+    else:
+      _define(field, flag_values)
+
+
+def parse_method_options(items) -> dict[str, str]:
+  out = {}
+  for item in items:
+    key, eq, value = item.partition("=")
+    if not eq or not key.strip():
+      raise TrainError(f"--method_option={item!r} must be key=value")
+    out[key.strip()] = value.strip()
+  return out
+
+
+def config_from_flags(flag_values=flags.FLAGS) -> TrainConfig:
+  """The TrainConfig of the parsed flags."""
+  values = {}
+  for field in dataclasses.fields(TrainConfig):
+    if field.name == "method_options":
+      values[field.name] = parse_method_options(flag_values["method_option"].value)
+    else:
+      values[field.name] = flag_values[field.name].value
+  return TrainConfig(**values)

@@ -1,0 +1,71 @@
+"""``load_run``: a trained workdir back as config, model, params and optimizer state."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any, Optional
+
+import jax
+from jax.sharding import Mesh, SingleDeviceSharding
+
+from salaad_jax.models import Llama, LlamaConfig
+from salaad_jax.train import sharding as shd
+from salaad_jax.train.checkpoint import Checkpointer
+from salaad_jax.train.config import TrainConfig, read_config
+from salaad_jax.train.loop import CHECKPOINT_DIR
+from salaad_jax.train.methods import Method
+from salaad_jax.train.state import build, init_state
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+  """A restored run.
+
+  Attributes:
+    config: the run's TrainConfig (from ``<workdir>/config.json``).
+    model_config: its LlamaConfig.
+    model: the Llama module (with the method's projection class).
+    params: the parameters X at ``step``.
+    opt_state: the full optimiser state (NamedTuples restored; for SALAAD,
+      ``salaad_jax.find_state(opt_state)`` is the SalaadState).
+    step: the checkpoint's step.
+    method: the registered Method.
+    data_state: the training iterator's state at ``step``.
+  """
+
+  config: TrainConfig
+  model_config: LlamaConfig
+  model: Llama
+  params: Any
+  opt_state: Any
+  step: int
+  method: Method
+  data_state: dict
+
+
+def load_run(workdir: str, step: Optional[int] = None, mesh: Optional[Mesh] = None) -> Run:
+  """Restores checkpoint ``step`` (default: the latest) of ``workdir``.
+
+  Arrays land on the first device, or sharded FSDP-style over ``mesh`` (a
+  mesh with a 'fsdp' axis; see ``salaad_jax.train.sharding``).
+
+  Raises:
+    TrainError: no run, no such checkpoint, or a checkpoint that does not fit
+      the saved config.
+  """
+  config = read_config(workdir)
+  parts = build(config)
+  abstract = jax.eval_shape(lambda: init_state(config, parts.model, parts.method, parts.tx))
+  if mesh is None:
+    first = SingleDeviceSharding(jax.devices()[0])
+    shardings = jax.tree.map(lambda _: first, abstract)
+  else:
+    shardings = shd.state_shardings(abstract, mesh)
+  ckpt = Checkpointer(os.path.join(workdir, CHECKPOINT_DIR), async_save=False)
+  try:
+    state, data_state = ckpt.restore(shd.with_shardings(abstract, shardings), step)
+  finally:
+    ckpt.close()
+  return Run(config, parts.model_config, parts.model, state.params, state.opt_state,
+             int(state.step), parts.method, data_state)

@@ -1,0 +1,79 @@
+"""The training state and how a method's model and state are built."""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from salaad_jax.models import Llama, LlamaConfig, get_config
+from salaad_jax.train.config import TrainConfig, TrainError
+from salaad_jax.train.methods import Method, get_method, method_options
+from salaad_jax.train.optim import make_schedule
+
+
+class TrainState(NamedTuple):
+  """Everything that changes during training (and is checkpointed).
+
+  Attributes:
+    step: optimisation steps taken (int32 scalar).
+    params: the model parameters X.
+    opt_state: the optimiser state (for SALAAD it contains the SalaadState).
+  """
+
+  step: jax.Array
+  params: Any
+  opt_state: Any
+
+
+def model_config(config: TrainConfig) -> LlamaConfig:
+  """The preset ``config.model`` with the run's vocabulary, length and dtypes."""
+  if config.vocab_size < 1:
+    raise TrainError("vocab_size is unresolved (0); resolve it from the tokenizer first")
+  try:
+    return get_config(config.model, vocab_size=config.vocab_size, max_len=config.seq_len,
+                      dtype=config.dtype, param_dtype=config.param_dtype)
+  except ValueError as e:
+    raise TrainError(f"--model={config.model}: {e}") from None
+
+
+def build_model(config: TrainConfig, method: Method) -> tuple[LlamaConfig, Llama]:
+  """(LlamaConfig, Llama module) with the method's projection class."""
+  mcfg = model_config(config)
+  return mcfg, Llama(mcfg, dense_cls=method.model_dense_cls(config))
+
+
+def init_state(config: TrainConfig, model: Llama, method: Method,
+               tx: optax.GradientTransformation) -> TrainState:
+  """Step 0: params from the model's initialiser (seeded by ``config.seed``),
+  then the method's param transform, then ``tx.init``.  Traceable, so it can
+  be jitted with output shardings or run under ``jax.eval_shape``."""
+  rng = jax.random.key(config.seed)
+  init_rng, transform_rng = jax.random.split(rng)
+  tokens = jnp.zeros((1, min(config.seq_len, 8)), jnp.int32)
+  params = model.init(init_rng, tokens)["params"]
+  if method.transform_params is not None:
+    params = method.transform_params(config, params, transform_rng)
+  return TrainState(jnp.zeros((), jnp.int32), params, tx.init(params))
+
+
+class Components(NamedTuple):
+  """What a (resolved) TrainConfig builds: method, schedule, optimiser, model."""
+
+  method: Method
+  schedule: optax.Schedule
+  tx: optax.GradientTransformation
+  model_config: LlamaConfig
+  model: Llama
+
+
+def build(config: TrainConfig) -> Components:
+  """Method, learning-rate schedule, optimiser and model of ``config``."""
+  method = get_method(config.method)
+  method_options(method, config)
+  schedule = make_schedule(config)
+  tx = method.make_optimizer(config, schedule)
+  mcfg, model = build_model(config, method)
+  return Components(method, schedule, tx, mcfg, model)
