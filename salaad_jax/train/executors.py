@@ -12,7 +12,6 @@ from __future__ import annotations
 import functools
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P, SingleDeviceSharding
 
@@ -102,8 +101,9 @@ class PmapExecutor:
     return self.from_global(self._init())
 
   def from_global(self, state: TrainState) -> TrainState:
+    """One replica per device (through host memory; pmap scatters it)."""
     n = len(self.devices)
-    return jax.tree.map(lambda x: jnp.broadcast_to(x, (n,) + x.shape), state)
+    return jax.tree.map(lambda x: np.broadcast_to(np.asarray(x), (n,) + x.shape), state)
 
   def to_global(self, state: TrainState) -> TrainState:
     return jax.tree.map(lambda x: x[0], state)

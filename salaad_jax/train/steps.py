@@ -53,7 +53,7 @@ def train_step(model, tx: optax.GradientTransformation, state: TrainState, batch
     loss, grads = jax.lax.pmean((loss, grads), axis_name)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
-  metrics = {"loss": loss, "grad_norm": optax.global_norm(grads)}
+  metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads)}
   return TrainState(state.step + 1, params, opt_state), metrics
 
 
