@@ -1,0 +1,177 @@
+"""``python -m experiments.pretrain`` end to end, in subprocesses: the tiny
+flag file, SALAAD against dense on real text, SIGTERM + exact resume,
+sharded SALAAD against one device, and one-line errors for bad input."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import salaad_jax as sj
+from salaad_jax.train import load_run, make_eval_dataset, evaluate
+from salaad_jax.train.metrics import read_records
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = str(ROOT / "experiments" / "configs" / "tiny.flags")
+SHAKESPEARE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "tinyshakespeare.txt"
+
+
+def _env(devices: int) -> dict:
+  # NPROC sizes XLA:CPU's intra-op pool; each fake device runs its own batched
+  # LAPACK calls on it, so it grows with the device count (see experiments/pretrain.py).
+  env = dict(os.environ, JAX_PLATFORMS="cpu", NPROC=str(8 * devices), PYTHONUNBUFFERED="1")
+  flags = [f for f in env.get("XLA_FLAGS", "").split()
+           if not f.startswith("--xla_force_host_platform_device_count")]
+  env["XLA_FLAGS"] = " ".join(flags + [f"--xla_force_host_platform_device_count={devices}"])
+  return env
+
+
+def pretrain(*args, devices: int = 1, timeout: float = 240) -> subprocess.CompletedProcess:
+  """Runs the app with the tiny flag file and ``args``."""
+  cmd = [sys.executable, "-m", "experiments.pretrain", f"--flagfile={TINY}", *args]
+  return subprocess.run(cmd, cwd=ROOT, env=_env(devices), capture_output=True, text=True,
+                        timeout=timeout)
+
+
+def train_losses(workdir) -> list:
+  return [(r["step"], r["loss"]) for r in read_records(os.path.join(workdir, "metrics.jsonl"))
+          if r["kind"] == "train"]
+
+
+def test_tiny_flagfile_runs_and_reports(tmp_path):
+  wd = tmp_path / "run"
+  out = pretrain(f"--workdir={wd}", "--steps=40", "--log_every=10", "--eval_every=20",
+                 "--checkpoint_every=20", "--warmup_steps=5")
+  assert out.returncode == 0, out.stderr[-2000:]
+  lines = out.stdout.splitlines()
+  step_lines = [l for l in lines if l.startswith("step ")]
+  assert len(step_lines) == 4
+  for key in ("loss", "(floor", "ppl", "lr", "rank", "dens", "steps/s", "tok/s", "ETA"):
+    assert key in step_lines[-1], (key, step_lines[-1])
+  assert sum(l.startswith("eval step") for l in lines) == 2
+  assert "surrogate loss" in [l for l in lines if l.startswith("eval step")][-1]
+  assert lines[-1].startswith("done: step 40")
+  assert sorted(os.listdir(wd / "checkpoints")) == ["20", "40"]
+  assert json.loads((wd / "config.json").read_text())["method"] == "salaad"
+  records = read_records(wd / "metrics.jsonl")
+  last = [r for r in records if r["kind"] == "train"][-1]
+  for key in ("rank_rate", "density", "alpha", "beta", "primal_residual",
+              "blocks/layers_0/attn/q_proj/kernel/rank_rate"):
+    assert np.isfinite(last[key]), key
+
+
+@pytest.mark.skipif(not SHAKESPEARE.exists(), reason=f"{SHAKESPEARE} is absent")
+def test_salaad_reaches_its_targets_within_10_percent_of_dense(tmp_path):
+  common = [f"--source={SHAKESPEARE}", "--steps=300", "--batch_size=8", "--seq_len=64",
+            "--warmup_steps=30", "--log_every=20", "--eval_every=0", "--eval_batches=10",
+            "--checkpoint_every=0"]
+  out = pretrain(f"--workdir={tmp_path / 'salaad'}", *common)
+  assert out.returncode == 0, out.stderr[-2000:]
+  out = pretrain(f"--workdir={tmp_path / 'dense'}", "--method=dense", *common)
+  assert out.returncode == 0, out.stderr[-2000:]
+  salaad, dense = load_run(str(tmp_path / "salaad")), load_run(str(tmp_path / "dense"))
+  ds = make_eval_dataset(salaad.config)
+  loss_s = evaluate(salaad.model, salaad.params, ds, 10)["loss"]
+  loss_d = evaluate(dense.model, dense.params, ds, 10)["loss"]
+  assert loss_s <= 1.10 * loss_d, (loss_s, loss_d)
+  # The controller holds every block near r* and d*: averaged over the last
+  # 100 steps (the integral controller oscillates around its set point).
+  records = [r for r in read_records(tmp_path / "salaad" / "metrics.jsonl")
+             if r["kind"] == "train"][-5:]
+  paths = sj.block_paths(salaad.opt_state)
+  assert len(paths) == 14
+  cfg = salaad.config
+  rank = np.mean([[r[f"blocks/{p}/rank_rate"] for p in paths] for r in records], axis=0)
+  dens = np.mean([[r[f"blocks/{p}/density"] for p in paths] for r in records], axis=0)
+  assert abs(rank.mean() - cfg.rank_target) < 0.03, rank
+  assert abs(dens.mean() - cfg.density_target) < 0.025, dens
+  assert np.all(rank < 2 * cfg.rank_target) and np.all(dens < 2.5 * cfg.density_target)
+  # The deployable surrogate X_hat = L + S is as good as the dense X.
+  hat = sj.surrogate_params(salaad.params, salaad.opt_state)
+  assert evaluate(salaad.model, hat, ds, 10)["loss"] <= 1.10 * loss_d
+
+
+def test_sigterm_checkpoints_and_the_resumed_run_is_exact(tmp_path):
+  args = ["--steps=60", "--batch_size=32", "--log_every=1", "--eval_every=0",
+          "--checkpoint_every=0", "--warmup_steps=5"]
+  ref = pretrain(f"--workdir={tmp_path / 'ref'}", *args)
+  assert ref.returncode == 0, ref.stderr[-2000:]
+  wd = tmp_path / "run"
+  cmd = [sys.executable, "-m", "experiments.pretrain", f"--flagfile={TINY}",
+         f"--workdir={wd}", *args]
+  proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(1), stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True)
+  try:
+    for line in proc.stdout:
+      if line.startswith("step ") and int(line.split()[1].split("/")[0]) >= 10:
+        proc.send_signal(signal.SIGTERM)
+        break
+    rest, err = proc.communicate(timeout=120)
+  finally:
+    proc.kill()
+  assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
+  assert "(SIGTERM); checkpoint saved" in rest
+  stopped = max(int(s) for s in os.listdir(wd / "checkpoints"))
+  assert 10 <= stopped < 60
+  resumed = pretrain(f"--workdir={wd}", *args)
+  assert resumed.returncode == 0, resumed.stderr[-2000:]
+  assert f"resumed from {wd / 'checkpoints'} at step {stopped}" in resumed.stdout
+  assert train_losses(wd) == train_losses(tmp_path / "ref")  # bit-identical on CPU
+
+
+def test_sharded_salaad_matches_one_device(tmp_path):
+  args = ["--steps=12", "--batch_size=16", "--log_every=1", "--eval_every=0",
+          "--checkpoint_every=0", "--every_k=3", "--warmup_steps=2"]
+  one = pretrain(f"--workdir={tmp_path / 'one'}", *args, devices=1)
+  assert one.returncode == 0, one.stderr[-2000:]
+  many = pretrain(f"--workdir={tmp_path / 'many'}", "--mesh_fsdp=4", *args, devices=8)
+  assert many.returncode == 0, many.stderr[-2000:]
+  assert "devices 8 (jit)" in many.stdout
+  a, b = train_losses(tmp_path / "one"), train_losses(tmp_path / "many")
+  np.testing.assert_allclose([v for _, v in b], [v for _, v in a], rtol=1e-4)
+  s1 = sj.block_metrics(load_run(str(tmp_path / "one")).opt_state)
+  s8 = sj.block_metrics(load_run(str(tmp_path / "many")).opt_state)
+  for path in s1:
+    np.testing.assert_allclose(s8[path]["alpha"], s1[path]["alpha"], rtol=1e-3, atol=1e-9)
+
+
+def _assert_one_line_error(out, needle):
+  assert out.returncode != 0
+  err = [l for l in out.stderr.splitlines() if l.strip() and "WARNING" not in l]
+  assert "Traceback" not in out.stderr, out.stderr[-3000:]
+  assert err and err[-1].startswith("error: ") and needle in err[-1], out.stderr[-3000:]
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--source=tfds:no_such_dataset_xyz"], "Unknown TFDS dataset 'no_such_dataset_xyz'"),
+    (["--source=/no/such/file.txt"], "--source=/no/such/file.txt"),
+    (["--method=nope"], "--method='nope' is not a registered method"),
+    (["--tokenizer=/no/such/spiece.model"], "--tokenizer=/no/such/spiece.model"),
+])
+def test_bad_input_is_one_clear_line(tmp_path, args, needle):
+  out = pretrain(f"--workdir={tmp_path / 'run'}", *args, timeout=120)
+  _assert_one_line_error(out, needle)
+  assert not (tmp_path / "run").exists()
+
+
+def test_batch_not_divisible_by_devices(tmp_path):
+  out = pretrain(f"--workdir={tmp_path / 'run'}", "--batch_size=12", devices=8, timeout=120)
+  _assert_one_line_error(out, "--batch_size=12 is not divisible by 8 (8 devices)")
+  assert not (tmp_path / "run").exists()
+
+
+def test_incompatible_resume_is_refused_and_the_workdir_kept(tmp_path):
+  wd = tmp_path / "run"
+  first = pretrain(f"--workdir={wd}", "--steps=5", "--eval_every=0", "--warmup_steps=1")
+  assert first.returncode == 0, first.stderr[-2000:]
+  files = {p: p.stat().st_mtime_ns for p in wd.rglob("*") if p.is_file()}
+  out = pretrain(f"--workdir={wd}", "--steps=5", "--eval_every=0", "--warmup_steps=1",
+                 "--rank_target=0.3", timeout=120)
+  _assert_one_line_error(out, "different configuration (rank_target: 0.15 -> 0.3)")
+  assert {p: p.stat().st_mtime_ns for p in wd.rglob("*") if p.is_file()} == files
