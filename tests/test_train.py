@@ -161,18 +161,27 @@ def test_stop_after_then_resume_reproduces_the_losses_bit_for_bit(tmp_path):
   assert full["eval_loss"] == rest["eval_loss"]
 
 
+@pytest.fixture(scope="module")
+def one_device_run(tmp_path_factory):
+  """(losses, final metrics) of 6 steps on one device."""
+  wd = tmp_path_factory.mktemp("one")
+  result = train_and_evaluate(tiny(steps=6), str(wd), devices=jax.devices()[:1])
+  return losses(wd), result
+
+
 @pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (fake) devices")
 @pytest.mark.parametrize("layout", [dict(mesh_data=2, mesh_fsdp=4), dict(mesh_data=8),
                                     dict(parallelism="pmap")])
-def test_multi_device_training_matches_one_device(tmp_path, layout):
-  ref = train_and_evaluate(tiny(steps=6), str(tmp_path / "one"), devices=jax.devices()[:1])
-  got = train_and_evaluate(tiny(steps=6, **layout), str(tmp_path / "many"))
-  a, b = losses(tmp_path / "one"), losses(tmp_path / "many")
-  np.testing.assert_allclose([v for _, v in b], [v for _, v in a], rtol=2e-5)
+def test_multi_device_training_matches_one_device(tmp_path, layout, one_device_run):
+  ref_losses, ref = one_device_run
+  got = train_and_evaluate(tiny(steps=6, **layout), str(tmp_path))
+  assert "interrupted" in got and got["step"] == 6
+  np.testing.assert_allclose([v for _, v in losses(tmp_path)], [v for _, v in ref_losses],
+                             rtol=2e-5)
   np.testing.assert_allclose(got["eval_loss"], ref["eval_loss"], rtol=2e-5)
   if layout.get("mesh_fsdp", 1) > 1:  # restore lands sharded on a mesh with an fsdp axis
     mesh = shd.make_mesh(tiny(mesh_data=2, mesh_fsdp=4))
-    run = load_run(str(tmp_path / "many"), mesh=mesh)
+    run = load_run(str(tmp_path), mesh=mesh)
     kernel = run.params["layers_0"]["mlp"]["up_proj"]["kernel"]  # (64, 172)
     assert kernel.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp")
     mu = run.opt_state[1][0].mu["layers_0"]["mlp"]["up_proj"]["kernel"]
