@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -130,9 +129,12 @@ def test_sharded_salaad_matches_one_device(tmp_path):
           "--checkpoint_every=0", "--every_k=2", "--warmup_steps=2"]
   one = pretrain(f"--workdir={tmp_path / 'one'}", *args, devices=1)
   assert one.returncode == 0, one.stderr[-2000:]
-  many = pretrain(f"--workdir={tmp_path / 'many'}", "--mesh_fsdp=4", *args, devices=8)
+  # data 2 x fsdp 2: each fake device runs its share of every ADMM round, so
+  # 4 devices keep this affordable on 2 cores.
+  many = pretrain(f"--workdir={tmp_path / 'many'}", "--mesh_fsdp=2", *args, devices=4,
+                  timeout=480)
   assert many.returncode == 0, many.stderr[-2000:]
-  assert "devices 8 (jit)" in many.stdout
+  assert "devices 4 (jit)" in many.stdout
   a, b = train_losses(tmp_path / "one"), train_losses(tmp_path / "many")
   np.testing.assert_allclose([v for _, v in b], [v for _, v in a], rtol=1e-4)
   s1 = sj.block_metrics(load_run(str(tmp_path / "one")).opt_state)

@@ -16,7 +16,7 @@ import dataclasses
 import math
 import os
 import time
-from typing import Any, Callable, Optional
+from typing import Any
 
 import jax
 import jax.numpy as jnp
