@@ -27,7 +27,7 @@ from salaad_jax.train.config import TrainConfig, TrainError, alpha_init_value
 from salaad_jax.train.optim import base_optimizer
 
 Params = Any
-PLUGIN_MODULES = ("salaad_jax.baselines",)
+PLUGIN_MODULES = ("salaad_jax.baselines", "salaad_jax.baselines.harness")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,6 +48,9 @@ class Method:
     options: default values of the method's own options; the type of each
       default is the type a ``--method_option`` string is converted to.
     description: one line for ``--help``.
+    constant_collections: Flax variable collections besides 'params' that the
+      model creates at init and needs at every apply but never trains (e.g.
+      SLTrain's 'sparsity'); they are carried in ``TrainState.params``.
   """
 
   name: str
@@ -58,6 +61,7 @@ class Method:
   eval_params: Optional[Callable[[Params, Any], dict]] = None
   options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
   description: str = ""
+  constant_collections: tuple[str, ...] = ()
 
   def model_dense_cls(self, config: TrainConfig):
     return nn.Dense if self.dense_cls is None else self.dense_cls(config)
@@ -69,12 +73,13 @@ _plugins_loaded = False
 
 def register_method(name: str, make_optimizer, *, dense_cls=None, transform_params=None,
                     metrics=None, eval_params=None, options=None, description: str = "",
-                    overwrite: bool = False) -> Method:
+                    constant_collections=(), overwrite: bool = False) -> Method:
   """Adds a method to the registry and returns it (see :class:`Method`)."""
   if name in _REGISTRY and not overwrite:
     raise ValueError(f"method {name!r} is already registered (pass overwrite=True)")
   method = Method(name, make_optimizer, dense_cls, transform_params, metrics,
-                  eval_params, dict(options or {}), description)
+                  eval_params, dict(options or {}), description,
+                  tuple(constant_collections))
   _REGISTRY[name] = method
   return method
 

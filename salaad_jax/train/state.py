@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import Any, Mapping, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -19,13 +19,41 @@ class TrainState(NamedTuple):
 
   Attributes:
     step: optimisation steps taken (int32 scalar).
-    params: the model parameters X.
+    params: the model parameters X.  For a method whose model keeps constant
+      variable collections (``Method.constant_collections``, e.g. SLTrain's
+      fixed sparse support in 'sparsity'), the Flax variables
+      ``{'params': X, '<collection>': ...}`` instead: the constants are
+      carried and checkpointed next to X, passed to every ``model.apply``,
+      and never seen by the optimiser (see :func:`split_constants`).
     opt_state: the optimiser state (for SALAAD it contains the SalaadState).
   """
 
   step: jax.Array
   params: Any
   opt_state: Any
+
+
+def split_constants(params) -> tuple[Any, dict]:
+  """(trainable params, constant collections) of ``TrainState.params``:
+  ``(v['params'], the other collections)`` for a variables dict, else
+  ``(params, {})``."""
+  if isinstance(params, Mapping) and "params" in params:
+    rest = {k: v for k, v in params.items() if k != "params"}
+    return params["params"], rest
+  return params, {}
+
+
+def join_constants(trainable, constants: Mapping) -> Any:
+  """Inverse of :func:`split_constants`."""
+  if not constants:
+    return trainable
+  return {"params": trainable, **constants}
+
+
+def model_variables(params) -> dict:
+  """The variables ``model.apply`` takes for ``TrainState.params``."""
+  trainable, constants = split_constants(params)
+  return {"params": trainable, **constants}
 
 
 def model_config(config: TrainConfig) -> LlamaConfig:
@@ -48,15 +76,19 @@ def build_model(config: TrainConfig, method: Method) -> tuple[LlamaConfig, Llama
 def init_state(config: TrainConfig, model: Llama, method: Method,
                tx: optax.GradientTransformation) -> TrainState:
   """Step 0: params from the model's initialiser (seeded by ``config.seed``),
-  then the method's param transform, then ``tx.init``.  Traceable, so it can
+  then the method's param transform, then ``tx.init`` (of the trainable
+  params only); the method's constant collections join the params.  Traceable, so it can
   be jitted with output shardings or run under ``jax.eval_shape``."""
   rng = jax.random.key(config.seed)
   init_rng, transform_rng = jax.random.split(rng)
   tokens = jnp.zeros((1, min(config.seq_len, 8)), jnp.int32)
-  params = model.init(init_rng, tokens)["params"]
+  variables = model.init(init_rng, tokens)
+  params = variables["params"]
   if method.transform_params is not None:
     params = method.transform_params(config, params, transform_rng)
-  return TrainState(jnp.zeros((), jnp.int32), params, tx.init(params))
+  constants = {c: variables[c] for c in method.constant_collections if c in variables}
+  return TrainState(jnp.zeros((), jnp.int32), join_constants(params, constants),
+                    tx.init(params))
 
 
 class Components(NamedTuple):

@@ -10,19 +10,25 @@ import jax.numpy as jnp
 import optax
 
 from salaad_jax.models import cross_entropy_loss
-from salaad_jax.train.state import TrainState
+from salaad_jax.train.state import TrainState, join_constants, split_constants
 
 
-def loss_fn(model, params, batch):
-  """Mean next-token cross-entropy over the masked targets, and the token count."""
-  logits = model.apply({"params": params}, batch["inputs"])
+def loss_fn(model, params, batch, constants=None):
+  """Mean next-token cross-entropy over the masked targets, and the token count.
+
+  ``params`` is a trainable params tree (then ``constants`` holds the
+  model's constant collections, if any) or a ``TrainState.params`` variables
+  dict holding both."""
+  params, inner = split_constants(params)
+  logits = model.apply({"params": params, **inner, **(constants or {})}, batch["inputs"])
   return cross_entropy_loss(logits, batch["targets"], batch["mask"])
 
 
-def _grads(model, params, batch, grad_accum: int):
-  """(mean loss, grads): one pass, or the mean over ``grad_accum`` micro-batches
-  (row i goes to micro-batch i mod grad_accum, so the batch sharding is kept)."""
-  grad_fn = jax.value_and_grad(lambda p, b: loss_fn(model, p, b)[0])
+def _grads(model, params, constants, batch, grad_accum: int):
+  """(mean loss, grads w.r.t. the trainable ``params``): one pass, or the mean
+  over ``grad_accum`` micro-batches (row i goes to micro-batch i mod
+  grad_accum, so the batch sharding is kept)."""
+  grad_fn = jax.value_and_grad(lambda p, b: loss_fn(model, p, b, constants)[0])
   if grad_accum == 1:
     return grad_fn(params, batch)
 
@@ -47,17 +53,20 @@ def train_step(model, tx: optax.GradientTransformation, state: TrainState, batch
   """One optimisation step.  Returns (new state, {'loss', 'grad_norm'}).
 
   With ``axis_name`` (pmap), loss and gradients are averaged over that axis.
+  Constant collections in ``state.params`` pass through unchanged.
   """
-  loss, grads = _grads(model, state.params, batch, grad_accum)
+  trainable, constants = split_constants(state.params)
+  loss, grads = _grads(model, trainable, constants, batch, grad_accum)
   if axis_name is not None:
     loss, grads = jax.lax.pmean((loss, grads), axis_name)
-  updates, opt_state = tx.update(grads, state.opt_state, state.params)
-  params = optax.apply_updates(state.params, updates)
+  updates, opt_state = tx.update(grads, state.opt_state, trainable)
+  trainable = optax.apply_updates(trainable, updates)
   metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads)}
-  return TrainState(state.step + 1, params, opt_state), metrics
+  return TrainState(state.step + 1, join_constants(trainable, constants), opt_state), metrics
 
 
 def eval_sums(model, params, batch):
-  """(sum of masked token losses, number of masked tokens), float32."""
+  """(sum of masked token losses, number of masked tokens), float32; ``params``
+  as in :func:`loss_fn` (a variables dict carries its constants)."""
   loss, count = loss_fn(model, params, batch)
   return loss * count, count
