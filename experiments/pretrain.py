@@ -19,7 +19,7 @@ import sys
 # forever.  A pool of at least 8 threads avoids that.  Read when JAX starts.
 os.environ.setdefault("NPROC", str(max(8, os.cpu_count() or 1)))
 
-from absl import app, flags  # pylint: disable=g-import-not-at-top,wrong-import-position
+from absl import app, flags, logging  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 from salaad_jax.train import TrainError, train_and_evaluate  # pylint: disable=wrong-import-position
 from salaad_jax.train import flags as train_flags  # pylint: disable=wrong-import-position
@@ -46,6 +46,10 @@ def _summary(result: dict, workdir: str) -> str:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if not flags.FLAGS["verbosity"].present:
+    # Progress goes to stdout; absl logging (e.g. Orbax's INFO lines per save)
+    # only from warnings up unless --verbosity is given.
+    logging.set_verbosity(logging.WARNING)
   try:
     config = train_flags.config_from_flags()
     result = train_and_evaluate(config, _WORKDIR.value)
