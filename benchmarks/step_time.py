@@ -9,7 +9,8 @@ In one process, for one LLaMA size, measures
   (b) salaad, exact SVT (full SVD every K steps, the reference design),
   (c) salaad, fast SVT (warm-started subspace iteration at bounded rank),
 
-and prints for each: compile time, the median time of an ordinary step, the
+and prints for each (timed interleaved, K steps of each variant in turn):
+compile time, the median time of an ordinary step, the
 time of a step that runs the ADMM round, the step time amortised over K
 (((K - 1) * ordinary + round) / K), the optimizer-state bytes, the bytes the
 compiled step needs (XLA memory analysis: arguments + outputs + temporaries
@@ -70,47 +71,68 @@ def _compiled_bytes(compiled) -> int | None:
     return None
 
 
-def run_variant(variant: str, cfg, params, batch) -> dict:
-  model = models.Llama(cfg)
-  tx = _optimizer(variant, 1e-3)
-  t0 = time.perf_counter()
-  opt_state = jax.jit(tx.init)(params)
-  jax.block_until_ready(opt_state)
-  init_s = time.perf_counter() - t0
+class _Variant:
+  """One compiled variant with its running params/state and timings."""
 
-  def step(p, s, b):
-    def loss_fn(p):
-      logits = model.apply({"params": p}, b["inputs"])
-      return models.cross_entropy_loss(logits, b["targets"])[0]
-    loss, g = jax.value_and_grad(loss_fn)(p)
-    u, s = tx.update(g, s, p)
-    return optax.apply_updates(p, u), s, loss
+  def __init__(self, variant: str, cfg, params, batch):
+    model = models.Llama(cfg)
+    self.name = variant
+    tx = _optimizer(variant, 1e-3)
+    t0 = time.perf_counter()
+    opt_state = jax.jit(tx.init)(params)
+    jax.block_until_ready(opt_state)
+    self.init_s = time.perf_counter() - t0
+    self.opt_state_bytes = _tree_bytes(opt_state)
 
-  t0 = time.perf_counter()
-  compiled = jax.jit(step, donate_argnums=(0, 1)).lower(params, opt_state, batch).compile()
-  compile_s = time.perf_counter() - t0
-  p = jax.tree.map(jnp.copy, params)
-  s = opt_state
-  k = _K.value if variant != "dense" else 1
-  times, round_times = [], []
-  # Warm-up: one full cycle.
-  for _ in range(_K.value):
-    p, s, loss = compiled(p, s, batch)
-  jax.block_until_ready(loss)
-  for i in range(_CYCLES.value * _K.value):
-    t = time.perf_counter()
-    p, s, loss = compiled(p, s, batch)
-    jax.block_until_ready((p, s, loss))
-    dt = time.perf_counter() - t
-    is_round = variant != "dense" and (i + 1) % _K.value == 0
-    (round_times if is_round else times).append(dt)
-  ordinary = statistics.median(times)
-  rnd = statistics.median(round_times) if round_times else ordinary
-  amortised = ((k - 1) * ordinary + rnd) / k
-  return dict(variant=variant, compile_s=compile_s, init_s=init_s, step_ms=1e3 * ordinary,
-              round_step_ms=1e3 * rnd, amortised_ms=1e3 * amortised,
-              opt_state_bytes=_tree_bytes(opt_state), step_bytes=_compiled_bytes(compiled),
-              final_loss=float(loss))
+    def step(p, s, b):
+      def loss_fn(p):
+        logits = model.apply({"params": p}, b["inputs"])
+        return models.cross_entropy_loss(logits, b["targets"])[0]
+      loss, g = jax.value_and_grad(loss_fn)(p)
+      u, s = tx.update(g, s, p)
+      return optax.apply_updates(p, u), s, loss
+
+    t0 = time.perf_counter()
+    self.compiled = jax.jit(step, donate_argnums=(0, 1)).lower(params, opt_state, batch).compile()
+    self.compile_s = time.perf_counter() - t0
+    self.step_bytes = _compiled_bytes(self.compiled)
+    self.p, self.s, self.batch = jax.tree.map(jnp.copy, params), opt_state, batch
+    self.t = 0
+    self.times, self.round_times = [], []
+    self.loss = None
+
+  def run(self, n: int, record: bool) -> None:
+    for _ in range(n):
+      t = time.perf_counter()
+      self.p, self.s, self.loss = self.compiled(self.p, self.s, self.batch)
+      jax.block_until_ready((self.p, self.s, self.loss))
+      dt = time.perf_counter() - t
+      self.t += 1
+      if record:
+        is_round = self.name != "dense" and self.t % _K.value == 0
+        (self.round_times if is_round else self.times).append(dt)
+
+  def result(self) -> dict:
+    k = _K.value if self.name != "dense" else 1
+    ordinary = statistics.median(self.times)
+    rnd = statistics.median(self.round_times) if self.round_times else ordinary
+    return dict(variant=self.name, compile_s=self.compile_s, init_s=self.init_s,
+                step_ms=1e3 * ordinary, round_step_ms=1e3 * rnd,
+                amortised_ms=1e3 * ((k - 1) * ordinary + rnd) / k,
+                opt_state_bytes=self.opt_state_bytes, step_bytes=self.step_bytes,
+                final_loss=float(self.loss))
+
+
+def run_variants(names, cfg, params, batch) -> list[dict]:
+  """Compiles every variant, then times them interleaved: each cycle runs K
+  steps of every variant in turn, so drifting machine load hits all alike."""
+  variants = [_Variant(v, cfg, params, batch) for v in names]
+  for v in variants:
+    v.run(_K.value, record=False)  # warm-up cycle
+  for _ in range(_CYCLES.value):
+    for v in variants:
+      v.run(_K.value, record=True)
+  return [v.result() for v in variants]
 
 
 def main(argv):
@@ -125,10 +147,9 @@ def main(argv):
   print(f"device: {jax.devices()[0].device_kind} x{jax.device_count()}  model: {_MODEL.value} "
         f"({n_params / 1e6:.1f}M params)  batch {_BATCH.value} x {_SEQ.value}  K={_K.value}  "
         f"S/U dtype {_STATE_DTYPE.value}", flush=True)
-  results = []
-  for v in _VARIANTS.value:
-    r = run_variant(v, cfg, params, batch)
-    results.append(r)
+  results = run_variants(_VARIANTS.value, cfg, params, batch)
+  for r in results:
+    v = r["variant"]
     print(f"  {v:6s} compile {r['compile_s']:6.1f}s  step {r['step_ms']:9.2f} ms  "
           f"round step {r['round_step_ms']:9.2f} ms  amortised {r['amortised_ms']:9.2f} ms",
           flush=True)
