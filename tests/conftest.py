@@ -10,3 +10,6 @@ _FLAG = "--xla_force_host_platform_device_count=8"
 if _FLAG not in os.environ.get("XLA_FLAGS", ""):
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _FLAG).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# XLA:CPU sizes its thread pool from NPROC; with one thread per core, batched
+# LAPACK calls on a 2-core machine have been seen to wait on each other.
+os.environ.setdefault("NPROC", "8")
