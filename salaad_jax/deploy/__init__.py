@@ -16,7 +16,9 @@ Modules: ``spectra`` (canonical per-block spectra), ``allocation`` (HPA and
 global allocation), ``accounting`` (parameter counts and bytes),
 ``compress`` (truncation, dense reconstruction, compact storage),
 ``export`` (Orbax artifact and manifest), ``posthoc`` (dense-model
-baseline), ``calibration`` (activation row weights).
+baseline), ``calibration`` (activation row weights), ``spectrum``
+(perplexity of a trained run at many budgets, tables and plot),
+``summary`` (the ``summary.json`` other runs leave for the spectrum).
 """
 
 from salaad_jax.deploy.accounting import FORMATS, account, value_bytes
@@ -28,6 +30,9 @@ from salaad_jax.deploy.compress import Artifact, compress, dense_reconstruction
 from salaad_jax.deploy.export import export, export_budget, load, read_manifest
 from salaad_jax.deploy.posthoc import posthoc_factors
 from salaad_jax.deploy.spectra import BlockSpectrum, Blocks, Decomposition, decomposition, spectra
+from salaad_jax.deploy.spectrum import (SpectrumError, capacity_spectrum, paired_se,
+                                        parse_budgets, plot, write_table)
+from salaad_jax.deploy.summary import read_summary, write_summary
 
 __all__ = [
     "Allocation", "Artifact", "BlockAllocation", "BlockSpectrum", "Blocks", "Decomposition",
@@ -35,4 +40,6 @@ __all__ = [
     "decomposition", "dense_reconstruction", "export", "export_budget", "global_allocation",
     "greedy", "hpa", "load", "posthoc_factors", "read_manifest", "resolve_budget", "spectra",
     "value_bytes",
+    "SpectrumError", "capacity_spectrum", "paired_se", "parse_budgets", "plot", "read_summary",
+    "write_summary", "write_table",
 ]

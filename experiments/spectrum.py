@@ -1,0 +1,107 @@
+"""Capacity spectrum of a trained SALAAD run: perplexity at every budget.
+
+    python -m experiments.spectrum --workdir=/tmp/salaad_tiny \
+        --budgets=0.3,0.4,0.5,0.6,0.7,0.8,0.9,1.0 [--dense_workdir=/tmp/dense_tiny] \
+        [--baseline_workdirs=/tmp/sltrain,/tmp/galore]
+
+Evaluates the validation perplexity of the run deployed at each budget with
+HPA and global allocation, the post-hoc SVD + pruning baseline at the same
+budgets (of --dense_workdir, or of the run's own X), and the dense weights
+as reference; reads single points from ``summary.json`` of other runs.
+Writes ``spectrum.md``, ``spectrum.csv``, ``spectrum.json`` and
+``spectrum.png`` into --out_dir (default ``<workdir>/spectrum``), each
+atomically, once every evaluation is done.  See
+``salaad_jax.deploy.spectrum``.
+"""
+
+import os
+import sys
+
+from absl import app, flags, logging
+
+from salaad_jax.deploy import spectrum as sp
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "a --method=salaad run directory",
+                               required=True)
+_BUDGETS = flags.DEFINE_string(
+    "budgets", ",".join(str(float(b)) for b in sp.DEFAULT_BUDGETS),
+    "comma-separated budgets: fractions of the dense model (0.4 or 40%) or absolute counts "
+    "(integers) in --unit")
+_UNIT = flags.DEFINE_enum("unit", "params", ["params", "bytes"],
+                          "what a budget counts: parameters, or deployment bytes in "
+                          "--fmt/--dtype")
+_METHODS = flags.DEFINE_list("methods", ["hpa", "global"], "allocation methods (hpa, global)")
+_DENSE = flags.DEFINE_string("dense_workdir", None, "a --method=dense run of the same model "
+                             "for the post-hoc rows; unset: post-hoc split of the run's own X")
+_POSTHOC = flags.DEFINE_bool("posthoc", True, "add the post-hoc SVD + pruning rows")
+_POSTHOC_RANK = flags.DEFINE_float("posthoc_rank", None, "post-hoc rank as a fraction of "
+                                   "min(m, n); unset: the run's --rank_target")
+_POSTHOC_DENSITY = flags.DEFINE_float("posthoc_density", None, "post-hoc share of residual "
+                                      "entries kept; unset: the run's --density_target")
+_BASELINES = flags.DEFINE_list("baseline_workdirs", [], "workdirs (or .json files) with a "
+                               "summary.json, plotted as single points")
+_EVAL_BATCHES = flags.DEFINE_integer("eval_batches", 0, "validation batches per evaluation; "
+                                     "0: the run's --eval_batches", lower_bound=0)
+_EVAL_SPLIT = flags.DEFINE_string("eval_split", "", "split to evaluate; '': the run's")
+_FMT = flags.DEFINE_enum("fmt", "coo", ["coo", "csr", "bitmap"], "sparse storage format "
+                         "the bytes are counted in")
+_DTYPE = flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"], "stored value dtype")
+_GAMMA = flags.DEFINE_float("gamma", 0.5, "HPA's low-rank share of the cut", lower_bound=0.0,
+                            upper_bound=1.0)
+_STEP = flags.DEFINE_integer("step", None, "checkpoint step; unset: the latest", lower_bound=0)
+_OUT_DIR = flags.DEFINE_string("out_dir", "", "output directory; '': <workdir>/spectrum")
+
+
+def _valid(parse):
+  def check(value):
+    try:
+      parse(value)
+    except ValueError as e:
+      raise flags.ValidationError(str(e)) from None
+    return True
+  return check
+
+
+def _check_methods(methods):
+  if not methods or any(m not in ("hpa", "global") for m in methods) or (
+      len(set(methods)) < len(methods)):
+    raise ValueError(f"must be distinct entries of hpa, global; got {methods}")
+
+
+def _check_fraction(value):
+  if value is not None and not 0.0 <= value <= 1.0:
+    raise ValueError(f"must lie in [0, 1], got {value}")
+
+
+flags.register_validator("budgets", _valid(sp.parse_budgets))
+flags.register_validator("methods", _valid(_check_methods))
+flags.register_validator("posthoc_rank", _valid(_check_fraction))
+flags.register_validator("posthoc_density", _valid(_check_fraction))
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if not flags.FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)  # Orbax logs every restore at INFO.
+  try:
+    rows = sp.capacity_spectrum(
+        _WORKDIR.value, _BUDGETS.value, methods=_METHODS.value, dense_workdir=_DENSE.value,
+        posthoc=_POSTHOC.value, posthoc_rank=_POSTHOC_RANK.value,
+        posthoc_density=_POSTHOC_DENSITY.value, baseline_workdirs=_BASELINES.value,
+        eval_batches=_EVAL_BATCHES.value or None, eval_split=_EVAL_SPLIT.value or None,
+        unit=_UNIT.value, fmt=_FMT.value, dtype=_DTYPE.value, gamma=_GAMMA.value,
+        step=_STEP.value, progress=lambda line: print(line, flush=True))
+  except sp.SpectrumError as e:
+    print(f"error: {e}", file=sys.stderr, flush=True)
+    sys.exit(1)
+  out = _OUT_DIR.value or os.path.join(_WORKDIR.value, "spectrum")
+  paths = sp.write_table(rows, out)
+  paths["png"] = sp.plot(rows, os.path.join(out, "spectrum.png"),
+                         title=f"{_WORKDIR.value} ({_FMT.value}, {_DTYPE.value})")
+  print(sp.pivot_markdown(rows), flush=True)
+  print("wrote " + ", ".join(paths[k] for k in ("md", "csv", "json", "png")), flush=True)
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,671 @@
+"""Capacity spectrum: validation perplexity of one trained run at many budgets.
+
+One SALAAD run gives, per block i, L_i (singular values sigma~_i) and S_i
+(SALAAD.md §6).  For every budget P_tgt (a fraction of P_model or an absolute
+parameter count; with unit='bytes' a fraction of b_w P_model or a byte
+count) and every allocation method (``hpa``, ``global``):
+
+  1. (r_i, nnz_i) = allocate(spectra, P_tgt, method, gamma) (in bytes:
+     the global allocation priced in bytes, and HPA at the largest parameter
+     budget whose bytes fit, ``hpa_within_bytes``);
+  2. the plain model is evaluated with every block replaced by
+     X_hat_i = L_i,r + S_i,nnz (``dense_reconstruction``, in the run's
+     parameter dtype) on the first ``eval_batches`` validation batches;
+  3. its parameter count P and deployment bytes (``account``, stored as
+     ``fmt`` in ``dtype``) are recorded.
+
+Rows of the same table:
+
+* ``salaad/<method>``: the above.
+* ``posthoc[dense]/<method>``: the "no training" floor (SALAAD.md §8) — the
+  same blocks of a dense-trained run (``dense_workdir``) split post hoc,
+  L_i = truncated SVD at rank ``posthoc_rank`` and S_i = the largest
+  ``posthoc_density`` share of the residual (``posthoc_factors``), then
+  allocated and evaluated exactly like SALAAD.  Without ``dense_workdir``
+  the split is made of the SALAAD run's own X and the rows are labelled
+  ``posthoc[own X]/<method>``: what ADMM's L, S buy over a post-hoc split of
+  the same trained weights.  ``posthoc_rank`` / ``posthoc_density`` default
+  to the run's r* / d*, so both pools have the same structure.
+* ``dense X (salaad run)`` and ``dense (<method> run)``: the uncompressed
+  weights (P = P_model, bytes = b_w P_model), the reference lines.
+* one row per ``baseline_workdirs`` entry, read from its ``summary.json``
+  (``salaad_jax.deploy.summary``): a single point.
+
+Noise.  ``loss`` is the token-weighted mean cross-entropy over B batches;
+``loss_se`` = std_b(loss_b) / sqrt(B) (sample std of the per-batch mean
+losses), the standard error over batches.  Every row is evaluated on the same
+batches, so two rows compare with the paired standard error
+std_b(loss_b^A - loss_b^B) / sqrt(B) (``paired_se``); each row keeps its
+per-batch losses in ``batch_losses`` (JSON only).
+
+``write_table`` writes ``spectrum.md``, ``spectrum.csv`` and
+``spectrum.json``, ``plot`` a PNG of perplexity against deployment bytes;
+every file is written to a temporary name and renamed, so an interrupted run
+leaves either the previous file or the new one, never a partial one.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import re
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any, Optional, Union
+
+import jax
+import numpy as np
+
+from salaad_jax import stats
+from salaad_jax import structure as st
+from salaad_jax.deploy import accounting as acc
+from salaad_jax.deploy.allocation import METHODS, allocate, resolve_budget
+from salaad_jax.deploy.compress import dense_reconstruction
+from salaad_jax.deploy.posthoc import posthoc_factors
+from salaad_jax.deploy.spectra import Blocks, spectra
+from salaad_jax.deploy.summary import read_summary
+
+# salaad_jax.train (runs, datasets, evaluation) is imported inside the functions
+# that need it: importing salaad_jax.deploy stays light, and the training
+# package may import deploy modules without a cycle.
+
+Budget = Union[int, float]
+Progress = Optional[Callable[[str], Any]]
+
+COLUMNS = ("series", "source", "allocation", "budget", "unit", "budget_value", "budget_fraction",
+           "params", "params_fraction", "bytes", "bytes_fraction", "loss", "loss_se",
+           "perplexity", "tokens", "rel_error", "kept_rank", "kept_nnz", "solver", "step",
+           "workdir")
+TABLE_NAME = "spectrum"
+DEFAULT_BUDGETS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
+
+
+class SpectrumError(ValueError):
+  """A user-caused problem (bad budget, workdir, argument); one line of text."""
+
+
+# ---------------------------------------------------------------------------
+# Budgets.
+# ---------------------------------------------------------------------------
+
+_INT = re.compile(r"^\d[\d_]*$")
+
+
+def _parse_one(token: str) -> Budget:
+  t = token.strip()
+  if not t:
+    raise SpectrumError("empty budget in the list (two commas in a row?)")
+  try:
+    if t.endswith("%"):
+      value = float(t[:-1]) / 100.0
+    elif _INT.match(t):
+      value = int(t.replace("_", ""))
+    else:
+      value = float(t)
+  except ValueError:
+    raise SpectrumError(f"budget {t!r} is neither a fraction (0.4, 40%) nor a parameter "
+                        "count (an integer)") from None
+  return value
+
+
+def _check_syntax(b: Budget, token) -> Budget:
+  if isinstance(b, float):
+    if not math.isfinite(b) or not 0.0 < b <= 1.0:
+      hint = " (write an absolute parameter count as an integer)" if b > 1 else ""
+      raise SpectrumError(f"budget {token!r} is not a fraction in (0, 1] of the dense "
+                          f"parameter count{hint}")
+  elif b <= 0:
+    raise SpectrumError(f"budget {token!r} must be a positive count")
+  elif b == 1:
+    raise SpectrumError(f"budget {token!r} is an absolute count of 1; write 1.0 for 100 % "
+                        "of the dense model")
+  return b
+
+
+def parse_budgets(budgets: Union[str, Iterable[Any]]) -> list[Budget]:
+  """Budgets from '0.3,0.4,50%,120000' or a sequence of numbers/strings.
+
+  A float (or 'N%') is a share of the dense parameter count in (0, 1]; an
+  integer is an absolute parameter count.  Raises SpectrumError on a token
+  that is neither, a fraction outside (0, 1], a count <= 0, or no budget.
+  """
+  items = budgets.split(",") if isinstance(budgets, str) else list(budgets)
+  out = []
+  for item in items:
+    if isinstance(item, str):
+      value = _parse_one(item)
+    elif isinstance(item, (bool, np.bool_)) or not isinstance(
+        item, (int, float, np.integer, np.floating)):
+      raise SpectrumError(f"budget {item!r} is not a number")
+    else:
+      value = int(item) if isinstance(item, (int, np.integer)) else float(item)
+    out.append(_check_syntax(value, item))
+  if not out:
+    raise SpectrumError("no budget given")
+  return out
+
+
+def _resolve(budgets: Sequence[Budget], full: int, minimum: int,
+             unit: str) -> list[tuple[Budget, int]]:
+  """(budget as given, absolute target in ``unit``), deduplicated, ascending."""
+  seen = {}
+  for b in budgets:
+    try:
+      value = resolve_budget(b, full, minimum, unit)
+    except ValueError as e:
+      raise SpectrumError(str(e)) from None
+    seen.setdefault(value, b)
+  return sorted(((b, v) for v, b in seen.items()), key=lambda x: x[1])
+
+
+# ---------------------------------------------------------------------------
+# Evaluation on a fixed list of batches.
+# ---------------------------------------------------------------------------
+
+
+class _Batches:
+  """A fixed list of batches with the ``eval_batches`` interface."""
+
+  def __init__(self, batches):
+    self._batches = list(batches)
+
+  def eval_batches(self, num_batches=None):
+    return iter(self._batches[:num_batches])
+
+
+class BatchEvaluator:
+  """Mean loss and its standard error over a fixed list of validation batches."""
+
+  def __init__(self, batches):
+    self.batches = [jax.device_put(b) for b in batches]
+    if not self.batches:
+      raise SpectrumError("the validation split yields no batch")
+
+  def __call__(self, model, params) -> dict[str, Any]:
+    from salaad_jax.train import evaluate  # pylint: disable=import-outside-toplevel
+    per = [evaluate(model, params, _Batches([b]), None) for b in self.batches]
+    losses = np.array([r["loss"] for r in per], np.float64)
+    tokens = np.array([r["tokens"] for r in per], np.float64)
+    loss = float(np.sum(losses * tokens) / max(np.sum(tokens), 1.0))
+    se = float(np.std(losses, ddof=1) / math.sqrt(losses.size)) if losses.size > 1 else None
+    return dict(loss=loss, loss_se=se, perplexity=math.exp(min(loss, 700.0)),
+                tokens=int(np.sum(tokens)), batch_losses=[float(x) for x in losses])
+
+
+def paired_se(a: Mapping[str, Any], b: Mapping[str, Any]) -> float:
+  """std_b(loss_b^a - loss_b^b) / sqrt(B): the standard error of the
+  difference of two rows' losses, evaluated on the same B batches."""
+  x, y = np.asarray(a["batch_losses"]), np.asarray(b["batch_losses"])
+  if x.shape != y.shape or x.size < 2:
+    raise ValueError("paired_se needs two rows evaluated on the same >= 2 batches")
+  return float(np.std(x - y, ddof=1) / math.sqrt(x.size))
+
+
+# ---------------------------------------------------------------------------
+# Loading and checking the runs.
+# ---------------------------------------------------------------------------
+
+
+def _load(workdir: str, step: Optional[int], what: str):
+  from salaad_jax.train import TrainError, load_run  # pylint: disable=import-outside-toplevel
+  try:
+    return load_run(os.fspath(workdir), step)
+  except TrainError as e:
+    raise SpectrumError(f"{what}: {e}") from None
+
+
+def _shapes(params) -> dict[str, tuple[int, ...]]:
+  return {st.path_str(p): tuple(np.shape(x))
+          for p, x in jax.tree_util.tree_flatten_with_path(params)[0]}
+
+
+def _salaad_source(run, where: str):
+  try:
+    stats.find_state(run.opt_state)
+  except ValueError:
+    raise SpectrumError(f"{where} is a '{run.config.method}' run and holds no SALAAD state "
+                        "(L, S); the capacity spectrum needs a --method=salaad run") from None
+  return run.opt_state
+
+
+def _check_same_model(salaad_run, dense_run, where: str) -> None:
+  a, b = _shapes(salaad_run.params), _shapes(dense_run.params)
+  if a != b:
+    diff = sorted(set(a.items()) ^ set(b.items()))[:4]
+    raise SpectrumError(f"{where} is not the same architecture as the SALAAD run "
+                        f"(parameters differ: {diff})")
+  if dense_run.config.tokenizer != salaad_run.config.tokenizer:
+    raise SpectrumError(f"{where} uses tokenizer {dense_run.config.tokenizer!r}, the SALAAD "
+                        f"run {salaad_run.config.tokenizer!r}; perplexities would not compare")
+
+
+def _posthoc_source(params, blocks: Blocks, rank: float, density: float):
+  """posthoc_factors of ``params`` on exactly the SALAAD run's blocks and matrix views."""
+  m_of = {b.path: b.m for b in blocks.blocks}
+
+  def row_axes(path, shape):
+    for k in range(1, len(shape)):
+      if math.prod(shape[:k]) == m_of[path]:
+        return k
+    raise SpectrumError(f"block '{path}' of shape {shape} has no matrix view with "
+                        f"{m_of[path]} rows")
+
+  return posthoc_factors(params, lambda path, _: path in m_of, row_axes=row_axes, rank=rank,
+                         density=density)
+
+
+def hpa_within_bytes(blocks: Blocks, max_bytes: int, *, gamma: float = 0.5, fmt: str = "coo",
+                     dtype="bfloat16"):
+  """HPA(gamma) at the largest parameter budget whose deployment bytes are
+  <= ``max_bytes``.
+
+  HPA allocates parameters; its kept ranks and counts never shrink as the
+  parameter budget grows, so its bytes are non-decreasing in it and a
+  bisection over [P_rest, P_model] finds that budget.  ``max_bytes`` must be
+  at least b_w P_rest (what HPA at P_rest, keeping no block part, takes).
+  """
+  def nbytes(p):
+    return acc.account(None, allocate(blocks, p, "hpa", gamma=gamma), fmt, dtype)["bytes"]
+
+  lo, hi = blocks.rest_params, blocks.total_params
+  if nbytes(lo) > max_bytes:
+    raise SpectrumError(f"{max_bytes} bytes is below what the parameters outside the blocks "
+                        "take")
+  while lo < hi:
+    mid = (lo + hi + 1) // 2
+    if nbytes(mid) <= max_bytes:
+      lo = mid
+    else:
+      hi = mid - 1
+  return allocate(blocks, lo, "hpa", gamma=gamma)
+
+
+def _allocate(blocks: Blocks, value: int, method: str, unit: str, gamma: float, fmt: str,
+              dtype: str):
+  if unit == "params":
+    return allocate(blocks, value, method, gamma=gamma)
+  if method == "hpa":
+    return hpa_within_bytes(blocks, value, gamma=gamma, fmt=fmt, dtype=dtype)
+  return allocate(blocks, value, "global", gamma=gamma, unit="bytes", fmt=fmt, dtype=dtype)
+
+
+def _allocation_key(alloc) -> tuple:
+  return tuple((b.path, b.rank, b.nnz) for b in alloc.blocks)
+
+
+def _fmt_bytes(n: float) -> str:
+  for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+    if n >= scale:
+      return f"{n / scale:.2f} {unit}"
+  return f"{int(n)} B"
+
+
+def _budget_text(b: Budget) -> str:
+  return f"{b:g}" if isinstance(b, float) else str(int(b))
+
+
+# ---------------------------------------------------------------------------
+# The spectrum.
+# ---------------------------------------------------------------------------
+
+
+def capacity_spectrum(run_or_workdir, budgets, *, methods: Sequence[str] = ("hpa", "global"),
+                      dense_workdir: Optional[str] = None, posthoc: bool = True,
+                      posthoc_rank: Optional[float] = None,
+                      posthoc_density: Optional[float] = None,
+                      baseline_workdirs: Sequence[str] = (), eval_batches: Optional[int] = None,
+                      eval_split: Optional[str] = None, unit: str = "params",
+                      fmt: str = "coo", dtype="bfloat16", gamma: float = 0.5,
+                      step: Optional[int] = None,
+                      progress: Progress = print) -> list[dict[str, Any]]:
+  """Validation loss/perplexity, parameters and bytes of a run at every budget.
+
+  Args:
+    run_or_workdir: a ``salaad_jax.train.Run`` (``load_run``) of a SALAAD
+      run, or its workdir.
+    budgets: fractions in (0, 1] of the dense model's parameters (or bytes,
+      see ``unit``) and/or absolute counts (ints), or a string
+      '0.3,0.4,50%,120000' (``parse_budgets``).
+    methods: allocation methods, a non-empty subset of ('hpa', 'global').
+    dense_workdir: a dense-trained run of the same architecture: its
+      perplexity is a reference row and its weights feed the post-hoc rows;
+      None: the post-hoc split of the SALAAD run's own X.
+    posthoc: whether to compute post-hoc rows at all.
+    posthoc_rank, posthoc_density: the post-hoc split (rank as a fraction of
+      min(m, n), share of residual entries); default: the run's r* and d*.
+    baseline_workdirs: workdirs (or .json paths) holding a ``summary.json``.
+    eval_batches: validation batches per evaluation; default: the run's.
+    eval_split: the split to evaluate; default: the run's ``eval_split``.
+    unit: 'params' (budgets count parameters, P_model = 100 %) or 'bytes'
+      (deployment bytes in ``fmt``/``dtype``, b_w P_model = 100 %; the
+      global allocation is priced in bytes and HPA takes the largest
+      parameter budget that fits, ``hpa_within_bytes``).
+    fmt: sparse storage priced in the bytes, 'coo' | 'csr' | 'bitmap'.
+    dtype: stored value dtype, 'bfloat16' or 'float32'.
+    gamma: HPA's low-rank share of the cut (also the HPA candidate of global).
+    step: checkpoint step of the run(s); default: the latest.
+    progress: called with one line per evaluation (None: silent).
+
+  Returns:
+    Rows (dicts with the keys ``COLUMNS`` plus ``batch_losses``): the dense
+    references first, then each series in ascending budget, then baselines.
+
+  Raises:
+    SpectrumError (before any evaluation): a bad argument, a budget above
+    100 % or below P_rest (the parameters outside the blocks), a run without
+    SALAAD state, a dense run of another architecture, a missing or invalid
+    summary.
+  """
+  say = progress or (lambda _: None)
+  methods, dtype = _check_args(methods, unit, fmt, dtype, gamma, eval_batches, posthoc_rank,
+                               posthoc_density)
+  wanted = parse_budgets(budgets)
+
+  # Runs, budgets and summaries are all checked before anything is evaluated.
+  if isinstance(run_or_workdir, (str, os.PathLike)):
+    workdir = os.fspath(run_or_workdir)
+    say(f"loading {workdir}")
+    run = _load(workdir, step, f"workdir {workdir!r}")
+  else:
+    run, workdir = run_or_workdir, ""
+  blocks = spectra(run.params, _salaad_source(run, f"workdir {workdir!r}" if workdir
+                                              else "the run"))
+  total, rest = blocks.total_params, blocks.rest_params
+  b_w = acc.value_bytes(dtype)
+  scale = 1 if unit == "params" else b_w
+  targets = _resolve(wanted, total * scale, rest * scale, unit)
+  dense_run, dense_dir = None, None
+  if dense_workdir is not None:
+    dense_dir = os.fspath(dense_workdir)
+    say(f"loading {dense_dir}")
+    dense_run = _load(dense_dir, None, f"dense_workdir {dense_dir!r}")
+    _check_same_model(run, dense_run, f"dense_workdir {dense_dir!r}")
+  summaries = [_read_baseline(w) for w in baseline_workdirs]
+  evaluator = _evaluator(run.config, eval_split or run.config.eval_split,
+                         eval_batches or run.config.eval_batches)
+  say(f"P_model {total} params ({_fmt_bytes(total * b_w)} in {dtype}), outside the blocks "
+      f"{rest} ({rest / total:.1%}: the smallest budget); {len(blocks.blocks)} blocks; "
+      f"{len(evaluator.batches)} validation batches")
+
+  rows: list[dict[str, Any]] = []
+  base = dict(budget=None, unit=None, budget_value=None, budget_fraction=None, rel_error=None,
+              kept_rank=None, kept_nnz=None, solver=None)
+
+  def dense_row(series, owner, wd):
+    t0 = time.time()
+    rows.append(dict(base, series=series, source="dense", allocation=None, params=total,
+                     params_fraction=1.0, bytes=total * b_w, bytes_fraction=1.0,
+                     step=owner.step, workdir=wd, **evaluator(owner.model, owner.params)))
+    say(f"{series}: ppl {_ppl_text(rows[-1])} ({time.time() - t0:.1f}s)")
+
+  dense_row("dense X (salaad run)", run, workdir)
+  if dense_run is not None:
+    dense_row(f"dense ({dense_run.config.method} run)", dense_run, dense_dir)
+
+  series_list = [("salaad", "salaad", run, workdir, blocks)]
+  if posthoc:
+    of, of_dir = (dense_run, dense_dir) if dense_run is not None else (run, workdir)
+    rank = run.config.rank_target if posthoc_rank is None else posthoc_rank
+    density = run.config.density_target if posthoc_density is None else posthoc_density
+    say(f"post-hoc split (truncated SVD at rank {rank:g} min(m, n) + top {density:g} of the "
+        f"residual) of {'the dense run' if dense_run is not None else 'the SALAAD run X'}")
+    dec = _posthoc_source(of.params, blocks, rank, density)
+    label = "posthoc[dense]" if dense_run is not None else "posthoc[own X]"
+    series_list.append((label, "posthoc", of, of_dir, spectra(of.params, dec)))
+
+  count, n_eval = 0, len(series_list) * len(methods) * len(targets)
+  for label, src, owner, wd, blks in series_list:
+    cache: dict[tuple, dict] = {}
+    for method in methods:
+      for budget, value in targets:
+        count += 1
+        t0 = time.time()
+        alloc = _allocate(blks, value, method, unit, gamma, fmt, dtype)
+        counts = acc.account(owner.params, alloc, fmt, dtype)
+        key = _allocation_key(alloc)
+        reused = key in cache
+        if not reused:
+          cache[key] = evaluator(owner.model, dense_reconstruction(owner.params, blks, alloc))
+        r = dict(base, series=f"{label}/{method}", source=src, allocation=method,
+                 budget=_budget_text(budget), unit=unit, budget_value=value,
+                 budget_fraction=value / (total * scale), params=counts["params"],
+                 params_fraction=counts["params_fraction"], bytes=counts["bytes"],
+                 bytes_fraction=counts["bytes_fraction"], rel_error=alloc.relative_error,
+                 kept_rank=sum(alloc.ranks.values()), kept_nnz=sum(alloc.nnz.values()),
+                 solver=alloc.solver or None, step=owner.step, workdir=wd, **cache[key])
+        rows.append(r)
+        say(f"[{count}/{n_eval}] {r['series']} budget {r['budget']} "
+            f"({r['budget_fraction']:.1%} of {unit}): P {r['params']} "
+            f"({r['params_fraction']:.1%}), {_fmt_bytes(r['bytes'])}, ppl {_ppl_text(r)}"
+            f"{' (an allocation already evaluated)' if reused else ''} "
+            f"({time.time() - t0:.1f}s)")
+
+  for where, s in summaries:
+    rows.append(_baseline_row(base, where, s, total, b_w))
+    say(f"baseline {s['label']}: P {s['params']}, {_fmt_bytes(s['bytes'])}, "
+        f"ppl {s['perplexity']:.3f}")
+  return rows
+
+
+def _check_args(methods, unit, fmt, dtype, gamma, eval_batches, posthoc_rank,
+                posthoc_density):
+  """(methods as a tuple, canonical dtype name); SpectrumError on a bad argument."""
+  methods = tuple(methods)
+  if not methods or any(m not in METHODS for m in methods) or len(set(methods)) < len(methods):
+    raise SpectrumError(f"methods must be distinct entries of {list(METHODS)}, got "
+                        f"{list(methods)}")
+  if unit not in ("params", "bytes"):
+    raise SpectrumError(f"unit must be 'params' or 'bytes', got {unit!r}")
+  if fmt not in acc.SPARSE_FORMATS:
+    raise SpectrumError(f"fmt must be one of {list(acc.SPARSE_FORMATS)} (the storage the "
+                        f"bytes are priced in), got {fmt!r}")
+  try:
+    dtype = acc.dtype_name(dtype)
+  except ValueError as e:
+    raise SpectrumError(str(e)) from None
+  if not 0.0 <= gamma <= 1.0:
+    raise SpectrumError(f"gamma must lie in [0, 1], got {gamma}")
+  if eval_batches is not None and eval_batches < 1:
+    raise SpectrumError(f"eval_batches must be >= 1, got {eval_batches}")
+  for name, v in (("posthoc_rank", posthoc_rank), ("posthoc_density", posthoc_density)):
+    if v is not None and not 0.0 <= v <= 1.0:
+      raise SpectrumError(f"{name} must lie in [0, 1], got {v}")
+  return methods, dtype
+
+
+def _read_baseline(workdir) -> tuple[str, dict]:
+  try:
+    return os.fspath(workdir), read_summary(workdir)
+  except ValueError as e:
+    raise SpectrumError(f"baseline: {e}") from None
+
+
+def _evaluator(config, split: str, num_batches: int) -> BatchEvaluator:
+  from salaad_jax.train import TrainError, make_eval_dataset  # pylint: disable=import-outside-toplevel
+  try:
+    return BatchEvaluator(make_eval_dataset(config, split).eval_batches(num_batches))
+  except TrainError as e:
+    raise SpectrumError(str(e)) from None
+
+
+def _baseline_row(base: dict, where: str, s: dict, total: int, b_w: int) -> dict[str, Any]:
+  """A summary.json as a row; fractions against its own dense_params (else
+  this run's P_model) and its own dtype (else this table's)."""
+  dense_params = s.get("dense_params") or total
+  s_bw = acc.value_bytes(s["dtype"]) if s.get("dtype") in ("bfloat16", "float32") else b_w
+  loss = s["loss"] if s.get("loss") is not None else math.log(s["perplexity"])
+  return dict(base, series=s["label"], source="baseline", allocation=None,
+              params=s["params"], params_fraction=s["params"] / dense_params,
+              bytes=s["bytes"], bytes_fraction=s["bytes"] / (dense_params * s_bw), loss=loss,
+              loss_se=None, perplexity=s["perplexity"], tokens=None, step=s.get("step"),
+              workdir=where, batch_losses=None)
+
+
+def _ppl_text(row) -> str:
+  se = row.get("loss_se")
+  if se is None:
+    return f"{row['perplexity']:.3f}"
+  return f"{row['perplexity']:.3f} ± {row['perplexity'] * se:.3f}"
+
+
+# ---------------------------------------------------------------------------
+# Writing.
+# ---------------------------------------------------------------------------
+
+
+def _atomic_write(path: str, write: Callable[[str], Any]) -> None:
+  """``write(tmp)`` then rename tmp onto ``path``; on failure ``path`` is
+  untouched and tmp removed."""
+  tmp = f"{path}.tmp.{os.getpid()}"
+  try:
+    write(tmp)
+    os.replace(tmp, path)
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+
+
+def _write_text(path: str, text: str) -> None:
+  def write(tmp):
+    with open(tmp, "w") as fh:
+      fh.write(text)
+  _atomic_write(path, write)
+
+
+def _cell(v) -> str:
+  if v is None:
+    return ""
+  if isinstance(v, float):
+    return f"{v:.6g}"
+  return str(v)
+
+
+def to_csv(rows: Sequence[Mapping[str, Any]]) -> str:
+  """The rows as CSV with the header ``COLUMNS`` (empty cells for None)."""
+  buf = io.StringIO()
+  w = csv.writer(buf, lineterminator="\n")
+  w.writerow(COLUMNS)
+  for r in rows:
+    w.writerow([_cell(r.get(c)) for c in COLUMNS])
+  return buf.getvalue()
+
+
+def _pct(x) -> str:
+  return "" if x is None else f"{100 * x:.1f}%"
+
+
+def pivot_markdown(rows: Sequence[Mapping[str, Any]]) -> str:
+  """Markdown: perplexity ± standard error by budget, one column per series,
+  then one line of dense references and baselines."""
+  series = list(dict.fromkeys(r["series"] for r in rows if r.get("budget") is not None))
+  budgets = sorted({(r["budget_value"], r["budget"], r["unit"]) for r in rows
+                    if r.get("budget") is not None})
+  lines = []
+  refs = [r for r in rows if r.get("budget") is None]
+  if series:
+    lines += ["Validation perplexity (± one standard error over batches) by budget.", "",
+              "| budget | target | " + " | ".join(series) + " |",
+              "|---|---:|" + "---:|" * len(series)]
+    for value, text, unit in budgets:
+      hits = [r for r in rows if r.get("budget_value") == value and r.get("unit") == unit]
+      cells = []
+      for name in series:
+        hit = [r for r in hits if r["series"] == name]
+        cells.append(_ppl_text(hit[0]) if hit else "")
+      lines.append(f"| {text} | {value} {unit} ({hits[0]['budget_fraction']:.1%}) | "
+                   + " | ".join(cells) + " |")
+    lines.append("")
+  if refs:
+    lines += ["References and baselines: " + "; ".join(
+        f"{r['series']} ppl {_ppl_text(r)} at {r['params']} params, {_fmt_bytes(r['bytes'])}"
+        for r in refs) + "."]
+  return "\n".join(lines).rstrip("\n") + "\n"
+
+
+def to_markdown(rows: Sequence[Mapping[str, Any]]) -> str:
+  """``pivot_markdown`` followed by a table of every row: parameters, bytes,
+  loss ± standard error, allocation error, kept ranks and entries."""
+  lines = [pivot_markdown(rows)]
+  lines += ["| series | budget | params | params % | bytes | bytes % | loss | loss s.e. | "
+            "perplexity | rel. error | kept rank | kept nnz |",
+            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+  for r in rows:
+    cells = [r["series"], r.get("budget") or "", r["params"], _pct(r["params_fraction"]),
+             r["bytes"], _pct(r["bytes_fraction"]), _cell(r.get("loss")),
+             _cell(r.get("loss_se")), f"{r['perplexity']:.4g}", _cell(r.get("rel_error")),
+             _cell(r.get("kept_rank")), _cell(r.get("kept_nnz"))]
+    lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+  return "\n".join(lines) + "\n"
+
+
+def write_table(rows: Sequence[Mapping[str, Any]], out_dir: str, *,
+                name: str = TABLE_NAME) -> dict[str, str]:
+  """Writes ``<name>.md``, ``<name>.csv`` and ``<name>.json`` (every field,
+  per-batch losses included) into ``out_dir``, each atomically.
+
+  Returns {'md': path, 'csv': path, 'json': path}.
+  """
+  if not rows:
+    raise SpectrumError("no rows to write")
+  out_dir = os.fspath(out_dir)
+  os.makedirs(out_dir, exist_ok=True)
+  paths = {ext: os.path.join(out_dir, f"{name}.{ext}") for ext in ("md", "csv", "json")}
+  texts = {"md": to_markdown(rows), "csv": to_csv(rows),
+           "json": json.dumps([dict(r) for r in rows], indent=1) + "\n"}
+  for ext, path in paths.items():
+    _write_text(path, texts[ext])
+  return paths
+
+
+def plot(rows: Sequence[Mapping[str, Any]], path: str,
+         dense_ppl: Union[None, float, Mapping[str, float]] = None,
+         title: Optional[str] = None) -> str:
+  """PNG of perplexity against deployment bytes, written atomically.
+
+  One line per series (error bars: ± perplexity x loss_se), one labelled
+  point per baseline row, and a horizontal reference line per dense
+  perplexity: ``dense_ppl`` (a number or {label: perplexity}); None takes
+  the rows with source 'dense'.  Returns ``path``.
+  """
+  import matplotlib  # pylint: disable=import-outside-toplevel
+  matplotlib.use("Agg")
+  from matplotlib import ticker  # pylint: disable=import-outside-toplevel
+  from matplotlib.figure import Figure  # pylint: disable=import-outside-toplevel
+
+  if dense_ppl is None:
+    refs = {r["series"]: r["perplexity"] for r in rows if r["source"] == "dense"}
+  elif isinstance(dense_ppl, Mapping):
+    refs = dict(dense_ppl)
+  else:
+    refs = {"dense": float(dense_ppl)}
+  fig = Figure(figsize=(8, 5.5), dpi=110)
+  ax = fig.add_subplot()
+  for s in dict.fromkeys(r["series"] for r in rows if r.get("budget") is not None):
+    pts = sorted((r["bytes"], r["perplexity"], r["perplexity"] * (r.get("loss_se") or 0.0))
+                 for r in rows if r["series"] == s)
+    x, y, e = (np.array(v, float) for v in zip(*pts))
+    style = "-" if s.startswith("salaad") else "--"
+    ax.errorbar(x, y, yerr=e, fmt=style + ("o" if s.endswith("global") else "s"),
+                ms=4, capsize=2, label=s)
+  for r in rows:
+    if r["source"] == "baseline":
+      ax.plot([r["bytes"]], [r["perplexity"]], "*", ms=11, label=r["series"])
+      ax.annotate(r["series"], (r["bytes"], r["perplexity"]), textcoords="offset points",
+                  xytext=(5, 5), fontsize=8)
+  for i, (label, ppl) in enumerate(refs.items()):
+    ax.axhline(ppl, color="k", ls=(":" if i else "-."), lw=1, label=f"{label}: {ppl:.3f}")
+  ax.set_xlabel("deployment bytes")
+  ax.set_ylabel("validation perplexity")
+  ax.xaxis.set_major_formatter(ticker.EngFormatter(unit="B"))
+  ax.grid(True, alpha=0.3)
+  ax.legend(fontsize=8)
+  if title:
+    ax.set_title(title, fontsize=9)
+  fig.tight_layout()
+  path = os.fspath(path)
+  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+  _atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
+  return path
