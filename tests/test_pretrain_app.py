@@ -55,7 +55,13 @@ def test_tiny_flagfile_runs_and_reports(tmp_path):
     assert key in step_lines[-1], (key, step_lines[-1])
   assert sum(l.startswith("eval step") for l in lines) == 2
   assert "surrogate loss" in [l for l in lines if l.startswith("eval step")][-1]
-  assert lines[-1].startswith("done: step 40")
+  assert lines[-2].startswith("done: step 40")
+  assert lines[-1].startswith("summary: salaad")
+  summary = json.loads((wd / "summary.json").read_text())
+  # SALAAD is deployed as its surrogate: the summary has its perplexity.
+  last_eval = [r for r in read_records(os.path.join(wd, "metrics.jsonl")) if r["kind"] == "eval"][-1]
+  assert summary["perplexity"] == pytest.approx(last_eval["surrogate/perplexity"])
+  assert summary["step"] == 40 and 0 < summary["params"] and summary["dense_params"] > 0
   assert sorted(os.listdir(wd / "checkpoints")) == ["20", "40"]
   assert json.loads((wd / "config.json").read_text())["method"] == "salaad"
   records = read_records(wd / "metrics.jsonl")

@@ -9,16 +9,21 @@ preset, or a quarter of the smallest block dimension for presets without one.
 The optimiser is the spec's (clip + AdamW, or GaLore) with the run's b1, b2,
 eps, weight decay and clip norm.
 
-:func:`run_footprint` and :func:`write_run_summary` give a trained run's
-parameter count and deployment bytes (the §6 accounting of
-``MethodSpec.footprint``) and leave ``<workdir>/summary.json``.
+:func:`run_footprint` gives a pretraining baseline's parameter count and
+deployment bytes (the §6 accounting of ``MethodSpec.footprint``);
+:func:`write_run_summary` leaves ``<workdir>/summary.json`` for a trained run
+of any method: the baselines by their spec, SALAAD as its surrogate L + S
+(:func:`surrogate_footprint`, evaluated as such), the fine-tuning methods as
+deployed (``finetune.finetune_footprint``).
 """
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Any
+
+import jax
+import numpy as np
 
 from salaad_jax.baselines import accounting
 from salaad_jax.baselines.registry import make_method
@@ -95,21 +100,63 @@ def run_footprint(config: TrainConfig) -> accounting.Footprint:
   return spec_for(config).footprint(_model_config(config), accounting.ByteCosts())
 
 
+def surrogate_footprint(params, opt_state,
+                        costs: accounting.ByteCosts = accounting.ByteCosts()
+                        ) -> accounting.Footprint:
+  """(params, bytes) of SALAAD's current surrogate L + S: per block
+  (m + n) rank + nnz values (``costs.sparse_format``), the rest dense."""
+  import salaad_jax as sj  # pylint: disable=import-outside-toplevel
+  from salaad_jax.deploy import accounting as deploy_accounting  # pylint: disable=import-outside-toplevel
+  factors = sj.low_rank_factors(opt_state)
+  sparse = sj.sparse_parts(opt_state)
+  total = sum(int(np.size(x)) for x in jax.tree.leaves(params))
+  n_params, n_bytes, block_total = 0, 0, 0
+  for path, f in factors.items():
+    m, n = int(f.u.shape[0]), int(f.v.shape[0])
+    rank = int(np.sum(np.asarray(f.s) > 0))
+    nnz = int(np.count_nonzero(np.asarray(sparse[path])))
+    block_total += m * n
+    n_params += deploy_accounting.block_params(m, n, rank, nnz)
+    n_bytes += deploy_accounting.block_bytes(costs.sparse_format, m, n, rank, nnz, costs.b_w)
+  rest = total - block_total
+  return accounting.Footprint(rest + n_params, rest * costs.b_w + n_bytes)
+
+
+def _dense_params(config: TrainConfig) -> int:
+  return int(make_method("dense").footprint(_model_config(config)).params)
+
+
 def write_run_summary(config: TrainConfig, workdir: str, result: dict, **extra: Any) -> dict:
-  """Writes ``<workdir>/summary.json`` (method, params, bytes, final validation
-  perplexity and loss, step) and returns it; ``config`` must be resolved
-  (``vocab_size`` set, e.g. ``config_lib.read_config(workdir)``)."""
-  fp = run_footprint(config)
-  summary = {"method": config.method, "params": int(fp.params), "bytes": int(fp.bytes),
-             "perplexity": float(result["eval_perplexity"]),
-             "loss": float(result["eval_loss"]), "step": int(result["step"])}
-  if extra:
-    summary["extra"] = extra
-  try:
-    from salaad_jax.deploy.summary import write_summary  # pylint: disable=import-outside-toplevel
-  except ImportError:
-    os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, "summary.json"), "w") as f:
-      json.dump(summary, f, indent=2)
-    return summary
-  return write_summary(workdir, **summary)
+  """Writes ``<workdir>/summary.json`` (method, params, bytes, validation
+  perplexity and loss of the deployed model, step, dense_params, and for
+  pruned models the sparsity) and returns it.  ``config`` must be resolved
+  (``vocab_size`` set, e.g. ``config_lib.read_config(workdir)``); ``result``
+  is what ``train_and_evaluate`` returned.
+
+  SALAAD is deployed as its surrogate L + S: its numbers are the
+  surrogate's, with the dense iterate's perplexity under
+  ``extra.dense_iterate_perplexity``.
+  """
+  from salaad_jax.baselines import finetune  # pylint: disable=import-outside-toplevel
+  from salaad_jax.deploy.summary import write_summary  # pylint: disable=import-outside-toplevel
+  from salaad_jax.train.run import load_run  # pylint: disable=import-outside-toplevel
+  ppl, loss, sparsity = result["eval_perplexity"], result["eval_loss"], None
+  if config.method in finetune.FINETUNE_METHODS:
+    run = load_run(workdir)
+    fp, numbers = finetune.finetune_footprint(run.config, run.params)
+    extra = {"trainable_params": numbers["trainable_params"], **extra}
+    if config.method != "lora":
+      sparsity = numbers["sparsity"]
+  elif config.method == "salaad":
+    run = load_run(workdir)
+    fp = surrogate_footprint(run.params, run.opt_state)
+    extra = {"dense_iterate_perplexity": float(ppl), **extra}
+    ppl, loss = result["eval_surrogate/perplexity"], result["eval_surrogate/loss"]
+  else:
+    fp = run_footprint(config)
+  if config.init_from:
+    extra = {"init_from": os.path.abspath(config.init_from), **extra}
+  return write_summary(workdir, method=config.method, params=int(fp.params),
+                       bytes=int(fp.bytes), perplexity=float(ppl), loss=float(loss),
+                       sparsity=sparsity, dense_params=_dense_params(config),
+                       step=int(result["step"]), extra=extra or None)

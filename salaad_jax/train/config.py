@@ -47,6 +47,8 @@ class TrainConfig:
                         choices=("float32", "bfloat16"))
   vocab_size: int = _f(0, "model vocabulary; 0: the tokenizer's", min=0)
   seed: int = _f(0, "seed of the parameter initialisation")
+  init_from: str = _f("", "workdir of a trained run whose final parameters start this "
+                      "one (fine-tuning; same model and vocabulary); '': the initialiser")
 
   # --- data ------------------------------------------------------------------
   source: str = _f("synthetic", "data: 'synthetic[:k=v,...]', 'tfds:<name>' (e.g. "

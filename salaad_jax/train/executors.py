@@ -35,13 +35,14 @@ class JitExecutor:
       restore target).
   """
 
-  def __init__(self, config: TrainConfig, model, method, tx, devices=None):
+  def __init__(self, config: TrainConfig, model, method, tx, devices=None, initial=None):
     self.mesh = shd.make_mesh(config, devices)
     n = self.mesh.size
     shd.check_batch_divisible("batch_size", config.batch_size, n, config.grad_accum)
     shd.check_batch_divisible("eval_batch_size", eval_batch_size(config), n)
     init_fn = functools.partial(init_state, config, model, method, tx)
-    abstract = jax.eval_shape(init_fn)
+    self._initial = initial
+    abstract = jax.eval_shape(init_fn, initial)
     self.shardings = shd.state_shardings(abstract, self.mesh)
     self.abstract = shd.with_shardings(abstract, self.shardings)
     self._batch_sharding = shd.batch_sharding(self.mesh)
@@ -56,7 +57,8 @@ class JitExecutor:
     return self.mesh.size
 
   def init(self) -> TrainState:
-    return self._init()
+    initial, self._initial = self._initial, None  # not kept alive after step 0
+    return self._init(initial)
 
   def from_global(self, state: TrainState) -> TrainState:
     return state
@@ -78,15 +80,16 @@ class PmapExecutor:
   """pmap over the local devices: replicated state, gradients pmean-ed over
   the 'batch' axis.  One host only."""
 
-  def __init__(self, config: TrainConfig, model, method, tx, devices=None):
+  def __init__(self, config: TrainConfig, model, method, tx, devices=None, initial=None):
     if jax.process_count() > 1:
       raise TrainError("--parallelism=pmap runs on one host; use --parallelism=jit")
     self.devices = list(jax.local_devices() if devices is None else devices)
     n = len(self.devices)
     shd.check_batch_divisible("batch_size", config.batch_size, n, config.grad_accum)
     init_fn = functools.partial(init_state, config, model, method, tx)
+    self._initial = initial
     first = SingleDeviceSharding(self.devices[0])
-    abstract = jax.eval_shape(init_fn)
+    abstract = jax.eval_shape(init_fn, initial)
     self.abstract = shd.with_shardings(abstract, jax.tree.map(lambda _: first, abstract))
     self._init = jax.jit(init_fn, out_shardings=first)
     step = functools.partial(train_step, model, tx, grad_accum=config.grad_accum,
@@ -98,7 +101,8 @@ class PmapExecutor:
     return len(self.devices)
 
   def init(self) -> TrainState:
-    return self.from_global(self._init())
+    initial, self._initial = self._initial, None
+    return self.from_global(self._init(initial))
 
   def from_global(self, state: TrainState) -> TrainState:
     """One replica per device (through host memory; pmap scatters it)."""
@@ -121,6 +125,8 @@ class PmapExecutor:
     return state, jax.tree.map(lambda x: x[0], metrics)
 
 
-def make_executor(config: TrainConfig, model, method, tx, devices=None):
+def make_executor(config: TrainConfig, model, method, tx, devices=None, initial=None):
+  """The executor of ``config.parallelism``; ``initial``: the starting
+  ``TrainState.params`` (None: the model initialiser's)."""
   cls = PmapExecutor if config.parallelism == "pmap" else JitExecutor
-  return cls(config, model, method, tx, devices)
+  return cls(config, model, method, tx, devices, initial)

@@ -31,7 +31,8 @@ from salaad_jax.train.evaluation import evaluate
 from salaad_jax.train.executors import make_executor
 from salaad_jax.train.inputs import make_eval_dataset, make_train_dataset
 from salaad_jax.train.preemption import StopRequest
-from salaad_jax.train.state import build
+from salaad_jax.train.state import build, split_constants
+from salaad_jax.train.warm_start import calibration_batches, initial_params
 
 CHECKPOINT_DIR = "checkpoints"
 
@@ -80,6 +81,12 @@ def prepare_workdir(workdir: str, config: TrainConfig) -> None:
     cfg_lib.write_config(workdir, config)
 
 
+def calibration_dataset(config: TrainConfig):
+  """Training batches for a method's calibration, in another order than the
+  training iterator's (which it leaves untouched)."""
+  return make_train_dataset(config.replace(data_seed=config.data_seed + 1))
+
+
 def _all_finite(tree) -> jax.Array:
   leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
             if jnp.issubdtype(x.dtype, jnp.inexact)]
@@ -123,8 +130,11 @@ class _Trainer:
     self.eval_ds = make_eval_dataset(config, config.eval_split)
     self.config = config = resolve(config, self.train_ds.vocab_size)
     self.parts = build(config)
+    initial = initial_params(config, self.parts.method, self.parts.model_config,
+                             calibration_batches(lambda: calibration_dataset(config)))
     self.executor = make_executor(config, self.parts.model, self.parts.method, self.parts.tx,
-                                  devices)
+                                  devices, initial)
+    del initial
     prepare_workdir(workdir, config)
     self.ckpt = Checkpointer(os.path.join(workdir, CHECKPOINT_DIR),
                              keep=config.keep_checkpoints, async_save=config.async_checkpoint)
@@ -197,7 +207,7 @@ class _Trainer:
     log = mt.MetricsLog(self.workdir, resume_step=step, tensorboard=c.tensorboard,
                         enabled=jax.process_index() == 0)
     floor = getattr(self.train_ds, "loss_floor", None)
-    _say(f"{c.method} | model {c.model} ({self._num_params(state):,} params) | "
+    _say(f"{c.method} | model {c.model} ({self._params_line(state)}) | "
          f"{c.steps} steps of {c.batch_size}x{c.seq_len} tokens | devices "
          f"{self.executor.num_devices} ({c.parallelism}) | workdir {self.workdir}")
     meter = mt.Throughput(c.batch_size * c.seq_len, c.steps, step)
@@ -244,9 +254,14 @@ class _Trainer:
            "run the same command again to resume")
     return self._result(step, last_train, last_eval, stopped, time.perf_counter() - t0)
 
-  def _num_params(self, state) -> int:
-    g = self.executor.to_global(state)
-    return int(sum(x.size for x in jax.tree.leaves(g.params)))
+  def _params_line(self, state) -> str:
+    """'N params', or 'T trained of N' when constants (a frozen base) are carried."""
+    params = self.executor.to_global(state).params
+    count = lambda tree: int(sum(x.size for x in jax.tree.leaves(tree)))
+    trained = count(split_constants(params)[0])
+    if self.config.init_from and self.parts.method.from_pretrained is not None:
+      return f"{trained:,} trained on a frozen base, {count(params):,} values in all"
+    return f"{count(params):,} params"
 
   def _result(self, step, train, evaluation, stopped, wall) -> dict:
     out: dict[str, Any] = {"step": step, "interrupted": stopped or None, "wall_time_sec": wall}

@@ -27,7 +27,8 @@ from salaad_jax.train.config import TrainConfig, TrainError, alpha_init_value
 from salaad_jax.train.optim import base_optimizer
 
 Params = Any
-PLUGIN_MODULES = ("salaad_jax.baselines", "salaad_jax.baselines.harness")
+PLUGIN_MODULES = ("salaad_jax.baselines", "salaad_jax.baselines.harness",
+                  "salaad_jax.baselines.finetune")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,6 +52,17 @@ class Method:
     constant_collections: Flax variable collections besides 'params' that the
       model creates at init and needs at every apply but never trains (e.g.
       SLTrain's 'sparsity'); they are carried in ``TrainState.params``.
+    from_pretrained: ``(config, params, rng, next_batch) -> TrainState.params``:
+      the starting point built from the dense Llama ``params`` of the
+      ``--init_from`` run (eagerly, on the host's first device; e.g. LoRA:
+      ``{'params': adapters, 'frozen': {'base': params}}``);
+      ``next_batch()`` yields training batches for calibration.  Methods
+      with it are fine-tuning methods and need ``--init_from``.  None: the
+      pretrained params themselves.
+    model_variables: ``config -> (variables -> Llama variables)``: what the
+      model applies for ``TrainState.params`` (e.g. W + (alpha / r) A B).
+      The function must be hashable (a module-level function or a
+      ``functools.partial``).  None: the variables as they are.
   """
 
   name: str
@@ -62,6 +74,8 @@ class Method:
   options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
   description: str = ""
   constant_collections: tuple[str, ...] = ()
+  from_pretrained: Optional[Callable[..., Params]] = None
+  model_variables: Optional[Callable[[TrainConfig], Callable[[dict], dict]]] = None
 
   def model_dense_cls(self, config: TrainConfig):
     return nn.Dense if self.dense_cls is None else self.dense_cls(config)
@@ -73,13 +87,14 @@ _plugins_loaded = False
 
 def register_method(name: str, make_optimizer, *, dense_cls=None, transform_params=None,
                     metrics=None, eval_params=None, options=None, description: str = "",
-                    constant_collections=(), overwrite: bool = False) -> Method:
+                    constant_collections=(), from_pretrained=None, model_variables=None,
+                    overwrite: bool = False) -> Method:
   """Adds a method to the registry and returns it (see :class:`Method`)."""
   if name in _REGISTRY and not overwrite:
     raise ValueError(f"method {name!r} is already registered (pass overwrite=True)")
   method = Method(name, make_optimizer, dense_cls, transform_params, metrics,
                   eval_params, dict(options or {}), description,
-                  tuple(constant_collections))
+                  tuple(constant_collections), from_pretrained, model_variables)
   _REGISTRY[name] = method
   return method
 

@@ -13,9 +13,10 @@ from salaad_jax.models import Llama, LlamaConfig
 from salaad_jax.train import sharding as shd
 from salaad_jax.train.checkpoint import Checkpointer
 from salaad_jax.train.config import TrainConfig, read_config
-from salaad_jax.train.loop import CHECKPOINT_DIR
+from salaad_jax.train.loop import CHECKPOINT_DIR, calibration_dataset
 from salaad_jax.train.methods import Method
 from salaad_jax.train.state import build, init_state
+from salaad_jax.train.warm_start import applied_params, calibration_batches, initial_params
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,6 +33,10 @@ class Run:
     step: the checkpoint's step.
     method: the registered Method.
     data_state: the training iterator's state at ``step``.
+
+  ``run.model.apply({'params': run.llama_params}, tokens)`` evaluates it
+  (for SLTrain-like methods with constant collections, use
+  ``salaad_jax.train.state.model_variables(run.params)``).
   """
 
   config: TrainConfig
@@ -42,6 +47,12 @@ class Run:
   step: int
   method: Method
   data_state: dict
+
+  @property
+  def llama_params(self) -> Any:
+    """The params the model applies (for a fine-tuning method, the merged
+    weights, e.g. W + (alpha / r) A B)."""
+    return applied_params(self.config, self.method, self.params)
 
 
 def load_run(workdir: str, step: Optional[int] = None, mesh: Optional[Mesh] = None) -> Run:
@@ -56,7 +67,13 @@ def load_run(workdir: str, step: Optional[int] = None, mesh: Optional[Mesh] = No
   """
   config = read_config(workdir)
   parts = build(config)
-  abstract = jax.eval_shape(lambda: init_state(config, parts.model, parts.method, parts.tx))
+  # A run started from another one (--init_from) has the shapes of its
+  # starting point (e.g. LoRA ranks), which is rebuilt for them.
+  initial = initial_params(config, parts.method, parts.model_config,
+                           calibration_batches(lambda: calibration_dataset(config)))
+  abstract = jax.eval_shape(
+      lambda p: init_state(config, parts.model, parts.method, parts.tx, p), initial)
+  del initial
   if mesh is None:
     first = SingleDeviceSharding(jax.devices()[0])
     shardings = jax.tree.map(lambda _: first, abstract)

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Mapping, NamedTuple
+import dataclasses
+from typing import Any, Callable, Mapping, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -67,18 +68,49 @@ def model_config(config: TrainConfig) -> LlamaConfig:
     raise TrainError(f"--model={config.model}: {e}") from None
 
 
-def build_model(config: TrainConfig, method: Method) -> tuple[LlamaConfig, Llama]:
-  """(LlamaConfig, Llama module) with the method's projection class."""
+@dataclasses.dataclass(frozen=True)
+class Reparameterized:
+  """A Llama applied to ``to_llama(variables)`` instead of the variables
+  themselves: the model of a method that trains something other than the
+  Llama's own weights (e.g. LoRA adapters on a frozen base).  ``apply`` has
+  Flax's signature, so the loss, the evaluation and the checkpoints are those
+  of every other method; other attributes are the Llama's."""
+
+  llama: Llama
+  to_llama: Callable[[dict], dict]
+
+  def apply(self, variables, *args, **kwargs):
+    return self.llama.apply(self.to_llama(dict(variables)), *args, **kwargs)
+
+  def init(self, *args, **kwargs):
+    raise TrainError("this method's parameters are built from a pretrained run "
+                     "(--init_from), not by the model initialiser")
+
+  def __getattr__(self, name):
+    return getattr(self.llama, name)
+
+
+def build_model(config: TrainConfig, method: Method) -> tuple[LlamaConfig, Any]:
+  """(LlamaConfig, model): the Llama with the method's projection class,
+  wrapped in :class:`Reparameterized` when the method maps its variables."""
   mcfg = model_config(config)
-  return mcfg, Llama(mcfg, dense_cls=method.model_dense_cls(config))
+  llama = Llama(mcfg, dense_cls=method.model_dense_cls(config))
+  if method.model_variables is None:
+    return mcfg, llama
+  return mcfg, Reparameterized(llama, method.model_variables(config))
 
 
 def init_state(config: TrainConfig, model: Llama, method: Method,
-               tx: optax.GradientTransformation) -> TrainState:
+               tx: optax.GradientTransformation, initial: Optional[Any] = None) -> TrainState:
   """Step 0: params from the model's initialiser (seeded by ``config.seed``),
   then the method's param transform, then ``tx.init`` (of the trainable
-  params only); the method's constant collections join the params.  Traceable, so it can
-  be jitted with output shardings or run under ``jax.eval_shape``."""
+  params only); the method's constant collections join the params.  With
+  ``initial`` (a ``TrainState.params`` tree, e.g. from a pretrained run), the
+  params are ``initial`` instead.  Traceable, so it can be jitted with output
+  shardings or run under ``jax.eval_shape``."""
+  if initial is not None:
+    trainable, _ = split_constants(initial)
+    return TrainState(jnp.zeros((), jnp.int32), initial, tx.init(trainable))
   rng = jax.random.key(config.seed)
   init_rng, transform_rng = jax.random.split(rng)
   tokens = jnp.zeros((1, min(config.seq_len, 8)), jnp.int32)

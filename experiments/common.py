@@ -1,0 +1,71 @@
+"""What the training apps share: one-line errors, the exit status of an
+interrupted run, the final report line and ``summary.json``."""
+
+from __future__ import annotations
+
+import signal
+import sys
+
+from absl import flags, logging
+
+from salaad_jax.baselines.harness import write_run_summary
+from salaad_jax.train import TrainConfig, TrainError, train_and_evaluate
+from salaad_jax.train import config as cfg_lib
+from salaad_jax.train.metrics import format_duration
+
+
+def quiet_logging() -> None:
+  """Progress goes to stdout; absl logging (e.g. Orbax's INFO lines per save)
+  only from warnings up unless --verbosity is given."""
+  if not flags.FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)
+
+
+def fail(message: str) -> None:
+  print(f"error: {message}", file=sys.stderr, flush=True)
+  sys.exit(1)
+
+
+def result_line(result: dict, workdir: str) -> str:
+  parts = [f"done: step {result['step']}"]
+  if "eval_loss" in result:
+    parts.append(f"eval loss {result['eval_loss']:.4f} ppl {result['eval_perplexity']:.2f}")
+  if "eval_surrogate/loss" in result:
+    parts.append(f"surrogate (L+S) loss {result['eval_surrogate/loss']:.4f}")
+  if "rank_rate" in result:
+    parts.append(f"rank rate {result['rank_rate']:.3f} density {result['density']:.3f}")
+  parts.append(f"wall {format_duration(result['wall_time_sec'])}")
+  parts.append(f"workdir {workdir}")
+  return " | ".join(parts)
+
+
+def summary_line(summary: dict) -> str:
+  parts = [f"summary: {summary['method']}", f"{summary['params']:,} params",
+           f"{summary['bytes']:,} bytes", f"ppl {summary['perplexity']:.3f}"]
+  if summary.get("dense_params"):
+    parts.insert(2, f"{summary['params'] / summary['dense_params']:.3f} of dense")
+  if summary.get("sparsity") is not None:
+    parts.append(f"sparsity {summary['sparsity']:.3f}")
+  return " | ".join(parts)
+
+
+def train(config: TrainConfig, workdir: str) -> dict:
+  """``train_and_evaluate``; a TrainError exits with status 1 and one line, an
+  interrupted run with 128 + the signal number (after its checkpoint)."""
+  try:
+    result = train_and_evaluate(config, workdir)
+  except TrainError as e:
+    fail(str(e))
+  stopped = result.get("interrupted")
+  if stopped in ("SIGTERM", "SIGINT"):
+    sys.exit(128 + int(getattr(signal, stopped)))
+  return result
+
+
+def write_summary(workdir: str, result: dict) -> dict:
+  """``<workdir>/summary.json`` of a finished run (see
+  ``salaad_jax.baselines.harness.write_run_summary``)."""
+  try:
+    return write_run_summary(cfg_lib.read_config(workdir), workdir, result)
+  except TrainError as e:
+    fail(str(e))

@@ -1,0 +1,126 @@
+"""Fine-tune a pretrained run with LoRA, SALR, LoSA or SALAAD.
+
+    python -m experiments.finetune --flagfile=experiments/configs/finetune_tiny.flags \
+        --init_workdir=/tmp/dense_tiny --method=salr --source=/path/to/other.txt \
+        --workdir=/tmp/ft_salr
+
+``--init_workdir`` is a finished ``experiments.pretrain`` run of a dense
+Llama (``--method=dense``, ``salaad`` or ``galore``); its model, vocabulary,
+tokenizer and dtypes are used unless given here.  Every TrainConfig field is a
+flag (``--helpfull``), method options with ``--method_option key=value``:
+
+  * ``lora``: rank (8), alpha (16);
+  * ``salr``: lora_rank (8), residual_rank (8), sparsity (0.5), alpha (16);
+  * ``losa``: rank (mean per layer, 8), alpha (16), sparsity (target, 0.5),
+    rounds (5), max_deviation (0.02), calib_batches (2).  The rounds run one
+    after the other in ``<workdir>/round_<t>``, each starting from the
+    previous one's merged weights, with ``--steps`` split between them;
+  * ``salaad``: the SALAAD flags (``--rho``, ``--rank_target``, ...), starting
+    from the pretrained weights.
+
+Rerunning the same command resumes (an unfinished LoSA round continues, the
+finished ones are kept).  When done, ``<workdir>/summary.json`` holds the
+validation perplexity, parameter count, deployment bytes and sparsity of the
+deployed model (``experiments.spectrum --baselines=<workdir>`` plots it).
+"""
+
+from __future__ import annotations
+
+import os
+
+from absl import app, flags
+
+from experiments import common
+from salaad_jax.deploy import summary as summary_lib
+from salaad_jax.train import TrainConfig, TrainError
+from salaad_jax.train import config as cfg_lib
+from salaad_jax.train import flags as train_flags
+from salaad_jax.train.methods import get_method, method_options
+
+FINETUNE_METHODS = ("lora", "salr", "losa", "salaad")
+# Taken from the pretrained run unless given on the command line.
+INHERITED = ("model", "vocab_size", "tokenizer", "dtype", "param_dtype")
+
+train_flags.define_flags()
+flags.FLAGS.set_default("method", "lora")
+_WORKDIR = flags.DEFINE_string("workdir", None, "run directory (created; resumed if it "
+                               "holds a checkpoint)", required=True)
+_INIT = flags.DEFINE_string("init_workdir", None, "workdir of the pretrained run to start "
+                            "from", required=True)
+
+
+def finetune_config(flag_values=flags.FLAGS) -> TrainConfig:
+  """The TrainConfig of the flags, with the pretrained run's model settings
+  where the flags leave them unset."""
+  if flag_values["init_from"].present:
+    raise TrainError("give the pretrained run with --init_workdir (not --init_from)")
+  config = train_flags.config_from_flags(flag_values)
+  if config.method not in FINETUNE_METHODS:
+    raise TrainError(f"--method={config.method}: fine-tuning methods are "
+                     f"{list(FINETUNE_METHODS)}")
+  init = flag_values["init_workdir"].value
+  try:
+    source = cfg_lib.read_config(init)
+  except TrainError as e:
+    raise TrainError(f"--init_workdir: {e}") from None
+  inherited = {k: getattr(source, k) for k in INHERITED if not flag_values[k].present}
+  return config.replace(init_from=os.path.abspath(init), **inherited)
+
+
+def losa_rounds(config: TrainConfig, workdir: str) -> list[tuple[TrainConfig, str]]:
+  """(config, workdir) of every LoSA round: round t starts from round t - 1
+  (round 1 from ``config.init_from``), trains ``steps // rounds`` steps (the
+  remainder in the last round) on its own data order."""
+  rounds = method_options(get_method("losa"), config)["rounds"]
+  if rounds < 1 or config.steps < rounds:
+    raise TrainError(f"--method_option rounds={rounds} needs 1 <= rounds <= --steps="
+                     f"{config.steps}")
+  out, previous = [], config.init_from
+  for t in range(1, rounds + 1):
+    steps = config.steps // rounds + (config.steps % rounds if t == rounds else 0)
+    round_config = config.replace(
+        method_options={**config.method_options, "round": str(t)}, init_from=previous,
+        steps=steps, warmup_steps=min(config.warmup_steps, steps),
+        data_seed=config.data_seed + t - 1)
+    round_dir = os.path.join(workdir, f"round_{t}")
+    out.append((round_config, round_dir))
+    previous = round_dir
+  return out
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  common.quiet_logging()
+  workdir = _WORKDIR.value
+  try:
+    config = finetune_config()
+    if config.method == "losa":
+      if "round" in config.method_options:
+        raise TrainError("--method_option round=... is set per round by this app")
+      runs = losa_rounds(config, workdir)
+    else:
+      runs = [(config, workdir)]
+  except TrainError as e:
+    common.fail(str(e))
+  for i, (run_config, run_dir) in enumerate(runs):
+    if len(runs) > 1:
+      print(f"== LoSA round {i + 1}/{len(runs)}: {run_config.steps} steps in {run_dir}",
+            flush=True)
+    result = common.train(run_config, run_dir)
+    if result.get("interrupted"):
+      return
+    print(common.result_line(result, run_dir), flush=True)
+  summary = common.write_summary(run_dir, result)
+  if run_dir != workdir:
+    fields = {k: v for k, v in summary.items() if k != "format_version"}
+    fields["step"] = sum(c.steps for c, _ in runs)
+    fields["extra"] = {**fields.get("extra", {}), "init_from": config.init_from,
+                       "rounds": len(runs),
+                       "final_round_workdir": os.path.abspath(run_dir)}
+    summary = summary_lib.write_summary(workdir, **fields)
+  print(common.summary_line(summary), flush=True)
+
+
+if __name__ == "__main__":
+  app.run(main)

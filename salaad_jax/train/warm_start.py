@@ -1,0 +1,96 @@
+"""Starting a run from another run's trained weights (``--init_from``).
+
+The run in ``init_from`` (any workdir of ``train_and_evaluate`` whose model
+is a dense Llama: dense, salaad, galore or a fine-tuning method) is restored
+and reduced to the Llama params it applies; the new run starts from those
+(``Method.from_pretrained`` maps them to what the method trains, e.g.
+frozen base plus LoRA adapters).  The new run's own checkpoints make it
+resumable as usual; on resume the starting point is rebuilt only for its
+shapes.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Optional
+
+import jax
+import numpy as np
+
+from salaad_jax.models import Llama, LlamaConfig
+from salaad_jax.train.config import TrainConfig, TrainError
+from salaad_jax.train.methods import Method
+from salaad_jax.train.state import model_variables
+
+Params = Any
+
+
+def applied_params(config: TrainConfig, method: Method, params: Params) -> Params:
+  """The Llama params a run with ``method`` applies for its ``TrainState.params``
+  (``params`` itself unless the method reparameterises its model)."""
+  variables = model_variables(params)
+  if method.model_variables is not None:
+    variables = method.model_variables(config)(variables)
+  return variables["params"]
+
+
+def _check_compatible(source: TrainConfig, params: Params, model_config: LlamaConfig,
+                      workdir: str) -> None:
+  expected = jax.eval_shape(
+      lambda: Llama(model_config).init(jax.random.key(0), np.zeros((1, 1), np.int32)))["params"]
+  got = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
+  if jax.tree.structure(expected) != jax.tree.structure(got) or any(
+      a.shape != b.shape for a, b in zip(jax.tree.leaves(expected), jax.tree.leaves(got))):
+    raise TrainError(
+        f"--init_from={workdir}: its model (--model={source.model}, vocab_size "
+        f"{source.vocab_size}) has other parameter shapes than this run's (vocab_size "
+        f"{model_config.vocab_size}); fine-tune with the same --model and tokenizer")
+
+
+def pretrained_params(workdir: str, model_config: LlamaConfig) -> Params:
+  """The dense Llama params of the latest checkpoint in ``workdir``.
+
+  Raises:
+    TrainError: no run there, or a model that is not this dense Llama.
+  """
+  from salaad_jax.train.run import load_run  # pylint: disable=import-outside-toplevel
+  run = load_run(workdir)
+  if run.method.dense_cls is not None:
+    raise TrainError(f"--init_from={workdir}: a {run.config.method!r} run trains "
+                     "structured projections, not a dense Llama; start from a dense, "
+                     "salaad or galore run")
+  params = applied_params(run.config, run.method, run.params)
+  _check_compatible(run.config, params, model_config, workdir)
+  return params
+
+
+def initial_params(config: TrainConfig, method: Method, model_config: LlamaConfig,
+                   next_batch: Callable[[], dict]) -> Optional[Params]:
+  """The starting ``TrainState.params`` of ``config``: None for a run from
+  the initialiser, else built from the ``--init_from`` run.
+
+  Raises:
+    TrainError: a fine-tuning method without ``--init_from``, or a bad one.
+  """
+  if not config.init_from:
+    if method.from_pretrained is not None:
+      raise TrainError(f"--method={method.name} fine-tunes a trained model: give "
+                       "--init_from=<workdir of a dense or salaad run>")
+    return None
+  params = pretrained_params(config.init_from, model_config)
+  if method.from_pretrained is None:
+    return params
+  rng = jax.random.fold_in(jax.random.key(config.seed), 1)
+  return method.from_pretrained(config, params, rng, next_batch)
+
+
+def calibration_batches(make_dataset: Callable[[], Any]) -> Callable[[], dict]:
+  """``next_batch()`` over a dataset made on the first call (so runs that
+  need no calibration build none)."""
+  holder: list = []
+
+  def next_batch() -> dict:
+    if not holder:
+      holder.append(make_dataset())
+    return next(holder[0])
+
+  return next_batch
