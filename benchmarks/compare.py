@@ -14,8 +14,16 @@ parts).  SALAAD is deployed as its surrogate L + S (rank and nonzeros of the
 final per-block surrogates) and evaluated as such; its dense iterate X is
 listed too.
 
+With ``--finetune_source``, the dense run is then fine-tuned on that text for
+``--finetune_steps`` steps by every method of ``--finetune_methods``: full
+(dense AdamW on all weights), LoRA, SALR, LoSA (its rounds in sequence) and
+SALAAD, each in ``--out/finetune/<method>``, and ``finetune.md`` / ``.csv`` /
+``.png`` list validation perplexity on the new text against deployed params,
+bytes and sparsity; the pretrained model before fine-tuning is the first row.
+
     python -m benchmarks.compare --source=/work/shared/data/tinyshakespeare.txt \
-        --steps=300 --out=/tmp/compare
+        --steps=300 --out=/tmp/compare \
+        --finetune_source='text:/usr/lib/python3.11/*.py' --finetune_steps=200
 """
 
 from __future__ import annotations
@@ -25,18 +33,15 @@ import os
 
 from absl import app, flags
 
-import jax
-import numpy as np
-
-import salaad_jax as sj
-from salaad_jax.baselines import accounting, harness, match_rank
-from salaad_jax.deploy import accounting as deploy_accounting
-from salaad_jax.train import TrainConfig, train_and_evaluate
+from experiments import common
+from salaad_jax.baselines import finetune, harness, match_rank
+from salaad_jax.train import TrainConfig, evaluate, make_eval_dataset, train_and_evaluate
 from salaad_jax.train import config as cfg_lib
 from salaad_jax.train.run import load_run
 from salaad_jax.train.state import model_config
 
 METHODS = ("dense", "salaad", "lowrank", "sltrain", "lost", "galore")
+FINETUNE_METHODS = ("full", "lora", "salr", "losa", "salaad")
 
 _SOURCE = flags.DEFINE_string("source", "/work/shared/data/tinyshakespeare.txt",
                               "training text (or a synthetic: source)")
@@ -51,6 +56,12 @@ _FRACTION = flags.DEFINE_float("budget_fraction", 0.5,
 _DENSITY = flags.DEFINE_float("density", 0.03, "SLTrain / LOST density")
 _METHODS = flags.DEFINE_list("methods", list(METHODS), "methods to train")
 _EVAL_BATCHES = flags.DEFINE_integer("eval_batches", 10, "validation batches")
+_FT_SOURCE = flags.DEFINE_string("finetune_source", "", "text to fine-tune the dense run "
+                                 "on ('': no fine-tuning comparison)")
+_FT_STEPS = flags.DEFINE_integer("finetune_steps", 200, "fine-tuning steps of every method")
+_FT_LR = flags.DEFINE_float("finetune_lr", 1e-3, "peak fine-tuning learning rate")
+_FT_METHODS = flags.DEFINE_list("finetune_methods", list(FINETUNE_METHODS),
+                                "fine-tuning methods ('full': dense AdamW on all weights)")
 
 # SALAAD settings of experiments/configs/tiny.flags (tuned for a few hundred
 # steps of the tiny model on tinyshakespeare).
@@ -71,26 +82,6 @@ def base_config(method: str, **overrides) -> TrainConfig:
   return TrainConfig(**base)
 
 
-def salaad_footprint(workdir: str) -> accounting.Footprint:
-  """(params, bytes) of SALAAD's final surrogate L + S: per block
-  (m + n) rank + nnz values (COO, bf16), the rest dense."""
-  run = load_run(workdir)
-  factors = sj.low_rank_factors(run.opt_state)
-  sparse = sj.sparse_parts(run.opt_state)
-  total = sum(int(x.size) for x in jax.tree.leaves(run.params))
-  b_w = accounting.ByteCosts().b_w
-  params, nbytes, block_total = 0, 0, 0
-  for path, f in factors.items():
-    m, n = int(f.u.shape[0]), int(f.v.shape[0])
-    rank = int(np.sum(np.asarray(f.s) > 0))
-    nnz = int(np.count_nonzero(np.asarray(sparse[path])))
-    block_total += m * n
-    params += deploy_accounting.block_params(m, n, rank, nnz)
-    nbytes += deploy_accounting.block_bytes("coo", m, n, rank, nnz, b_w)
-  rest = total - block_total
-  return accounting.Footprint(rest + params, rest * b_w + nbytes)
-
-
 def run_method(method: str, rank: int) -> dict:
   """Trains one method in ``--out/runs/<method>``; returns its table row."""
   wd = os.path.join(_OUT.value, "runs", method)
@@ -106,23 +97,97 @@ def run_method(method: str, rank: int) -> dict:
     overrides = dict(SALAAD_SHORT_RUN)
   config = base_config(method, method_options=options, **overrides)
   result = train_and_evaluate(config, wd)
-  resolved = cfg_lib.read_config(wd)
-  row = {"method": method, "rank": rank if options.get("rank") else "",
-         "x_perplexity": result["eval_perplexity"], "steps": result["step"],
-         "wall_s": result["wall_time_sec"]}
-  if method == "salaad":
-    fp = salaad_footprint(wd)
-    ppl = result["eval_surrogate/perplexity"]
-    sj_summary = dict(method=method, params=int(fp.params), bytes=int(fp.bytes),
-                      perplexity=float(ppl), step=int(result["step"]),
-                      extra={"dense_iterate_perplexity": result["eval_perplexity"]})
-    from salaad_jax.deploy.summary import write_summary  # pylint: disable=import-outside-toplevel
-    write_summary(wd, **sj_summary)
-    row.update(params=int(fp.params), bytes=int(fp.bytes), perplexity=float(ppl))
-  else:
-    s = harness.write_run_summary(resolved, wd, result)
-    row.update(params=s["params"], bytes=s["bytes"], perplexity=s["perplexity"])
-  return row
+  summary = harness.write_run_summary(cfg_lib.read_config(wd), wd, result)
+  return {"method": method, "rank": rank if options.get("rank") else "",
+          "x_perplexity": result["eval_perplexity"], "steps": result["step"],
+          "wall_s": result["wall_time_sec"], "params": summary["params"],
+          "bytes": summary["bytes"], "perplexity": summary["perplexity"]}
+
+
+def _finetune_row(name: str, summary: dict, wall: float) -> dict:
+  extra = summary.get("extra", {})
+  # Full fine-tuning and SALAAD train every weight.
+  trainable = extra.get("trainable_params", summary["dense_params"])
+  return {"method": name, "params": summary["params"], "bytes": summary["bytes"],
+          "perplexity": summary["perplexity"], "sparsity": summary.get("sparsity"),
+          "trainable": trainable, "wall_s": wall}
+
+
+def run_finetune(method: str, init_wd: str) -> dict:
+  """Fine-tunes the dense run ``init_wd`` with ``method`` on
+  ``--finetune_source`` in ``--out/finetune/<method>``; returns its row."""
+  wd = os.path.join(_OUT.value, "finetune", method)
+  steps = _FT_STEPS.value
+  overrides = dict(source=_FT_SOURCE.value, steps=steps, lr=_FT_LR.value,
+                   warmup_steps=max(1, steps // 20), init_from=os.path.abspath(init_wd),
+                   log_every=max(1, steps // 5))
+  if method == "salaad" and _MODEL.value == "tiny":
+    overrides.update(SALAAD_SHORT_RUN)
+  config = base_config("dense" if method == "full" else method, **overrides)
+  runs = (finetune.losa_rounds(config, wd) if method == "losa" else [(config, wd)])
+  wall = 0.0
+  for run_config, run_wd in runs:
+    result = train_and_evaluate(run_config, run_wd)
+    wall += result["wall_time_sec"]
+  summary = harness.write_run_summary(cfg_lib.read_config(run_wd), run_wd, result)
+  return _finetune_row(method, summary, wall)
+
+
+def pretrained_row(init_wd: str) -> dict:
+  """The dense run before fine-tuning, evaluated on the fine-tuning text."""
+  run = load_run(init_wd)
+  config = run.config.replace(source=_FT_SOURCE.value)
+  res = evaluate(run.model, run.params, make_eval_dataset(config), _EVAL_BATCHES.value)
+  fp = harness.run_footprint(run.config)
+  return {"method": "pretrained (no fine-tuning)", "params": fp.params, "bytes": fp.bytes,
+          "perplexity": res["perplexity"], "sparsity": None, "trainable": 0, "wall_s": 0.0}
+
+
+def write_finetune_outputs(rows: list[dict], dense_params: int) -> str:
+  """finetune.md / .csv / .png in ``--out``; returns the markdown table."""
+  out = _OUT.value
+  keys = ["method", "trainable", "params", "bytes", "sparsity", "perplexity", "wall_s"]
+  with open(os.path.join(out, "finetune.csv"), "w", newline="") as f:
+    w = csv.DictWriter(f, keys, extrasaction="ignore")
+    w.writeheader()
+    w.writerows(rows)
+  lines = [f"Model `{_MODEL.value}` pretrained (dense, {_STEPS.value} steps) on "
+           f"`{os.path.basename(_SOURCE.value)}`, fine-tuned {_FT_STEPS.value} steps of "
+           f"{_BATCH.value}x{_SEQ.value} tokens on `{_FT_SOURCE.value}`; validation "
+           "perplexity on the fine-tuning text.",
+           "",
+           "| method | trained params | deployed params | params / dense | bytes | sparsity "
+           "| val. perplexity | time (s) |",
+           "|---|---:|---:|---:|---:|---:|---:|---:|"]
+  for r in rows:
+    lines.append(f"| {r['method']} | {r['trainable']:,} | {r['params']:,} | "
+                 f"{r['params'] / dense_params:.3f} | {r['bytes']:,} | "
+                 f"{'' if r['sparsity'] is None else format(r['sparsity'], '.3f')} | "
+                 f"{r['perplexity']:.3f} | {r['wall_s']:.0f} |")
+  table = "\n".join(lines) + "\n"
+  with open(os.path.join(out, "finetune.md"), "w") as f:
+    f.write(table)
+  scatter_plot(rows, os.path.join(out, "finetune.png"),
+               f"fine-tuning {_MODEL.value}, {_FT_STEPS.value} steps")
+  return table
+
+
+def scatter_plot(rows: list[dict], path: str, title: str) -> None:
+  """Validation perplexity against deployment bytes, one labelled point per row."""
+  import matplotlib  # pylint: disable=import-outside-toplevel
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+  fig, ax = plt.subplots(figsize=(6, 4))
+  for r in rows:
+    ax.scatter(r["bytes"], r["perplexity"])
+    ax.annotate(r["method"], (r["bytes"], r["perplexity"]), textcoords="offset points",
+                xytext=(4, 4))
+  ax.set_xlabel("deployment bytes")
+  ax.set_ylabel("validation perplexity")
+  ax.set_title(title)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
 
 
 def write_outputs(rows: list[dict], dense_params: int, target: int) -> str:
@@ -149,28 +214,23 @@ def write_outputs(rows: list[dict], dense_params: int, target: int) -> str:
   table = "\n".join(lines) + "\n"
   with open(os.path.join(out, "results.md"), "w") as f:
     f.write(table)
-  import matplotlib  # pylint: disable=import-outside-toplevel
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
-  fig, ax = plt.subplots(figsize=(6, 4))
-  for r in rows:
-    ax.scatter(r["bytes"], r["perplexity"])
-    ax.annotate(r["method"], (r["bytes"], r["perplexity"]), textcoords="offset points",
-                xytext=(4, 4))
-  ax.set_xlabel("deployment bytes")
-  ax.set_ylabel("validation perplexity")
-  ax.set_title(f"{_MODEL.value}, {_STEPS.value} steps, budget {_FRACTION.value:g} x dense")
-  fig.tight_layout()
-  fig.savefig(os.path.join(out, "results.png"), dpi=120)
-  plt.close(fig)
+  scatter_plot(rows, os.path.join(out, "results.png"),
+               f"{_MODEL.value}, {_STEPS.value} steps, budget {_FRACTION.value:g} x dense")
   return table
 
 
 def main(argv):
   del argv
+  common.quiet_logging()
   unknown = sorted(set(_METHODS.value) - set(METHODS))
   if unknown:
     raise app.UsageError(f"--methods: unknown {unknown}; known {list(METHODS)}")
+  unknown = sorted(set(_FT_METHODS.value) - set(FINETUNE_METHODS))
+  if unknown:
+    raise app.UsageError(f"--finetune_methods: unknown {unknown}; known "
+                         f"{list(FINETUNE_METHODS)}")
+  if _FT_SOURCE.value and "dense" not in _METHODS.value:
+    raise app.UsageError("--finetune_source fine-tunes the dense run: keep dense in --methods")
   os.makedirs(_OUT.value, exist_ok=True)
   probe = base_config("dense", vocab_size=256)
   mcfg = model_config(probe)
@@ -185,6 +245,13 @@ def main(argv):
     print(f"== {method} (rank {ranks.get(method, '-')})", flush=True)
     rows.append(run_method(method, ranks.get(method, 0)))
   print(write_outputs(rows, dense_params, target), flush=True)
+  if _FT_SOURCE.value:
+    init_wd = os.path.join(_OUT.value, "runs", "dense")
+    ft_rows = [pretrained_row(init_wd)]
+    for method in [m for m in FINETUNE_METHODS if m in _FT_METHODS.value]:
+      print(f"== fine-tune: {method}", flush=True)
+      ft_rows.append(run_finetune(method, init_wd))
+    print(write_finetune_outputs(ft_rows, dense_params), flush=True)
 
 
 if __name__ == "__main__":

@@ -22,10 +22,6 @@ from __future__ import annotations
 
 import json
 import os
-
-# XLA:CPU sizes its thread pool from NPROC; with one thread per core, batched
-# LAPACK calls (SVD, eigh) on a 2-core machine have been seen to deadlock.
-os.environ.setdefault("NPROC", "8")
 import statistics
 import time
 

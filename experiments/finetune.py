@@ -31,11 +31,11 @@ import os
 from absl import app, flags
 
 from experiments import common
+from salaad_jax.baselines.finetune import losa_rounds
 from salaad_jax.deploy import summary as summary_lib
 from salaad_jax.train import TrainConfig, TrainError
 from salaad_jax.train import config as cfg_lib
 from salaad_jax.train import flags as train_flags
-from salaad_jax.train.methods import get_method, method_options
 
 FINETUNE_METHODS = ("lora", "salr", "losa", "salaad")
 # Taken from the pretrained run unless given on the command line.
@@ -67,27 +67,6 @@ def finetune_config(flag_values=flags.FLAGS) -> TrainConfig:
   return config.replace(init_from=os.path.abspath(init), **inherited)
 
 
-def losa_rounds(config: TrainConfig, workdir: str) -> list[tuple[TrainConfig, str]]:
-  """(config, workdir) of every LoSA round: round t starts from round t - 1
-  (round 1 from ``config.init_from``), trains ``steps // rounds`` steps (the
-  remainder in the last round) on its own data order."""
-  rounds = method_options(get_method("losa"), config)["rounds"]
-  if rounds < 1 or config.steps < rounds:
-    raise TrainError(f"--method_option rounds={rounds} needs 1 <= rounds <= --steps="
-                     f"{config.steps}")
-  out, previous = [], config.init_from
-  for t in range(1, rounds + 1):
-    steps = config.steps // rounds + (config.steps % rounds if t == rounds else 0)
-    round_config = config.replace(
-        method_options={**config.method_options, "round": str(t)}, init_from=previous,
-        steps=steps, warmup_steps=min(config.warmup_steps, steps),
-        data_seed=config.data_seed + t - 1)
-    round_dir = os.path.join(workdir, f"round_{t}")
-    out.append((round_config, round_dir))
-    previous = round_dir
-  return out
-
-
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -96,8 +75,6 @@ def main(argv):
   try:
     config = finetune_config()
     if config.method == "losa":
-      if "round" in config.method_options:
-        raise TrainError("--method_option round=... is set per round by this app")
       runs = losa_rounds(config, workdir)
     else:
       runs = [(config, workdir)]

@@ -28,6 +28,7 @@ sparse base and one fused adapter pair; LoSA merges into a sparse model.
 from __future__ import annotations
 
 import functools
+import os
 from typing import Any, Callable
 
 import jax
@@ -145,6 +146,35 @@ for _name, (_opts, _description) in FINETUNE_METHODS.items():
   register_method(_name, dense_optimizer, options=_opts, description=_description,
                   constant_collections=(COLLECTION,), from_pretrained=_STARTS[_name],
                   model_variables=_model_variables(_name), overwrite=True)
+
+
+def losa_rounds(config: TrainConfig, workdir: str) -> list[tuple[TrainConfig, str]]:
+  """(config, workdir) of every round of a LoSA fine-tuning ``config``
+  (``method='losa'``, ``init_from`` set): round t runs in
+  ``<workdir>/round_<t>`` from round t - 1's merged model (round 1 from
+  ``config.init_from``) for ``steps // rounds`` steps (the remainder in the
+  last round), on its own data order.
+
+  Raises:
+    TrainError: ``round`` set by hand, or fewer steps than rounds.
+  """
+  if "round" in config.method_options:
+    raise TrainError("--method_option round=... is set per round; give only rounds")
+  rounds = method_options(get_method("losa"), config)["rounds"]
+  if rounds < 1 or config.steps < rounds:
+    raise TrainError(f"--method_option rounds={rounds} needs 1 <= rounds <= --steps="
+                     f"{config.steps}")
+  out, previous = [], config.init_from
+  for t in range(1, rounds + 1):
+    steps = config.steps // rounds + (config.steps % rounds if t == rounds else 0)
+    round_config = config.replace(
+        method_options={**config.method_options, "round": str(t)}, init_from=previous,
+        steps=steps, warmup_steps=min(config.warmup_steps, steps),
+        data_seed=config.data_seed + t - 1)
+    round_dir = os.path.join(workdir, f"round_{t}")
+    out.append((round_config, round_dir))
+    previous = round_dir
+  return out
 
 
 # --------------------------------------------------------------------- accounting
