@@ -1,5 +1,6 @@
 """Deployment: allocation (HPA, global), accounting, export / load, errors."""
 
+import dataclasses
 import json
 import math
 import os
@@ -8,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import orbax.checkpoint as ocp
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as hst
@@ -16,6 +18,7 @@ import salaad_jax as sj
 from salaad_jax import deploy
 from salaad_jax.deploy import accounting
 from salaad_jax.models import Llama, LlamaConfig, generate, init_params
+from salaad_jax.models.structured import structured_dense
 
 Factors = sj.Factors
 
@@ -295,6 +298,72 @@ def test_loaded_artifact_equals_dense_reconstruction(trained, tmp_path):
                                atol=2e-5, rtol=1e-5)
 
 
+def _with_empty_blocks(alloc, empty):
+  """``alloc`` with the blocks whose path contains one of ``empty`` kept at
+  rank 0 and nnz 0."""
+  blocks = tuple(dataclasses.replace(b, rank=0, nnz=0) if any(e in b.path for e in empty)
+                 else b for b in alloc.blocks)
+  return dataclasses.replace(alloc, blocks=blocks)
+
+
+def _empty_dicts(tree, path=""):
+  if not isinstance(tree, dict):
+    return []
+  if not tree:
+    return [path]
+  return [p for k, v in tree.items() for p in _empty_dicts(v, f"{path}/{k}")]
+
+
+# q_proj alone leaves a module without parameters; all of the MLP leaves its
+# parent module empty too; "proj" keeps no block part at all.
+@pytest.mark.parametrize("empty", [("q_proj",), ("q_proj", "mlp/"), ("proj",)])
+@pytest.mark.parametrize("fmt", ["coo", "csr", "bitmap"])
+def test_block_at_rank_0_and_nnz_0_round_trips(trained, tmp_path, empty, fmt):
+  params, state = trained
+  blocks = deploy.spectra(params, state)
+  alloc = _with_empty_blocks(deploy.allocate(blocks, 0.6), empty)
+  zero = [b.path for b in alloc.blocks if (b.rank, b.nnz) == (0, 0)]
+  assert zero and all(any(e in p for e in empty) for p in zero)
+  art = deploy.compress(params, blocks, alloc, fmt, "float32")
+  assert _empty_dicts(art.params) == []
+  in_memory = Llama(CFG.replace(param_dtype="float32"), dense_cls=structured_dense(art.layouts))
+  want = jax.jit(in_memory.apply)({"params": art.params}, _tokens())
+  # The empty blocks apply as all-zero weights.
+  ref = _DENSE_APPLY({"params": deploy.dense_reconstruction(params, blocks, alloc)}, _tokens())
+  np.testing.assert_allclose(want, ref, atol=2e-5, rtol=1e-5)
+
+  manifest = deploy.export(tmp_path / "art", art, CFG)
+  assert all((manifest["blocks"][p]["rank"], manifest["blocks"][p]["nnz"]) == (0, 0)
+             for p in zero)
+  model, loaded, _ = deploy.load(tmp_path / "art")
+  assert jax.tree.structure(loaded) == jax.tree.structure(art.params)
+  jax.tree.map(np.testing.assert_array_equal, loaded, art.params)
+  np.testing.assert_allclose(jax.jit(model.apply)({"params": loaded}, _tokens()), want,
+                             rtol=0, atol=0)
+
+
+def test_load_reads_params_saved_with_empty_dicts(trained, tmp_path):
+  # An artifact whose params were saved with an empty dict for every block
+  # kept at rank 0 and nnz 0 (what export wrote before it dropped them).
+  params, state = trained
+  blocks = deploy.spectra(params, state)
+  alloc = _with_empty_blocks(deploy.allocate(blocks, 0.6), ("q_proj", "mlp/"))
+  art = deploy.compress(params, blocks, alloc, "csr", "float32")
+  deploy.export(tmp_path / "art", art, CFG)
+  stored = jax.tree.map(lambda x: x, art.params)
+  stored["layers_0"]["attn"]["q_proj"] = {}
+  stored["layers_0"]["mlp"] = {"down_proj": {}, "gate_proj": {}, "up_proj": {}}
+  ckpt = ocp.StandardCheckpointer()
+  ckpt.save(tmp_path / "art" / "params", stored, force=True)
+  ckpt.wait_until_finished()
+  model, loaded, _ = deploy.load(tmp_path / "art")
+  assert _empty_dicts(loaded) == []
+  jax.tree.map(np.testing.assert_array_equal, loaded, art.params)
+  in_memory = Llama(CFG.replace(param_dtype="float32"), dense_cls=structured_dense(art.layouts))
+  np.testing.assert_array_equal(jax.jit(model.apply)({"params": loaded}, _tokens()),
+                                jax.jit(in_memory.apply)({"params": art.params}, _tokens()))
+
+
 def test_global_error_at_most_hpa_on_trained_model(trained):
   params, state = trained
   blocks = deploy.spectra(params, state)
@@ -361,9 +430,9 @@ def test_activation_weights_and_weighted_error(params0):
   art = deploy.compress(params, blocks, alloc, "coo", "float32")
   err = 0.0
   for b in alloc.blocks:
-    node = art.params
+    node = art.params  # a block kept at rank 0 with nnz 0 has no entry
     for key in b.path.split("/")[:-1]:
-      node = node[key]
+      node = node.get(key, {})
     f = dec.factors[b.path]
     l_full = np.asarray(sj.prox.dense(f), np.float64)
     l_kept = (np.asarray(node["lr_a"]) @ np.asarray(node["lr_b"]).T if b.rank

@@ -26,18 +26,10 @@ import pytest
 from ipykernel.kernelspec import install as install_kernelspec
 from jupyter_client.kernelspec import KernelSpecManager
 from nbclient import NotebookClient
-from nbclient.exceptions import CellExecutionError
 
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
 KERNEL = "python3"
 TIMEOUT = 600  # seconds per cell
-
-# salaad_jax.deploy.load fails with Orbax's "tree structures do not match" when an
-# exported block keeps rank 0 and no sparse entry (its empty parameter dict is saved but
-# the structured model has none).  Until that is fixed the deployment test stops there
-# as an expected failure; every cell before it is still checked.  Remove once fixed.
-LOAD_EMPTY_BLOCK_BUG = ("export", "tree structures do not match")
-
 
 @pytest.fixture
 def kernel(tmp_path, monkeypatch):
@@ -64,11 +56,10 @@ def _kernel_env(workdir: Path) -> dict:
   return env
 
 
-def run_notebook(name: str, tmp_path: Path, kernel_name: str, known_errors=()):
-  """Executes ``notebooks/<name>.ipynb``; returns (executed notebook, workdir, error).
+def run_notebook(name: str, tmp_path: Path, kernel_name: str):
+  """Executes ``notebooks/<name>.ipynb``; returns (executed notebook, workdir).
 
-  ``error`` is None, or the CellExecutionError of a cell that failed with one of
-  ``known_errors`` ((cell id, text in the error) pairs); any other failure raises.
+  A cell that fails raises (nbclient's CellExecutionError).
   """
   nb = nbformat.read(NOTEBOOKS / f"{name}.ipynb", as_version=4)
   assert all(not c.get("outputs") and c.get("execution_count") is None
@@ -78,21 +69,12 @@ def run_notebook(name: str, tmp_path: Path, kernel_name: str, known_errors=()):
   before = sorted(os.listdir(NOTEBOOKS))
   client = NotebookClient(nb, timeout=TIMEOUT, kernel_name=kernel_name,
                           resources={"metadata": {"path": str(cwd)}})
-  error = None
-  try:
-    client.execute(env=_kernel_env(workdir))
-  except CellExecutionError as e:
-    failed = [c.id for c in nb.cells
-              if any(o.output_type == "error" for o in c.get("outputs", []))]
-    if not any(failed == [cell_id] and text in str(e) for cell_id, text in known_errors):
-      raise
-    error = e
+  client.execute(env=_kernel_env(workdir))
   assert sorted(os.listdir(NOTEBOOKS)) == before, "the notebook wrote into the repository"
-  if error is None:
-    for cell in nb.cells:
-      for out in cell.get("outputs", []):
-        assert out.output_type != "error", (cell.id, out.get("ename"), out.get("evalue"))
-  return nb, workdir, error
+  for cell in nb.cells:
+    for out in cell.get("outputs", []):
+      assert out.output_type != "error", (cell.id, out.get("ename"), out.get("evalue"))
+  return nb, workdir
 
 
 def text(nb, cell_id: str) -> str:
@@ -113,7 +95,7 @@ def has_image(nb, cell_id: str) -> bool:
 
 
 def test_quickstart(tmp_path, kernel):
-  nb, workdir, _ = run_notebook("quickstart", tmp_path, kernel)
+  nb, workdir = run_notebook("quickstart", tmp_path, kernel)
 
   assert "salaad_jax is installed" in text(nb, "install")
   assert "backend 'cpu', 1 device(s)" in text(nb, "devices")
@@ -143,8 +125,7 @@ def test_quickstart(tmp_path, kernel):
 
 
 def test_elastic_deployment(tmp_path, kernel):
-  nb, workdir, error = run_notebook("elastic_deployment", tmp_path, kernel,
-                                    known_errors=[LOAD_EMPTY_BLOCK_BUG])
+  nb, workdir = run_notebook("elastic_deployment", tmp_path, kernel)
 
   assert "salaad run, model 'tiny', step 200" in text(nb, "run")
 
@@ -174,10 +155,6 @@ def test_elastic_deployment(tmp_path, kernel):
   # One budget exported, loaded back and evaluated.
   (artifact,) = workdir.glob("deployed_*")
   assert (artifact / "manifest.json").is_file()
-  if error is not None:
-    pytest.xfail("known bug: deploy.load cannot restore an artifact in which a block is kept "
-                 "at rank 0 with no sparse entry (the artifact holds an empty dict that the "
-                 "structured model lacks); the cells before it passed")
   export = text(nb, "export")
   assert "exported budget" in export and "validation perplexity: dense" in export
 

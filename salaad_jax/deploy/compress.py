@@ -12,7 +12,10 @@ reference path: the plain model evaluates it).  ``compress`` stores the
 same block as A = U_r diag(sqrt sigma~_r), B = V_r diag(sqrt sigma~_r)
 (L_i,r = A B^T, (m + n) r values) and S_i,nnz in a sparse format, giving the
 parameter tree of ``Llama(config, dense_cls=structured_dense(layouts))``;
-every other leaf is kept, cast to the deployment dtype.
+every other leaf is kept, cast to the deployment dtype.  A block kept at
+rank 0 with no sparse entry stores nothing (it applies as an all-zero
+matrix), and its module is left out of the tree altogether, as Flax leaves
+out a module without parameters: the tree holds no empty dicts.
 """
 
 from __future__ import annotations
@@ -39,7 +42,8 @@ class Artifact:
   Attributes:
     params: nested dict of arrays; each block's leaf is replaced by lr_a,
       lr_b, sp_values and the format's index arrays in its parent dict (for
-      fmt 'dense' by X_hat itself).
+      fmt 'dense' by X_hat itself).  It holds no empty dict: a block kept
+      at rank 0 with nnz 0 has no entry, nor has a module left empty.
     layouts: {module path: BlockLayout} of the structured blocks (empty for
       'dense').
     allocation: the allocation it realises.
@@ -99,6 +103,19 @@ def _nested(params) -> dict:
   if isinstance(params, Mapping):
     return {k: _nested(v) for k, v in params.items()}
   return params
+
+
+def drop_empty(tree):
+  """``tree`` (nested dicts) without its empty dicts, at any depth: a dict
+  left empty once its empty children are gone is dropped too."""
+  if not isinstance(tree, Mapping):
+    return tree
+  out = {}
+  for k, v in tree.items():
+    v = drop_empty(v)
+    if not (isinstance(v, Mapping) and not v):
+      out[k] = v
+  return out
 
 
 def _split(path: str) -> tuple[list[str], str]:
@@ -196,4 +213,4 @@ def compress(params, source, allocation: Allocation, fmt: str = "coo",
     del parent[leaf]
     parent.update(_structured_arrays(blocks[a.path], a.rank, a.nnz, fmt, dt))
     layouts[module] = BlockLayout(a.m, a.n, a.rank, a.nnz, fmt)
-  return Artifact(tree, layouts, allocation, fmt, name)
+  return Artifact(drop_empty(tree), layouts, allocation, fmt, name)

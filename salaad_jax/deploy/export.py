@@ -10,6 +10,11 @@ The manifest is written last, so a directory holding one is complete.
 ``load`` rebuilds ``Llama(config, dense_cls=structured_dense(layouts))``
 (plain ``Llama`` for the 'dense' format) and restores the parameters against
 its abstract tree.
+
+The stored tree holds no empty dict (Orbax does not restore one against a
+model that lacks it): a block kept at rank 0 with no sparse entry has no
+parameters, and Flax's structured model has none for it either.  ``load``
+still reads artifacts whose params were saved with such empty dicts.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import dataclasses
 import json
 import os
 import shutil
+from collections.abc import Mapping
 from typing import Any, Optional
 
 import jax
@@ -28,7 +34,7 @@ import orbax.checkpoint as ocp
 from salaad_jax import structure as st
 from salaad_jax.deploy import accounting as acc
 from salaad_jax.deploy.allocation import allocate
-from salaad_jax.deploy.compress import Artifact, compress
+from salaad_jax.deploy.compress import Artifact, compress, drop_empty
 from salaad_jax.deploy.spectra import Blocks, spectra
 from salaad_jax.models.configs import LlamaConfig
 from salaad_jax.models.llama import Llama
@@ -126,7 +132,7 @@ def export(path: str, artifact: Artifact, config: Optional[LlamaConfig] = None, 
   _prepare_dir(path, overwrite)
   os.makedirs(path, exist_ok=True)
   ckpt = ocp.StandardCheckpointer()
-  ckpt.save(os.path.join(path, PARAMS_DIR), artifact.params)
+  ckpt.save(os.path.join(path, PARAMS_DIR), drop_empty(artifact.params))
   ckpt.wait_until_finished()
   with open(os.path.join(path, MANIFEST), "w") as f:
     json.dump(manifest, f, indent=1)
@@ -154,6 +160,27 @@ def layouts_of(manifest: dict[str, Any]) -> dict[str, BlockLayout]:
           for p, b in manifest["blocks"].items()}
 
 
+def _stored_tree(ckpt, directory: str):
+  """The nested dict of a checkpoint's stored tree (leaves: metadata)."""
+  meta = ckpt.metadata(directory)
+  meta = getattr(meta, "item_metadata", meta)
+  return getattr(meta, "tree", meta)
+
+
+def _with_stored_empties(target, stored):
+  """``target`` plus the empty dicts that ``stored`` holds where ``target``
+  has nothing: what an artifact saved with empty dicts is restored against."""
+  if not (isinstance(target, Mapping) and isinstance(stored, Mapping)):
+    return target
+  out = dict(target)
+  for k, v in stored.items():
+    if k in out:
+      out[k] = _with_stored_empties(out[k], v)
+    elif isinstance(v, Mapping) and not jax.tree.leaves(v):
+      out[k] = _with_stored_empties({}, v)
+  return out
+
+
 def load(path: str):
   """(model, params, manifest) of an exported artifact.
 
@@ -164,11 +191,13 @@ def load(path: str):
   path = os.path.abspath(path)
   manifest = read_manifest(path)
   ckpt = ocp.StandardCheckpointer()
+  directory = os.path.join(path, PARAMS_DIR)
   if manifest["model_config"] is None:
-    return None, ckpt.restore(os.path.join(path, PARAMS_DIR)), manifest
+    return None, drop_empty(ckpt.restore(directory)), manifest
   config = LlamaConfig(**manifest["model_config"])
   model = model_for(config, layouts_of(manifest), manifest["fmt"], manifest["dtype"])
-  params = ckpt.restore(os.path.join(path, PARAMS_DIR), _abstract_params(model))
+  target = _with_stored_empties(_abstract_params(model), _stored_tree(ckpt, directory))
+  params = drop_empty(ckpt.restore(directory, target))
   return model, params, manifest
 
 
