@@ -146,11 +146,8 @@ def pretrained_row(init_wd: str) -> dict:
 def write_finetune_outputs(rows: list[dict], dense_params: int) -> str:
   """finetune.md / .csv / .png in ``--out``; returns the markdown table."""
   out = _OUT.value
-  keys = ["method", "trainable", "params", "bytes", "sparsity", "perplexity", "wall_s"]
-  with open(os.path.join(out, "finetune.csv"), "w", newline="") as f:
-    w = csv.DictWriter(f, keys, extrasaction="ignore")
-    w.writeheader()
-    w.writerows(rows)
+  write_csv(os.path.join(out, "finetune.csv"), rows,
+            ["method", "trainable", "params", "bytes", "sparsity", "perplexity", "wall_s"])
   lines = [f"Model `{_MODEL.value}` pretrained (dense, {_STEPS.value} steps) on "
            f"`{os.path.basename(_SOURCE.value)}`, fine-tuned {_FT_STEPS.value} steps of "
            f"{_BATCH.value}x{_SEQ.value} tokens on `{_FT_SOURCE.value}`; validation "
@@ -170,6 +167,13 @@ def write_finetune_outputs(rows: list[dict], dense_params: int) -> str:
   scatter_plot(rows, os.path.join(out, "finetune.png"),
                f"fine-tuning {_MODEL.value}, {_FT_STEPS.value} steps")
   return table
+
+
+def write_csv(path: str, rows: list[dict], keys: list[str]) -> None:
+  with open(path, "w", newline="") as f:
+    w = csv.DictWriter(f, keys, extrasaction="ignore")
+    w.writeheader()
+    w.writerows(rows)
 
 
 def scatter_plot(rows: list[dict], path: str, title: str) -> None:
@@ -193,11 +197,8 @@ def scatter_plot(rows: list[dict], path: str, title: str) -> None:
 def write_outputs(rows: list[dict], dense_params: int, target: int) -> str:
   """results.md / .csv / .png in ``--out``; returns the markdown table."""
   out = _OUT.value
-  keys = ["method", "rank", "params", "bytes", "perplexity", "x_perplexity", "wall_s"]
-  with open(os.path.join(out, "results.csv"), "w", newline="") as f:
-    w = csv.DictWriter(f, keys, extrasaction="ignore")
-    w.writeheader()
-    w.writerows(rows)
+  write_csv(os.path.join(out, "results.csv"), rows,
+            ["method", "rank", "params", "bytes", "perplexity", "x_perplexity", "wall_s"])
   lines = [f"Model `{_MODEL.value}`, {_STEPS.value} steps of {_BATCH.value}x{_SEQ.value} "
            f"tokens on `{os.path.basename(_SOURCE.value)}`; parameter budget "
            f"{target:,} ({_FRACTION.value:g} x dense {dense_params:,}).",

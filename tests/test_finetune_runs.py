@@ -5,6 +5,7 @@ end to end."""
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -68,19 +69,27 @@ def test_lora_keeps_the_base_trains_adapters_and_resumes(tmp_path, pretrained):
   assert set(run.params) == {"params", "frozen"}
   # The frozen base is the pretrained model, bit for bit, after training.
   jax.tree.map(np.testing.assert_array_equal, run.params["frozen"]["base"], base)
-  merged = lora.merge(base, run.params["params"], 16.0)
+  merged = lora.merge(base, finetune.pairs(run.params["params"]), 16.0)
   jax.tree.map(np.testing.assert_allclose, run.llama_params, merged)
-  b = run.params["params"]["layers_0"]["attn"]["q_proj"]["kernel"].b
+  b = run.params["params"]["layers_0"]["attn"]["q_proj"]["kernel"]["b"]
   assert float(jnp.max(jnp.abs(b))) > 0  # B starts at 0 and has trained
   # Only the adapters have optimiser moments.
   adapter_size = sum(x.size for x in jax.tree.leaves(run.params["params"]))
   assert sum(x.size for x in jax.tree.leaves(run.opt_state)) < 3 * adapter_size + 10
 
-  part = train_and_evaluate(config.replace(stop_after=4), str(tmp_path / "split"), devices=ONE)
+  # Interrupted and resumed, from a copy of the pretrained run that is gone
+  # by then: the run's own checkpoint is all a resume (and load_run) needs.
+  copy = str(tmp_path / "pretrained_copy")
+  shutil.copytree(init_wd, copy)
+  split = config.replace(init_from=copy)
+  part = train_and_evaluate(split.replace(stop_after=4), str(tmp_path / "split"), devices=ONE)
   assert part["interrupted"] == "stop_after"
-  rest = train_and_evaluate(config, str(tmp_path / "split"), devices=ONE)
+  shutil.rmtree(copy)
+  rest = train_and_evaluate(split, str(tmp_path / "split"), devices=ONE)
   assert rest["step"] == 8
   np.testing.assert_allclose(rest["eval_loss"], full["eval_loss"], rtol=1e-6)
+  jax.tree.map(np.testing.assert_array_equal, load_run(str(tmp_path / "split")).params,
+               run.params)
 
   summary = harness.write_run_summary(cfg_lib.read_config(str(tmp_path / "full")),
                                       str(tmp_path / "full"), full)
@@ -100,7 +109,7 @@ def test_salr_prunes_the_base_only_and_counts_a_bitmap(tmp_path, pretrained):
   run = load_run(wd)
   frozen = run.params["frozen"]
   pruned, dense = _kernels(frozen["base"]), _kernels(base)
-  for path in lora.flat(frozen["residual"]):
+  for path in lora.flat(finetune.pairs(frozen["residual"])):
     w, w0 = pruned[path], dense[path]
     kept = w != 0
     assert kept.mean() == pytest.approx(0.5, abs=1.0 / w.size)
@@ -129,8 +138,7 @@ def test_losa_round_keeps_its_mask_through_training_and_merge(tmp_path, pretrain
   assert overall == pytest.approx(0.6, abs=0.03)
   for path, mask in masks.items():
     assert not np.any(merged[path][~np.asarray(mask)])  # pruned entries stay zero
-  trained = [p for p in lora.flat(run.params["params"])]
-  assert set(trained) == set(masks)
+  assert set(lora.flat(finetune.pairs(run.params["params"]))) == set(masks)
   summary = harness.write_run_summary(cfg_lib.read_config(wd), wd, result)
   assert summary["sparsity"] == pytest.approx(overall, abs=1e-6)
   assert summary["params"] < summary["dense_params"]
@@ -174,7 +182,7 @@ def test_finetune_footprint_of_losa_counts_kept_entries():
   adapters = lora.init(params, 1, jax.random.key(0), targets=lambda p, _: p.startswith("layers"))
   config = tiny("losa", vocab_size=256, method_options={"alpha": "1.0"})
   fp, extra = finetune.finetune_footprint(
-      config, {"params": adapters, "frozen": {"base": params, "masks": masks}})
+      config, {"params": finetune.plain(adapters), "frozen": {"base": params, "masks": masks}})
   # 2 kept of 4 (bitmap: 2 values + 1 byte of bits) + the dense head (6 values).
   assert fp.params == 2 + 6
   assert fp.bytes == 2 * 2 + 1 + 6 * 2

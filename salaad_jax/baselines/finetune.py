@@ -3,9 +3,10 @@
 Importing this module registers ``lora``, ``salr`` and ``losa`` in
 ``salaad_jax.train.methods`` (it is one of the registry's plugin modules).
 Each starts from the dense Llama of a trained run (``--init_from``) and
-trains only its adapters; the frozen weights live in the constant
-collection ``'frozen'`` of ``TrainState.params`` (checkpointed, never seen by
-the optimiser), and the model applies the merged weights:
+trains only its adapters (kept as plain ``{'a': A, 'b': B}`` dicts, see
+:func:`plain`); the frozen weights live in the constant collection
+``'frozen'`` of ``TrainState.params`` (checkpointed, never seen by the
+optimiser), and the model applies the merged weights:
 
   * ``lora``: ``{'params': adapters, 'frozen': {'base': W}}``, applies
     ``W + (alpha / r) A B``;
@@ -63,6 +64,23 @@ def _frozen(variables: dict) -> dict:
   return variables[COLLECTION]
 
 
+def plain(pairs: dict) -> dict:
+  """Adapters with every ``LoraPair`` as ``{'a': A, 'b': B}``: the form kept
+  in ``TrainState.params``, plain nested dicts as in any checkpoint's
+  metadata (so a run restores from its own checkpoints alone)."""
+  return lora.nest({path: {"a": pair.a, "b": pair.b}
+                    for path, pair in lora.flat(pairs).items()})
+
+
+def pairs(tree: dict) -> dict:
+  """Inverse of :func:`plain`."""
+  if isinstance(tree, lora.LoraPair):
+    return tree
+  if set(tree) == {"a", "b"}:
+    return lora.LoraPair(tree["a"], tree["b"])
+  return {k: pairs(v) for k, v in tree.items()}
+
+
 # --------------------------------------------------------------------- LoRA
 
 
@@ -71,11 +89,11 @@ def _lora_start(config, params, rng, next_batch):
   hp = _options(config)
   if hp["rank"] < 1:
     raise TrainError(f"--method_option rank={hp['rank']} must be >= 1")
-  return {"params": lora.init(params, hp["rank"], rng), COLLECTION: {"base": params}}
+  return {"params": plain(lora.init(params, hp["rank"], rng)), COLLECTION: {"base": params}}
 
 
 def _lora_apply(variables: dict, alpha: float) -> dict:
-  return {"params": lora.merge(_frozen(variables)["base"], variables["params"], alpha)}
+  return {"params": lora.merge(_frozen(variables)["base"], pairs(variables["params"]), alpha)}
 
 
 # --------------------------------------------------------------------- SALR
@@ -90,14 +108,15 @@ def _salr_start(config, params, rng, next_batch):
     raise TrainError("--method_option lora_rank and residual_rank must be >= 1")
   tree = salr.init(params, rng, lora_rank=hp["lora_rank"],
                    residual_rank=hp["residual_rank"], sparsity=hp["sparsity"])
-  return {"params": tree["adapters"],
-          COLLECTION: {"base": tree["base"], "residual": tree["residual"]}}
+  return {"params": plain(tree["adapters"]),
+          COLLECTION: {"base": tree["base"], "residual": plain(tree["residual"])}}
 
 
 def _salr_tree(variables: dict) -> dict:
+  """The ``salr`` module's training tree of the harness variables."""
   frozen = _frozen(variables)
-  return {"base": frozen["base"], "residual": frozen["residual"],
-          "adapters": variables["params"]}
+  return {"base": frozen["base"], "residual": pairs(frozen["residual"]),
+          "adapters": pairs(variables["params"])}
 
 
 def _salr_apply(variables: dict, alpha: float) -> dict:
@@ -122,12 +141,14 @@ def _losa_start(config, params, rng, next_batch):
   state = losa.next_round(state, calib, rng, target=hp["sparsity"], alpha=hp["alpha"],
                           mean_rank=hp["rank"], rounds=hp["rounds"],
                           max_deviation=hp["max_deviation"])
-  return {"params": state.adapters, COLLECTION: {"base": state.base, "masks": state.masks}}
+  return {"params": plain(state.adapters),
+          COLLECTION: {"base": state.base, "masks": state.masks}}
 
 
 def _losa_apply(variables: dict, alpha: float) -> dict:
   frozen = _frozen(variables)
-  return {"params": lora.merge(frozen["base"], variables["params"], alpha, frozen["masks"])}
+  return {"params": lora.merge(frozen["base"], pairs(variables["params"]), alpha,
+                               frozen["masks"])}
 
 
 # --------------------------------------------------------------------- registry
@@ -201,7 +222,7 @@ def finetune_footprint(config: TrainConfig, variables: dict,
   name = config.method
   adapters = int(sum(np.size(x) for x in jax.tree.leaves(variables["params"])))
   frozen = _frozen(variables)
-  targets = set(lora.flat(variables["params"]))
+  targets = set(lora.flat(pairs(variables["params"])))
   if name == "salr":
     fp = salr.footprint(_salr_tree(variables), costs)
     base = frozen["base"]

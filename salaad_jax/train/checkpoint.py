@@ -41,6 +41,33 @@ def _decode(tree, abstract):
       tree, abstract)
 
 
+def _step_dirs(directory: str) -> list[int]:
+  if not os.path.isdir(directory):
+    return []
+  return sorted(int(d) for d in os.listdir(directory)
+                if d.isdigit() and os.path.isdir(os.path.join(directory, d, "state")))
+
+
+def saved_params(directory: str, step: Optional[int] = None) -> Optional[Any]:
+  """The ``TrainState.params`` of checkpoint ``step`` (default: the latest)
+  under ``directory`` as ShapeDtypeStructs, read from the checkpoint's
+  metadata (nested dicts: NamedTuples come back as dicts of their fields);
+  None when there is no checkpoint."""
+  steps = _step_dirs(directory)
+  if step is None:
+    if not steps:
+      return None
+    step = steps[-1]
+  path = os.path.join(directory, str(int(step)), "state")
+  if not os.path.isdir(path):
+    return None
+  metadata = ocp.StandardCheckpointer().metadata(path)
+  tree = getattr(metadata, "item_metadata", metadata)
+  tree = getattr(tree, "tree", tree)
+  return jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype), tree["params"],
+                      is_leaf=lambda m: hasattr(m, "shape") and hasattr(m, "dtype"))
+
+
 class Checkpointer:
   """Saves and restores training checkpoints under ``directory``."""
 

@@ -25,7 +25,7 @@ from jax.experimental import multihost_utils
 
 from salaad_jax.train import config as cfg_lib
 from salaad_jax.train import metrics as mt
-from salaad_jax.train.checkpoint import Checkpointer
+from salaad_jax.train.checkpoint import Checkpointer, saved_params
 from salaad_jax.train.config import TrainConfig, TrainError
 from salaad_jax.train.evaluation import evaluate
 from salaad_jax.train.executors import make_executor
@@ -131,7 +131,9 @@ class _Trainer:
     self.config = config = resolve(config, self.train_ds.vocab_size)
     self.parts = build(config)
     initial = initial_params(config, self.parts.method, self.parts.model_config,
-                             calibration_batches(lambda: calibration_dataset(config)))
+                             calibration_batches(lambda: calibration_dataset(config)),
+                             saved_params(os.path.join(workdir, CHECKPOINT_DIR))
+                             if config.init_from else None)
     self.executor = make_executor(config, self.parts.model, self.parts.method, self.parts.tx,
                                   devices, initial)
     del initial

@@ -11,7 +11,7 @@ from jax.sharding import Mesh, SingleDeviceSharding
 
 from salaad_jax.models import Llama, LlamaConfig
 from salaad_jax.train import sharding as shd
-from salaad_jax.train.checkpoint import Checkpointer
+from salaad_jax.train.checkpoint import Checkpointer, saved_params
 from salaad_jax.train.config import TrainConfig, read_config
 from salaad_jax.train.loop import CHECKPOINT_DIR, calibration_dataset
 from salaad_jax.train.methods import Method
@@ -68,9 +68,11 @@ def load_run(workdir: str, step: Optional[int] = None, mesh: Optional[Mesh] = No
   config = read_config(workdir)
   parts = build(config)
   # A run started from another one (--init_from) has the shapes of its
-  # starting point (e.g. LoRA ranks), which is rebuilt for them.
+  # starting point (e.g. LoRA ranks): those of the saved params.
+  saved = (saved_params(os.path.join(workdir, CHECKPOINT_DIR), step)
+           if config.init_from else None)
   initial = initial_params(config, parts.method, parts.model_config,
-                           calibration_batches(lambda: calibration_dataset(config)))
+                           calibration_batches(lambda: calibration_dataset(config)), saved)
   abstract = jax.eval_shape(
       lambda p: init_state(config, parts.model, parts.method, parts.tx, p), initial)
   del initial

@@ -5,8 +5,8 @@ is a dense Llama: dense, salaad, galore or a fine-tuning method) is restored
 and reduced to the Llama params it applies; the new run starts from those
 (``Method.from_pretrained`` maps them to what the method trains, e.g.
 frozen base plus LoRA adapters).  The new run's own checkpoints make it
-resumable as usual; on resume the starting point is rebuilt only for its
-shapes.
+resumable as usual, and a resumed or loaded run reads its shapes from its
+own checkpoint (the ``init_from`` run is then not needed).
 """
 
 from __future__ import annotations
@@ -64,9 +64,13 @@ def pretrained_params(workdir: str, model_config: LlamaConfig) -> Params:
 
 
 def initial_params(config: TrainConfig, method: Method, model_config: LlamaConfig,
-                   next_batch: Callable[[], dict]) -> Optional[Params]:
+                   next_batch: Callable[[], dict], saved: Optional[Params] = None
+                   ) -> Optional[Params]:
   """The starting ``TrainState.params`` of ``config``: None for a run from
-  the initialiser, else built from the ``--init_from`` run.
+  the initialiser, else built from the ``--init_from`` run.  ``saved``: the
+  abstract params of the run's own checkpoint, when it has one
+  (``checkpoint.saved_params``); a resumed run takes its shapes from there,
+  without the ``--init_from`` run.
 
   Raises:
     TrainError: a fine-tuning method without ``--init_from``, or a bad one.
@@ -76,6 +80,8 @@ def initial_params(config: TrainConfig, method: Method, model_config: LlamaConfi
       raise TrainError(f"--method={method.name} fine-tunes a trained model: give "
                        "--init_from=<workdir of a dense or salaad run>")
     return None
+  if saved is not None:
+    return saved
   params = pretrained_params(config.init_from, model_config)
   if method.from_pretrained is None:
     return params
