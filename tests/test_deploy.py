@@ -537,3 +537,29 @@ def test_export_without_model_config_round_trips(tmp_path):
   assert jax.tree.map(np.shape, loaded) == jax.tree.map(np.shape, art.params)
   jax.tree.map(np.testing.assert_array_equal, loaded, art.params)
   assert sum(np.asarray(x).nbytes for x in jax.tree.leaves(loaded)) == manifest["bytes"]
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=hst.integers(0, 2**31 - 1), n_blocks=hst.integers(1, 3),
+       frac=hst.floats(0.0, 1.0), gamma=hst.floats(0.0, 1.0),
+       fmt=hst.sampled_from(("coo", "csr", "bitmap")))
+def test_global_byte_budget_beats_every_hpa_that_fits(seed, n_blocks, frac, gamma, fmt):
+  from salaad_jax.deploy import allocation as alloc_lib  # pylint: disable=import-outside-toplevel
+  params, _, blocks = _random_problem(seed, n_blocks)
+  full, least = 2 * blocks.total_params, 2 * blocks.rest_params
+  budget = least + int(round(frac * (full - least)))
+  g = deploy.allocate(blocks, budget, "global", gamma=gamma, unit="bytes", fmt=fmt)
+  used = alloc_lib.allocation_bytes(g, fmt, "bfloat16")
+  assert used <= budget and g.unit == "bytes" and g.budget == budget
+  assert deploy.account(params, g, fmt)["bytes"] == used
+  # Oracle: HPA at every parameter budget, kept when its bytes fit.
+  bases = alloc_lib._hpa_bases(blocks, gamma, 0.999, 1e-8)  # pylint: disable=protected-access
+  fitting = [a for a in (alloc_lib._hpa_at(blocks, bases, p, gamma)  # pylint: disable=protected-access
+                         for p in range(blocks.rest_params, blocks.total_params + 1))
+             if alloc_lib.allocation_bytes(a, fmt, "bfloat16") <= budget]
+  for a in fitting:
+    assert g.error <= a.error + 1e-9 * max(1.0, a.error)
+  best = alloc_lib.hpa_within_bytes(blocks, budget, gamma, fmt=fmt)
+  assert (best is None) == (not fitting)
+  if fitting:
+    assert best.error == pytest.approx(min(a.error for a in fitting), rel=1e-12, abs=1e-12)

@@ -23,9 +23,10 @@ relaxation exactly; items that no longer fit are skipped and smaller ones fill
 the rest.  A per-block fixed cost (CSR row pointer, bitmap) is folded into the
 first item of the sparse chain: the prefix of entries with the best average
 gain per byte (the upper concave envelope of the chain).  Greedy is optimal up
-to the one item that did not fit; the HPA allocation at the same budget is
-feasible too, and the better of the two is returned (``solver`` says which),
-so the global error never exceeds HPA's.
+to the one item that did not fit; the HPA allocation at the same budget (for
+a byte budget: at the largest parameter budget whose bytes fit) is feasible
+too, and the better of the two is returned (``solver`` says which), so the
+global error never exceeds HPA's.
 
 The error of an allocation is the separable squared error
 sum_i sum_{j > r_i} sigma~_ij^2 + sum_i sum_{k > nnz_i} s_(k)^2, weighted by
@@ -216,11 +217,22 @@ def hpa(blocks: Blocks, budget, gamma: float = 0.5, *, energy: float = 0.999,
 
   ``budget`` is a fraction of P_model or an absolute parameter count.
   """
+  return _hpa_at(blocks, _hpa_bases(blocks, gamma, energy, nnz_tol),
+                 resolve_budget(budget, blocks.total_params, blocks.rest_params), gamma)
+
+
+def _hpa_bases(blocks: Blocks, gamma: float, energy: float, nnz_tol: float):
+  """HPA's starting point (r0, k0) per block, which does not depend on the budget."""
   if not 0.0 <= gamma <= 1.0:
     raise ValueError(f"gamma must lie in [0, 1], got {gamma}")
-  target = resolve_budget(budget, blocks.total_params, blocks.rest_params)
   r0 = {b.path: min(base_rank(b.sigma, energy), b.max_rank) for b in blocks.blocks}
   k0 = {b.path: base_nnz(b.sparse_gain, nnz_tol) for b in blocks.blocks}
+  return r0, k0
+
+
+def _hpa_at(blocks: Blocks, bases, target: int, gamma: float) -> Allocation:
+  """HPA at the absolute parameter budget ``target`` from ``_hpa_bases``."""
+  r0, k0 = bases
   p_l = sum(r0[b.path] * (b.m + b.n) for b in blocks.blocks)
   p_s = sum(k0.values())
   cut = blocks.rest_params + p_l + p_s - target
@@ -237,6 +249,31 @@ def hpa(blocks: Blocks, budget, gamma: float = 0.5, *, energy: float = 0.999,
   ranks = {p: math.floor(r * keep_l) for p, r in r0.items()}
   nnz = {p: math.floor(k * keep_s) for p, k in k0.items()}
   return _build(blocks, ranks, nnz, budget=target, unit="params", method="hpa", gamma=gamma)
+
+
+def allocation_bytes(alloc: Allocation, fmt: str, dtype) -> int:
+  """Deployment bytes of ``alloc`` stored in ``fmt`` with ``dtype`` values."""
+  b_w = acc.value_bytes(dtype)
+  return alloc.rest_params * b_w + sum(acc.block_bytes(fmt, b.m, b.n, b.rank, b.nnz, b_w)
+                                       for b in alloc.blocks)
+
+
+def hpa_within_bytes(blocks: Blocks, max_bytes: int, gamma: float = 0.5, *,
+                     fmt: str = "coo", dtype="bfloat16") -> Optional[Allocation]:
+  """HPA(gamma) at the largest parameter budget whose allocation takes at
+  most ``max_bytes`` in ``fmt``/``dtype`` (HPA's ranks and nnz grow with the
+  parameter budget, so its bytes do: bisection); None when even the
+  smallest does not fit."""
+  bases = _hpa_bases(blocks, gamma, 0.999, 1e-8)
+  lo, hi, best = blocks.rest_params, blocks.total_params, None
+  while lo <= hi:
+    mid = (lo + hi) // 2
+    alloc = _hpa_at(blocks, bases, mid, gamma)
+    if allocation_bytes(alloc, fmt, dtype) <= max_bytes:
+      best, lo = alloc, mid + 1
+    else:
+      hi = mid - 1
+  return best
 
 
 # --------------------------------------------------------------------------
@@ -341,12 +378,17 @@ def greedy(blocks: Blocks, budget, *, unit: str = "params", fmt: Optional[str] =
 
 def global_allocation(blocks: Blocks, budget, *, gamma: float = 0.5, unit: str = "params",
                       fmt: Optional[str] = None, dtype=None) -> Allocation:
-  """The better of the greedy allocation and (in parameters) HPA(gamma)."""
+  """The better of the greedy allocation and HPA(gamma): at the parameter
+  budget, or for a byte budget at the largest parameter budget whose bytes
+  fit (:func:`hpa_within_bytes`)."""
   best = greedy(blocks, budget, unit=unit, fmt=fmt, dtype=dtype)
   if unit == "params":
     ref = hpa(blocks, budget, gamma)
-    if ref.error < best.error:
-      best = dataclasses.replace(ref, method="global", gamma=None, solver="hpa")
+  else:
+    ref = hpa_within_bytes(blocks, best.budget, gamma, fmt=fmt, dtype=dtype)
+  if ref is not None and ref.error < best.error:
+    best = dataclasses.replace(ref, method="global", gamma=None, solver="hpa", unit=best.unit,
+                               budget=best.budget, fmt=best.fmt, dtype=best.dtype)
   return best
 
 
