@@ -178,10 +178,9 @@ def write_csv(path: str, rows: list[dict], keys: list[str]) -> None:
 
 def scatter_plot(rows: list[dict], path: str, title: str) -> None:
   """Validation perplexity against deployment bytes, one labelled point per row."""
-  import matplotlib  # pylint: disable=import-outside-toplevel
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
-  fig, ax = plt.subplots(figsize=(6, 4))
+  from matplotlib.figure import Figure  # pylint: disable=import-outside-toplevel
+  fig = Figure(figsize=(6, 4))
+  ax = fig.add_subplot()
   for r in rows:
     ax.scatter(r["bytes"], r["perplexity"])
     ax.annotate(r["method"], (r["bytes"], r["perplexity"]), textcoords="offset points",
@@ -191,7 +190,6 @@ def scatter_plot(rows: list[dict], path: str, title: str) -> None:
   ax.set_title(title)
   fig.tight_layout()
   fig.savefig(path, dpi=120)
-  plt.close(fig)
 
 
 def write_outputs(rows: list[dict], dense_params: int, target: int) -> str:
