@@ -87,6 +87,8 @@ class Reparameterized:
                      "(--init_from), not by the model initialiser")
 
   def __getattr__(self, name):
+    if name.startswith("__") or name in ("llama", "to_llama"):  # copy / pickle probes
+      raise AttributeError(name)
     return getattr(self.llama, name)
 
 
