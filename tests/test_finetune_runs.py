@@ -231,3 +231,18 @@ def test_finetune_app_chains_losa_rounds_and_writes_a_summary(tmp_path):
   bad = _app("experiments.finetune", f"--init_workdir={tmp_path / 'none'}",
              f"--workdir={tmp_path / 'x'}")
   assert bad.returncode == 1 and bad.stderr.strip().startswith("error: --init_workdir")
+
+
+@pytest.mark.parametrize("parallelism,fsdp", [("jit", 2), ("pmap", 1)])
+def test_finetuning_on_two_devices_matches_one(tmp_path, pretrained, parallelism, fsdp):
+  """LoSA (boolean masks in the frozen collection) sharded FSDP-style over a
+  mesh, or replicated under pmap, computes what one device computes."""
+  init_wd, _ = pretrained
+  config = finetune_config("losa", init_wd, steps=4,
+                           method_options={"rank": "2", "round": "1", "rounds": "2",
+                                           "calib_batches": "1"})
+  one = train_and_evaluate(config, str(tmp_path / "one"), devices=ONE)
+  two = train_and_evaluate(config.replace(parallelism=parallelism, mesh_fsdp=fsdp),
+                           str(tmp_path / "two"), devices=jax.devices()[:2])
+  np.testing.assert_allclose(two["eval_loss"], one["eval_loss"], rtol=1e-5)
+  np.testing.assert_allclose(two["loss"], one["loss"], rtol=1e-5)

@@ -58,6 +58,8 @@ class JitExecutor:
 
   def init(self) -> TrainState:
     initial, self._initial = self._initial, None  # not kept alive after step 0
+    if initial is not None:  # e.g. on the first device: spread over the mesh first
+      initial = jax.device_put(initial, self.shardings.params)
     return self._init(initial)
 
   def from_global(self, state: TrainState) -> TrainState:
