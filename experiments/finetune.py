@@ -1,4 +1,4 @@
-"""Fine-tune a pretrained run with LoRA, SALR, LoSA or SALAAD.
+r"""Fine-tune a pretrained run with LoRA, SALR, LoSA or SALAAD.
 
     python -m experiments.finetune --flagfile=experiments/configs/finetune_tiny.flags \
         --init_workdir=/tmp/dense_tiny --method=salr --source=/path/to/other.txt \

@@ -1,4 +1,4 @@
-"""Pretrain a LLaMA-style model with SALAAD (or another registered method).
+r"""Pretrain a LLaMA-style model with SALAAD (or another registered method).
 
     python -m experiments.pretrain --flagfile=experiments/configs/tiny.flags \
         --workdir=/tmp/salaad_tiny
