@@ -11,7 +11,7 @@ as reference; reads single points from ``summary.json`` of other runs.
 Writes ``spectrum.md``, ``spectrum.csv``, ``spectrum.json`` and
 ``spectrum.png`` into --out_dir (default ``<workdir>/spectrum``), each
 atomically, once every evaluation is done.  See
-``salaad_jax.deploy.spectrum``.
+``salaad_jax.deploy.spectrum`` and ``salaad_jax.deploy.spectrum_report``.
 """
 
 import os
@@ -20,6 +20,7 @@ import sys
 from absl import app, flags, logging
 
 from salaad_jax.deploy import spectrum as sp
+from salaad_jax.deploy import spectrum_report as report
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "a --method=salaad run directory",
                                required=True)
@@ -96,10 +97,10 @@ def main(argv):
     print(f"error: {e}", file=sys.stderr, flush=True)
     sys.exit(1)
   out = _OUT_DIR.value or os.path.join(_WORKDIR.value, "spectrum")
-  paths = sp.write_table(rows, out)
-  paths["png"] = sp.plot(rows, os.path.join(out, "spectrum.png"),
-                         title=f"{_WORKDIR.value} ({_FMT.value}, {_DTYPE.value})")
-  print(sp.pivot_markdown(rows), flush=True)
+  paths = report.write_table(rows, out)
+  paths["png"] = report.plot(rows, os.path.join(out, "spectrum.png"),
+                             title=f"{_WORKDIR.value} ({_FMT.value}, {_DTYPE.value})")
+  print(report.pivot_markdown(rows), flush=True)
   print("wrote " + ", ".join(paths[k] for k in ("md", "csv", "json", "png")), flush=True)
 
 

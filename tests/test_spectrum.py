@@ -1,5 +1,6 @@
-"""The capacity spectrum (``salaad_jax.deploy.spectrum``, ``experiments.spectrum``)
-and the summary format (``salaad_jax.deploy.summary``).
+"""The capacity spectrum (``salaad_jax.deploy.spectrum``, its tables and plot in
+``salaad_jax.deploy.spectrum_report``, ``experiments.spectrum``) and the
+summary format (``salaad_jax.deploy.summary``).
 
 One tiny SALAAD run and one dense run (same model, same data) are trained
 once for the module, in subprocesses of ``experiments.pretrain`` (SALAAD's
@@ -33,6 +34,7 @@ import pytest
 from salaad_jax import deploy
 from salaad_jax.deploy import accounting as acc
 from salaad_jax.deploy import spectrum as sp
+from salaad_jax.deploy import spectrum_report as report
 from salaad_jax.deploy import summary as sm
 from salaad_jax.train import load_run
 
@@ -271,7 +273,7 @@ def test_app_bad_input_is_one_line_and_writes_nothing(runs, tmp_path, which, arg
 
 def test_a_killed_app_leaves_the_previous_table_whole(runs, tmp_path):
   out_dir = tmp_path / "out"
-  sp.write_table(_fake_rows(), out_dir)
+  report.write_table(_fake_rows(), out_dir)
   before = {p: (out_dir / p).read_bytes() for p in os.listdir(out_dir)}
   cmd = [sys.executable, "-m", "experiments.spectrum", f"--workdir={runs[0]}",
          f"--out_dir={out_dir}", "--budgets=" + ",".join(map(str, BUDGETS)),
@@ -323,7 +325,7 @@ def _fake_rows():
 
 def test_table_and_plot_files(tmp_path):
   rows = _fake_rows()
-  paths = sp.write_table(rows, tmp_path / "t")
+  paths = report.write_table(rows, tmp_path / "t")
   parsed = list(csv.DictReader(io.StringIO(Path(paths["csv"]).read_text())))
   assert [r["series"] for r in parsed] == [r["series"] for r in rows]
   assert parsed[1]["budget_value"] == "500" and parsed[0]["budget"] == ""
@@ -332,25 +334,25 @@ def test_table_and_plot_files(tmp_path):
   assert "| 0.8 | 800 params (80.0%) | 10.000 ± 0.100 |  |" in md
   assert "SLT ppl 13.000 at 600 params" in md
   assert json.loads(Path(paths["json"]).read_text()) == rows
-  png = sp.plot(rows, tmp_path / "t" / "p.png", dense_ppl={"a": 9.0, "b": 8.5}, title="x")
+  png = report.plot(rows, tmp_path / "t" / "p.png", dense_ppl={"a": 9.0, "b": 8.5}, title="x")
   assert Path(png).read_bytes()[:4] == b"\x89PNG"
   assert sp.paired_se(rows[1], rows[2]) == 0.0
   with pytest.raises(sp.SpectrumError, match="no rows"):
-    sp.write_table([], tmp_path / "empty")
+    report.write_table([], tmp_path / "empty")
   assert not (tmp_path / "empty").exists()
 
 
 def test_failed_write_keeps_the_previous_file(tmp_path, monkeypatch):
   rows = _fake_rows()
-  paths = sp.write_table(rows, tmp_path)
+  paths = report.write_table(rows, tmp_path)
   before = Path(paths["csv"]).read_bytes()
 
   def broken(tmp, src):  # dies after writing part of the new table
     raise KeyboardInterrupt
 
-  monkeypatch.setattr(sp.os, "replace", broken)
+  monkeypatch.setattr(report.os, "replace", broken)
   with pytest.raises(KeyboardInterrupt):
-    sp.write_table(rows[:2], tmp_path)
+    report.write_table(rows[:2], tmp_path)
   assert Path(paths["csv"]).read_bytes() == before
   assert sorted(os.listdir(tmp_path)) == ["spectrum.csv", "spectrum.json", "spectrum.md"]
 

@@ -17,8 +17,9 @@ global allocation), ``accounting`` (parameter counts and bytes),
 ``compress`` (truncation, dense reconstruction, compact storage),
 ``export`` (Orbax artifact and manifest), ``posthoc`` (dense-model
 baseline), ``calibration`` (activation row weights), ``spectrum``
-(perplexity of a trained run at many budgets, tables and plot),
-``summary`` (the ``summary.json`` other runs leave for the spectrum).
+(perplexity of a trained run at many budgets), ``spectrum_report`` (its
+tables and plot), ``summary`` (the ``summary.json`` other runs leave for the
+spectrum).
 """
 
 from salaad_jax.deploy.accounting import FORMATS, account, value_bytes
@@ -30,8 +31,8 @@ from salaad_jax.deploy.compress import Artifact, compress, dense_reconstruction
 from salaad_jax.deploy.export import export, export_budget, load, read_manifest
 from salaad_jax.deploy.posthoc import posthoc_factors
 from salaad_jax.deploy.spectra import BlockSpectrum, Blocks, Decomposition, decomposition, spectra
-from salaad_jax.deploy.spectrum import (SpectrumError, capacity_spectrum, paired_se,
-                                        parse_budgets, plot, write_table)
+from salaad_jax.deploy.spectrum import SpectrumError, capacity_spectrum, paired_se, parse_budgets
+from salaad_jax.deploy.spectrum_report import plot, write_table
 from salaad_jax.deploy.summary import read_summary, write_summary
 
 __all__ = [

@@ -38,17 +38,12 @@ batches, so two rows compare with the paired standard error
 std_b(loss_b^A - loss_b^B) / sqrt(B) (``paired_se``); each row keeps its
 per-batch losses in ``batch_losses`` (JSON only).
 
-``write_table`` writes ``spectrum.md``, ``spectrum.csv`` and
-``spectrum.json``, ``plot`` a PNG of perplexity against deployment bytes;
-every file is written to a temporary name and renamed, so an interrupted run
-leaves either the previous file or the new one, never a partial one.
+The rows are written as tables and plotted by
+``salaad_jax.deploy.spectrum_report`` (``write_table``, ``plot``).
 """
 
 from __future__ import annotations
 
-import csv
-import io
-import json
 import math
 import os
 import re
@@ -79,7 +74,6 @@ COLUMNS = ("series", "source", "allocation", "budget", "unit", "budget_value", "
            "params", "params_fraction", "bytes", "bytes_fraction", "loss", "loss_se",
            "perplexity", "tokens", "rel_error", "kept_rank", "kept_nnz", "solver", "step",
            "workdir")
-TABLE_NAME = "spectrum"
 DEFAULT_BUDGETS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 
 
@@ -296,13 +290,6 @@ def _allocation_key(alloc) -> tuple:
   return tuple((b.path, b.rank, b.nnz) for b in alloc.blocks)
 
 
-def _fmt_bytes(n: float) -> str:
-  for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
-    if n >= scale:
-      return f"{n / scale:.2f} {unit}"
-  return f"{int(n)} B"
-
-
 def _budget_text(b: Budget) -> str:
   return f"{b:g}" if isinstance(b, float) else str(int(b))
 
@@ -386,7 +373,7 @@ def capacity_spectrum(run_or_workdir, budgets, *, methods: Sequence[str] = ("hpa
   summaries = [_read_baseline(w) for w in baseline_workdirs]
   evaluator = _evaluator(run.config, eval_split or run.config.eval_split,
                          eval_batches or run.config.eval_batches)
-  say(f"P_model {total} params ({_fmt_bytes(total * b_w)} in {dtype}), outside the blocks "
+  say(f"P_model {total} params ({fmt_bytes(total * b_w)} in {dtype}), outside the blocks "
       f"{rest} ({rest / total:.1%}: the smallest budget); {len(blocks.blocks)} blocks; "
       f"{len(evaluator.batches)} validation batches")
 
@@ -399,7 +386,7 @@ def capacity_spectrum(run_or_workdir, budgets, *, methods: Sequence[str] = ("hpa
     rows.append(dict(base, series=series, source="dense", allocation=None, params=total,
                      params_fraction=1.0, bytes=total * b_w, bytes_fraction=1.0,
                      step=owner.step, workdir=wd, **evaluator(owner.model, owner.params)))
-    say(f"{series}: ppl {_ppl_text(rows[-1])} ({time.time() - t0:.1f}s)")
+    say(f"{series}: ppl {ppl_text(rows[-1])} ({time.time() - t0:.1f}s)")
 
   dense_row("dense X (salaad run)", run, workdir)
   if dense_run is not None:
@@ -439,13 +426,13 @@ def capacity_spectrum(run_or_workdir, budgets, *, methods: Sequence[str] = ("hpa
         rows.append(r)
         say(f"[{count}/{n_eval}] {r['series']} budget {r['budget']} "
             f"({r['budget_fraction']:.1%} of {unit}): P {r['params']} "
-            f"({r['params_fraction']:.1%}), {_fmt_bytes(r['bytes'])}, ppl {_ppl_text(r)}"
+            f"({r['params_fraction']:.1%}), {fmt_bytes(r['bytes'])}, ppl {ppl_text(r)}"
             f"{' (an allocation already evaluated)' if reused else ''} "
             f"({time.time() - t0:.1f}s)")
 
   for where, s in summaries:
     rows.append(_baseline_row(base, where, s, total, b_w))
-    say(f"baseline {s['label']}: P {s['params']}, {_fmt_bytes(s['bytes'])}, "
+    say(f"baseline {s['label']}: P {s['params']}, {fmt_bytes(s['bytes'])}, "
         f"ppl {s['perplexity']:.3f}")
   return rows
 
@@ -504,168 +491,22 @@ def _baseline_row(base: dict, where: str, s: dict, total: int, b_w: int) -> dict
               workdir=where, batch_losses=None)
 
 
-def _ppl_text(row) -> str:
+# ---------------------------------------------------------------------------
+# Text shared by the progress lines and the tables.
+# ---------------------------------------------------------------------------
+
+
+def fmt_bytes(n: float) -> str:
+  """A byte count with a decimal unit: '1.50 MB', '512 B'."""
+  for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+    if n >= scale:
+      return f"{n / scale:.2f} {unit}"
+  return f"{int(n)} B"
+
+
+def ppl_text(row: Mapping[str, Any]) -> str:
+  """A row's perplexity, ± perplexity x loss_se where the row has a standard error."""
   se = row.get("loss_se")
   if se is None:
     return f"{row['perplexity']:.3f}"
   return f"{row['perplexity']:.3f} ± {row['perplexity'] * se:.3f}"
-
-
-# ---------------------------------------------------------------------------
-# Writing.
-# ---------------------------------------------------------------------------
-
-
-def _atomic_write(path: str, write: Callable[[str], Any]) -> None:
-  """``write(tmp)`` then rename tmp onto ``path``; on failure ``path`` is
-  untouched and tmp removed."""
-  tmp = f"{path}.tmp.{os.getpid()}"
-  try:
-    write(tmp)
-    os.replace(tmp, path)
-  finally:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-
-
-def _write_text(path: str, text: str) -> None:
-  def write(tmp):
-    with open(tmp, "w") as fh:
-      fh.write(text)
-  _atomic_write(path, write)
-
-
-def _cell(v) -> str:
-  if v is None:
-    return ""
-  if isinstance(v, float):
-    return f"{v:.6g}"
-  return str(v)
-
-
-def to_csv(rows: Sequence[Mapping[str, Any]]) -> str:
-  """The rows as CSV with the header ``COLUMNS`` (empty cells for None)."""
-  buf = io.StringIO()
-  w = csv.writer(buf, lineterminator="\n")
-  w.writerow(COLUMNS)
-  for r in rows:
-    w.writerow([_cell(r.get(c)) for c in COLUMNS])
-  return buf.getvalue()
-
-
-def _pct(x) -> str:
-  return "" if x is None else f"{100 * x:.1f}%"
-
-
-def pivot_markdown(rows: Sequence[Mapping[str, Any]]) -> str:
-  """Markdown: perplexity ± standard error by budget, one column per series,
-  then one line of dense references and baselines."""
-  series = list(dict.fromkeys(r["series"] for r in rows if r.get("budget") is not None))
-  budgets = sorted({(r["budget_value"], r["budget"], r["unit"]) for r in rows
-                    if r.get("budget") is not None})
-  lines = []
-  refs = [r for r in rows if r.get("budget") is None]
-  if series:
-    lines += ["Validation perplexity (± one standard error over batches) by budget.", "",
-              "| budget | target | " + " | ".join(series) + " |",
-              "|---|---:|" + "---:|" * len(series)]
-    for value, text, unit in budgets:
-      hits = [r for r in rows if r.get("budget_value") == value and r.get("unit") == unit]
-      cells = []
-      for name in series:
-        hit = [r for r in hits if r["series"] == name]
-        cells.append(_ppl_text(hit[0]) if hit else "")
-      lines.append(f"| {text} | {value} {unit} ({hits[0]['budget_fraction']:.1%}) | "
-                   + " | ".join(cells) + " |")
-    lines.append("")
-  if refs:
-    lines += ["References and baselines: " + "; ".join(
-        f"{r['series']} ppl {_ppl_text(r)} at {r['params']} params, {_fmt_bytes(r['bytes'])}"
-        for r in refs) + "."]
-  return "\n".join(lines).rstrip("\n") + "\n"
-
-
-def to_markdown(rows: Sequence[Mapping[str, Any]]) -> str:
-  """``pivot_markdown`` followed by a table of every row: parameters, bytes,
-  loss ± standard error, allocation error, kept ranks and entries."""
-  lines = [pivot_markdown(rows)]
-  lines += ["| series | budget | params | params % | bytes | bytes % | loss | loss s.e. | "
-            "perplexity | rel. error | kept rank | kept nnz |",
-            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-  for r in rows:
-    cells = [r["series"], r.get("budget") or "", r["params"], _pct(r["params_fraction"]),
-             r["bytes"], _pct(r["bytes_fraction"]), _cell(r.get("loss")),
-             _cell(r.get("loss_se")), f"{r['perplexity']:.4g}", _cell(r.get("rel_error")),
-             _cell(r.get("kept_rank")), _cell(r.get("kept_nnz"))]
-    lines.append("| " + " | ".join(str(c) for c in cells) + " |")
-  return "\n".join(lines) + "\n"
-
-
-def write_table(rows: Sequence[Mapping[str, Any]], out_dir: str, *,
-                name: str = TABLE_NAME) -> dict[str, str]:
-  """Writes ``<name>.md``, ``<name>.csv`` and ``<name>.json`` (every field,
-  per-batch losses included) into ``out_dir``, each atomically.
-
-  Returns {'md': path, 'csv': path, 'json': path}.
-  """
-  if not rows:
-    raise SpectrumError("no rows to write")
-  out_dir = os.fspath(out_dir)
-  os.makedirs(out_dir, exist_ok=True)
-  paths = {ext: os.path.join(out_dir, f"{name}.{ext}") for ext in ("md", "csv", "json")}
-  texts = {"md": to_markdown(rows), "csv": to_csv(rows),
-           "json": json.dumps([dict(r) for r in rows], indent=1) + "\n"}
-  for ext, path in paths.items():
-    _write_text(path, texts[ext])
-  return paths
-
-
-def plot(rows: Sequence[Mapping[str, Any]], path: str,
-         dense_ppl: Union[None, float, Mapping[str, float]] = None,
-         title: Optional[str] = None) -> str:
-  """PNG of perplexity against deployment bytes, written atomically.
-
-  One line per series (error bars: ± perplexity x loss_se), one labelled
-  point per baseline row, and a horizontal reference line per dense
-  perplexity: ``dense_ppl`` (a number or {label: perplexity}); None takes
-  the rows with source 'dense'.  Returns ``path``.
-  """
-  import matplotlib  # pylint: disable=import-outside-toplevel
-  matplotlib.use("Agg")
-  from matplotlib import ticker  # pylint: disable=import-outside-toplevel
-  from matplotlib.figure import Figure  # pylint: disable=import-outside-toplevel
-
-  if dense_ppl is None:
-    refs = {r["series"]: r["perplexity"] for r in rows if r["source"] == "dense"}
-  elif isinstance(dense_ppl, Mapping):
-    refs = dict(dense_ppl)
-  else:
-    refs = {"dense": float(dense_ppl)}
-  fig = Figure(figsize=(8, 5.5), dpi=110)
-  ax = fig.add_subplot()
-  for s in dict.fromkeys(r["series"] for r in rows if r.get("budget") is not None):
-    pts = sorted((r["bytes"], r["perplexity"], r["perplexity"] * (r.get("loss_se") or 0.0))
-                 for r in rows if r["series"] == s)
-    x, y, e = (np.array(v, float) for v in zip(*pts))
-    style = "-" if s.startswith("salaad") else "--"
-    ax.errorbar(x, y, yerr=e, fmt=style + ("o" if s.endswith("global") else "s"),
-                ms=4, capsize=2, label=s)
-  for r in rows:
-    if r["source"] == "baseline":
-      ax.plot([r["bytes"]], [r["perplexity"]], "*", ms=11, label=r["series"])
-      ax.annotate(r["series"], (r["bytes"], r["perplexity"]), textcoords="offset points",
-                  xytext=(5, 5), fontsize=8)
-  for i, (label, ppl) in enumerate(refs.items()):
-    ax.axhline(ppl, color="k", ls=(":" if i else "-."), lw=1, label=f"{label}: {ppl:.3f}")
-  ax.set_xlabel("deployment bytes")
-  ax.set_ylabel("validation perplexity")
-  ax.xaxis.set_major_formatter(ticker.EngFormatter(unit="B"))
-  ax.grid(True, alpha=0.3)
-  ax.legend(fontsize=8)
-  if title:
-    ax.set_title(title, fontsize=9)
-  fig.tight_layout()
-  path = os.fspath(path)
-  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-  _atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
-  return path
