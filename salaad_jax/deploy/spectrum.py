@@ -57,6 +57,7 @@ import numpy as np
 from salaad_jax import stats
 from salaad_jax import structure as st
 from salaad_jax.deploy import accounting as acc
+from salaad_jax.deploy import allocation
 from salaad_jax.deploy.allocation import METHODS, allocate, resolve_budget
 from salaad_jax.deploy.compress import dense_reconstruction
 from salaad_jax.deploy.posthoc import posthoc_factors
@@ -254,27 +255,13 @@ def _posthoc_source(params, blocks: Blocks, rank: float, density: float):
 def hpa_within_bytes(blocks: Blocks, max_bytes: int, *, gamma: float = 0.5, fmt: str = "coo",
                      dtype="bfloat16"):
   """HPA(gamma) at the largest parameter budget whose deployment bytes are
-  <= ``max_bytes``.
-
-  HPA allocates parameters; its kept ranks and counts never shrink as the
-  parameter budget grows, so its bytes are non-decreasing in it and a
-  bisection over [P_rest, P_model] finds that budget.  ``max_bytes`` must be
-  at least b_w P_rest (what HPA at P_rest, keeping no block part, takes).
-  """
-  def nbytes(p):
-    return acc.account(None, allocate(blocks, p, "hpa", gamma=gamma), fmt, dtype)["bytes"]
-
-  lo, hi = blocks.rest_params, blocks.total_params
-  if nbytes(lo) > max_bytes:
+  <= ``max_bytes`` (``allocation.hpa_within_bytes``); SpectrumError when
+  ``max_bytes`` is below b_w P_rest (HPA at P_rest, keeping no block part)."""
+  alloc = allocation.hpa_within_bytes(blocks, max_bytes, gamma, fmt=fmt, dtype=dtype)
+  if alloc is None:
     raise SpectrumError(f"{max_bytes} bytes is below what the parameters outside the blocks "
                         "take")
-  while lo < hi:
-    mid = (lo + hi + 1) // 2
-    if nbytes(mid) <= max_bytes:
-      lo = mid
-    else:
-      hi = mid - 1
-  return allocate(blocks, lo, "hpa", gamma=gamma)
+  return alloc
 
 
 def _allocate(blocks: Blocks, value: int, method: str, unit: str, gamma: float, fmt: str,
