@@ -12,9 +12,12 @@ training harness, each in ``--out/runs/seed_<s>/<method>`` (whose
 ``summary.json`` it leaves).  The structured baselines run at the largest
 rank whose parameter count stays within ``--budget_fraction`` of the dense
 model's (``baselines.match_rank``); GaLore, which trains the dense model,
-uses the low-rank method's rank.  SALAAD's size after training is set by its
-controller; the same run is then *deployed at the matched budget* (global
-and HPA allocation of its L, S; ``deploy.capacity_spectrum``), next to the
+uses the low-rank method's rank.  SALAAD's controller drives every block to
+the rank target r* at which its surrogate L + S fills the budget
+(``baselines.match_rank_target``, density target ``--salaad_density_target``; or
+``--salaad_rank_target``), so its trained size is near the budget; the same
+run is then *deployed at the matched budget* exactly (global and HPA
+allocation of its L, S; ``deploy.capacity_spectrum``), next to the
 "no training" floor: the dense run split post hoc (truncated SVD + magnitude
 pruning) and allocated the same way.  Bytes follow the §6 accounting (bf16
 values, int32 indices, COO sparse parts).
@@ -50,7 +53,7 @@ from absl import app, flags
 
 from benchmarks import compare_tables as tables
 from experiments import common
-from salaad_jax.baselines import accounting, finetune, harness, match_rank
+from salaad_jax.baselines import accounting, finetune, harness, match_rank, match_rank_target
 from salaad_jax.deploy import spectrum as sp
 from salaad_jax.deploy import spectrum_report as report
 from salaad_jax.train import TrainConfig, evaluate, make_eval_dataset
@@ -81,6 +84,14 @@ _SPECTRUM = flags.DEFINE_list("spectrum_budgets", ["0.3", "0.4", "0.5", "0.6", "
                               "budgets (fractions of the dense parameters) of the first "
                               "seed's SALAAD capacity spectrum; those below the share of "
                               "the parameters outside the blocks are left out")
+_SALAAD_RANK = flags.DEFINE_float("salaad_rank_target", None, "SALAAD's r*; unset: the r* "
+                                   "at which its surrogate fills the budget "
+                                   "(baselines.match_rank_target)", lower_bound=0.0, upper_bound=1.0)
+_SALAAD_DENSITY = flags.DEFINE_float("salaad_density_target", 0.05, "SALAAD's d*",
+                                     lower_bound=0.0, upper_bound=1.0)
+_SALAAD_RHO = flags.DEFINE_float("salaad_rho", None, "SALAAD's rho (blocks and embedding); "
+                                 "unset: 0.003 for the tiny model, the reference otherwise",
+                                 lower_bound=0.0)
 _FT_SOURCE = flags.DEFINE_string("finetune_source", "", "text to fine-tune the dense run "
                                  "on ('': no fine-tuning comparison)")
 _FT_STEPS = flags.DEFINE_integer("finetune_steps", 200, "fine-tuning steps of every method",
@@ -148,8 +159,20 @@ def _workdir(kind: str, seed: int, method: str) -> str:
   return os.path.join(_OUT.value, kind, f"seed_{seed}", method)
 
 
-def run_method(method: str, rank: int, seed: int) -> dict:
-  """Trains one method at one seed; returns its run row."""
+def salaad_settings(**overrides) -> dict:
+  """SALAAD's TrainConfig fields: the tiny-model settings for ``tiny``, the
+  --salaad_* flags, then ``overrides``."""
+  settings = dict(SALAAD_SHORT_RUN) if _MODEL.value == "tiny" else {}
+  settings["density_target"] = _SALAAD_DENSITY.value
+  if _SALAAD_RHO.value is not None:
+    settings.update(rho=_SALAAD_RHO.value, rho_embed=_SALAAD_RHO.value)
+  settings.update(overrides)
+  return settings
+
+
+def run_method(method: str, rank, seed: int) -> dict:
+  """Trains one method at one seed (``rank``: the baselines' rank, SALAAD's
+  r*); returns its run row."""
   wd = _workdir("runs", seed, method)
   options, overrides = {}, {}
   if method in ("lowrank", "sltrain", "lost", "galore"):
@@ -158,12 +181,13 @@ def run_method(method: str, rank: int, seed: int) -> dict:
     options["density"] = str(_DENSITY.value)
   if method == "galore":
     options["update_proj_gap"] = str(max(10, _STEPS.value // 10))
-  if method == "salaad" and _MODEL.value == "tiny":
-    overrides = dict(SALAAD_SHORT_RUN)
+  if method == "salaad":
+    overrides = salaad_settings(rank_target=rank)
   config = base_config(method, seed, method_options=options, **overrides)
   result = common.train(config, wd)
   summary = common.write_summary(wd, result)
-  return {"method": method, "seed": seed, "rank": rank if options.get("rank") else "",
+  shown = f"r* {rank:.3f}" if method == "salaad" else rank if options.get("rank") else ""
+  return {"method": method, "seed": seed, "rank": shown,
           "x_perplexity": result["eval_perplexity"] if method == "salaad" else None,
           "steps": result["step"], "wall_s": result["wall_time_sec"],
           "params": summary["params"], "bytes": summary["bytes"],
@@ -212,8 +236,8 @@ def run_finetune(method: str, seed: int, init_wd: str) -> dict:
   overrides = dict(source=_FT_SOURCE.value, steps=steps, lr=_FT_LR.value,
                    warmup_steps=max(1, steps // 20), init_from=os.path.abspath(init_wd),
                    log_every=max(1, steps // 5))
-  if method == "salaad" and _MODEL.value == "tiny":
-    overrides.update(SALAAD_SHORT_RUN)
+  if method == "salaad":
+    overrides.update(salaad_settings())
   config = base_config("dense" if method == "full" else method, seed, **overrides)
   runs = finetune.losa_rounds(config, wd) if method == "losa" else [(config, wd)]
   wall = 0.0
@@ -326,7 +350,10 @@ def main(argv):
     lowrank_rank = match_rank("lowrank", mcfg, target)
     ranks = {"lowrank": lowrank_rank, "galore": lowrank_rank,
              "sltrain": match_rank("sltrain", mcfg, target, density=_DENSITY.value),
-             "lost": match_rank("lost", mcfg, target, density=_DENSITY.value)}
+             "lost": match_rank("lost", mcfg, target, density=_DENSITY.value),
+             "salaad": _SALAAD_RANK.value}
+    if ranks["salaad"] is None:
+      ranks["salaad"] = match_rank_target(mcfg, target, _SALAAD_DENSITY.value)
   except ValueError as e:
     common.fail(f"--budget_fraction={_FRACTION.value:g}: {e}")
   os.makedirs(_OUT.value, exist_ok=True)
@@ -335,8 +362,11 @@ def main(argv):
   for i, seed in enumerate(seeds):
     dirs = {}
     for method in methods:
-      print(f"== seed {seed}: {method} (rank {ranks.get(method, '-')})", flush=True)
-      runs.append(run_method(method, ranks.get(method, 0), seed))
+      rank = ranks.get(method)
+      what = ("" if rank is None else f" (r* {rank:.3f})" if method == "salaad"
+              else f" (rank {rank})")
+      print(f"== seed {seed}: {method}{what}", flush=True)
+      runs.append(run_method(method, rank, seed))
       dirs[method] = runs[-1]["workdir"]
     if "salaad" in dirs:
       print(f"== seed {seed}: SALAAD deployed at {target:,} params", flush=True)

@@ -11,8 +11,10 @@ import optax
 import pytest
 from optax.contrib import GaLoreState
 
+from salaad_jax import structure
 from salaad_jax.baselines import (accounting, galore, lost, lowrank, make_method, match_rank,
-                                  sltrain, split_variables)
+                                  match_rank_target, sltrain, split_variables)
+from salaad_jax.deploy import accounting as deploy_accounting
 from salaad_jax.models import Llama, count_params, cross_entropy_loss, get_config
 
 CFG = get_config("tiny", dtype=jnp.float32, vocab_size=64, d_model=32, d_ff=48,
@@ -268,6 +270,32 @@ def test_match_rank_is_the_largest_rank_within_budget(name, hparams):
   r = match_rank(name, CFG, target, **hparams)
   count = lambda rank: make_method(name, rank=rank, **hparams).footprint(CFG).params
   assert count(r) <= target < count(r + 1)
+
+
+@pytest.mark.parametrize("fraction,density", [(0.5, 0.05), (0.7, 0.0), (0.4, 0.1)])
+def test_match_rank_target_fills_the_budget_on_salaads_own_blocks(fraction, density):
+  """Oracle: SALAAD's default block selection on the real parameter tree and
+  the deployment accounting, at rank r* min(m, n) (fractional) and nnz d* m n."""
+  params = jax.eval_shape(Llama(CFG).init, jax.random.key(0), TOKENS)["params"]
+  total = sum(math.prod(x.shape) for x in jax.tree.leaves(params))
+  target = int(fraction * total)
+  rate = match_rank_target(CFG, target, density)
+  assert 0 < rate <= 1
+  blocks = structure.block_list(structure.select_blocks(params))
+  kept = total
+  for b in blocks:
+    m = math.prod(b.shape[:b.row_axes])
+    n = math.prod(b.shape[b.row_axes:])
+    kept += deploy_accounting.block_params(m, n, rate * min(m, n), density * m * n) - m * n
+  assert kept == pytest.approx(target, rel=1e-9)
+
+
+def test_match_rank_target_errors():
+  total = make_method("dense").footprint(CFG).params
+  with pytest.raises(ValueError, match="no rank target"):
+    match_rank_target(CFG, total // 10, 0.05)   # below P_rest
+  with pytest.raises(ValueError, match="no rank target"):
+    match_rank_target(CFG, total, 1.0)          # S alone fills the budget
 
 
 def test_match_rank_errors():

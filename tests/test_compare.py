@@ -15,7 +15,10 @@ import numpy as np
 import pytest
 
 from benchmarks import compare_tables as tables
+from salaad_jax.baselines import match_rank_target
 from salaad_jax.deploy.summary import read_summary
+from salaad_jax.train import config as cfg_lib
+from salaad_jax.train.state import model_config
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = dict(os.environ, JAX_PLATFORMS="cpu", NPROC="8",
@@ -52,6 +55,11 @@ def test_compare_writes_pretraining_spectrum_and_finetuning_tables(tmp_path):
   for r in rows:
     if r["method"] in deployed or r["method"] == "lowrank":
       assert int(r["params"]) <= target, r  # matched budget
+  # SALAAD's rank target is the one at which its surrogate fills the budget.
+  salaad_cfg = cfg_lib.read_config(str(out / "runs" / "seed_0" / "salaad"))
+  assert salaad_cfg.rank_target == pytest.approx(
+      match_rank_target(model_config(salaad_cfg), target, 0.05))
+  assert salaad_cfg.density_target == 0.05
   # Every run row is the workdir's own summary.
   for seed in (0, 1):
     s = read_summary(str(out / "runs" / f"seed_{seed}" / "lowrank"))

@@ -13,12 +13,13 @@ Fine-tuning (pure functions on a dense pretrained params tree): `lora`,
 from salaad_jax.baselines import (accounting, bitmap, calibration, cka, dense, galore, lora,
                                   losa, lost, lowrank, pruning, salr, sltrain, spec)
 from salaad_jax.baselines.accounting import ByteCosts, Footprint
-from salaad_jax.baselines.registry import PRETRAIN_METHODS, make_method, match_rank
+from salaad_jax.baselines.registry import (PRETRAIN_METHODS, make_method, match_rank,
+                                           match_rank_target)
 from salaad_jax.baselines.spec import MethodSpec, reference_adamw, split_variables
 
 __all__ = [
     "ByteCosts", "Footprint", "MethodSpec", "PRETRAIN_METHODS", "accounting", "bitmap",
     "calibration", "cka", "dense", "galore", "lora", "losa", "lost", "lowrank",
-    "make_method", "match_rank", "pruning", "reference_adamw", "salr", "sltrain", "spec",
+    "make_method", "match_rank", "match_rank_target", "pruning", "reference_adamw", "salr", "sltrain", "spec",
     "split_variables",
 ]

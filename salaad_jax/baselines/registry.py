@@ -1,4 +1,5 @@
-"""Pretraining methods by name, and matching a method's rank to a budget."""
+"""Pretraining methods by name, and matching a method's rank (or SALAAD's rank
+target) to a budget."""
 
 from __future__ import annotations
 
@@ -57,3 +58,25 @@ def match_rank(name: str, config: LlamaConfig, target_params: int,
     raise ValueError(f"the parameter count of method {name!r} does not "
                      "depend on its rank; there is no rank to match.")
   return accounting.largest_rank_within(count, int(target_params), max_rank)
+
+
+def match_rank_target(config: LlamaConfig, target_params: int, density: float) -> float:
+  """SALAAD's rank target r* at which its surrogate L + S, with every block at
+  its targets (rank r_i = r* min(m_i, n_i), nnz_i = d* m_i n_i; SALAAD.md
+  §6), has `target_params` parameters:
+
+      P_rest + sum_i [ r* min(m_i, n_i) (m_i + n_i) + d* m_i n_i ] = target
+
+  over the default blocks of `Llama(config)`.
+
+  Raises:
+    ValueError: if no r* in (0, 1] meets the budget at density d*.
+  """
+  blocks = accounting.model_blocks(config)
+  lowrank_per_rate = sum(min(m, n) * (m + n) for m, n in blocks.shapes.values())
+  sparse = float(density) * sum(m * n for m, n in blocks.shapes.values())
+  rate = (int(target_params) - blocks.rest - sparse) / lowrank_per_rate
+  if not 0.0 < rate <= 1.0:
+    raise ValueError(f"no rank target in (0, 1] gives {int(target_params):,} parameters at "
+                     f"density {density:g} (it would be {rate:.3f}).")
+  return rate
