@@ -20,6 +20,7 @@ from typing import Any, Optional
 import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
+from etils import epath  # orbax's path type (orbax-checkpoint depends on etils[epath])
 
 from salaad_jax.train.config import TrainError
 
@@ -61,7 +62,9 @@ def saved_params(directory: str, step: Optional[int] = None) -> Optional[Any]:
   path = os.path.join(directory, str(int(step)), "state")
   if not os.path.isdir(path):
     return None
-  metadata = ocp.StandardCheckpointer().metadata(path)
+  # The item's own metadata: the checkpoint-level metadata file lives one
+  # directory up, and StandardCheckpointer would warn that it is missing here.
+  metadata = ocp.StandardCheckpointHandler().metadata(epath.Path(path))
   tree = getattr(metadata, "item_metadata", metadata)
   tree = getattr(tree, "tree", tree)
   return jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype), tree["params"],
