@@ -84,9 +84,10 @@ _SPECTRUM = flags.DEFINE_list("spectrum_budgets", ["0.3", "0.4", "0.5", "0.6", "
                               "budgets (fractions of the dense parameters) of the first "
                               "seed's SALAAD capacity spectrum; those below the share of "
                               "the parameters outside the blocks are left out")
-_SALAAD_RANK = flags.DEFINE_float("salaad_rank_target", None, "SALAAD's r*; unset: the r* "
-                                   "at which its surrogate fills the budget "
-                                   "(baselines.match_rank_target)", lower_bound=0.0, upper_bound=1.0)
+_SALAAD_RANK = flags.DEFINE_float("salaad_rank_target", None,
+                                  "SALAAD's r*; unset: the r* at which its surrogate fills "
+                                  "the budget (baselines.match_rank_target)",
+                                  lower_bound=0.0, upper_bound=1.0)
 _SALAAD_DENSITY = flags.DEFINE_float("salaad_density_target", 0.05, "SALAAD's d*",
                                      lower_bound=0.0, upper_bound=1.0)
 _SALAAD_RHO = flags.DEFINE_float("salaad_rho", None, "SALAAD's rho (blocks and embedding); "

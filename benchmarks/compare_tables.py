@@ -98,6 +98,7 @@ def scatter_plot(rows: Sequence[Mapping[str, Any]], path: str, title: str) -> st
   """Mean validation perplexity against deployment bytes, one labelled point
   per row, error bars ± the standard deviation over seeds.  Draws on a
   ``matplotlib.figure.Figure`` (no pyplot, the backend is left alone)."""
+  from matplotlib import ticker  # pylint: disable=import-outside-toplevel
   from matplotlib.figure import Figure  # pylint: disable=import-outside-toplevel
   fig = Figure(figsize=(7, 4.5))
   ax = fig.add_subplot()
@@ -107,6 +108,7 @@ def scatter_plot(rows: Sequence[Mapping[str, Any]], path: str, title: str) -> st
     ax.annotate(r["method"], (r["bytes"], r["perplexity"]), textcoords="offset points",
                 xytext=(4, 4), fontsize=8)
   ax.set_xlabel("deployment bytes")
+  ax.xaxis.set_major_formatter(ticker.EngFormatter(unit="B"))
   ax.set_ylabel("validation perplexity")
   ax.grid(True, alpha=0.3)
   ax.set_title(title, fontsize=9)
