@@ -147,7 +147,7 @@ def write_table(rows: Sequence[Mapping[str, Any]], out_dir: str, *,
 def plot(rows: Sequence[Mapping[str, Any]], path: str,
          dense_ppl: Union[None, float, Mapping[str, float]] = None,
          title: Optional[str] = None) -> str:
-  """PNG of perplexity against deployment bytes, written atomically.
+  """PNG of perplexity (log scale) against deployment bytes, written atomically.
 
   One line per series (error bars: ± perplexity x loss_se), one labelled
   point per baseline row, and a horizontal reference line per dense
@@ -182,7 +182,12 @@ def plot(rows: Sequence[Mapping[str, Any]], path: str,
   for i, (label, ppl) in enumerate(refs.items()):
     ax.axhline(ppl, color="k", ls=(":" if i else "-."), lw=1, label=f"{label}: {ppl:.3f}")
   ax.set_xlabel("deployment bytes")
-  ax.set_ylabel("validation perplexity")
+  # Log scale: equal steps in loss (log perplexity) look equal, so the small
+  # budgets' large perplexities do not flatten the rest of the curve.
+  ax.set_yscale("log")
+  ax.yaxis.set_major_formatter(ticker.ScalarFormatter())
+  ax.yaxis.set_minor_formatter(ticker.ScalarFormatter())
+  ax.set_ylabel("validation perplexity (log scale)")
   ax.xaxis.set_major_formatter(ticker.EngFormatter(unit="B"))
   ax.grid(True, alpha=0.3)
   ax.legend(fontsize=8)
