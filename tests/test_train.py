@@ -8,9 +8,12 @@ NPROC is raised before JAX starts, so SALAAD runs live in
 tests/test_pretrain_app.py, in subprocesses that set it.
 """
 
+import ast
 import dataclasses
+import graphlib
 import json
 import os
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -81,6 +84,31 @@ def test_flags_cover_every_field_and_give_the_config():
   assert names <= set(fv) and "method_option" in fv
   with pytest.raises(flags.IllegalFlagValueError):
     fv(["prog", "--steps=0"])
+
+
+def _train_imports() -> dict[str, set[str]]:
+  """module -> the salaad_jax.train modules it imports (at any depth, lazy ones too)."""
+  package = Path(__file__).resolve().parents[1] / "salaad_jax" / "train"
+  names = {p.stem for p in package.glob("*.py")} - {"__init__"}
+  graph = {}
+  for name in names:
+    deps = set()
+    for node in ast.walk(ast.parse((package / f"{name}.py").read_text())):
+      if isinstance(node, ast.ImportFrom) and node.module == "salaad_jax.train":
+        deps |= {a.name for a in node.names} & names
+      elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("salaad_jax.train."):
+        deps.add(node.module.split(".")[2])
+      elif isinstance(node, ast.Import):
+        deps |= {a.name.split(".")[2] for a in node.names
+                 if a.name.startswith("salaad_jax.train.")}
+    graph[name] = deps - {name}
+  return graph
+
+
+def test_train_modules_import_one_way():
+  graph = _train_imports()
+  assert graph["warm_start"] >= {"run"} and "loop" not in graph["run"]  # the graph is read
+  list(graphlib.TopologicalSorter(graph).static_order())  # CycleError on a circle
 
 
 # ----------------------------------------------------------------------------

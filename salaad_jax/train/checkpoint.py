@@ -24,6 +24,13 @@ from etils import epath  # orbax's path type (orbax-checkpoint depends on etils[
 
 from salaad_jax.train.config import TrainError
 
+CHECKPOINT_DIR = "checkpoints"  # under a run's workdir
+
+
+def checkpoint_dir(workdir: str) -> str:
+  """Where a run in ``workdir`` keeps its checkpoints."""
+  return os.path.join(workdir, CHECKPOINT_DIR)
+
 
 def _encode(tree):
   return jax.tree.map(

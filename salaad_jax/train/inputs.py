@@ -34,3 +34,9 @@ def make_train_dataset(config: TrainConfig):
 def make_eval_dataset(config: TrainConfig, split: str = "validation"):
   """The held-out iterator of ``split`` at the evaluation batch size."""
   return _dataset(config, split, config.eval_batch_size or config.batch_size)
+
+
+def calibration_dataset(config: TrainConfig):
+  """Training batches for a method's calibration, in another order than the
+  training iterator's (which it leaves untouched)."""
+  return make_train_dataset(config.replace(data_seed=config.data_seed + 1))

@@ -25,17 +25,14 @@ from jax.experimental import multihost_utils
 
 from salaad_jax.train import config as cfg_lib
 from salaad_jax.train import metrics as mt
-from salaad_jax.train.checkpoint import Checkpointer, saved_params
+from salaad_jax.train.checkpoint import Checkpointer, checkpoint_dir, saved_params
 from salaad_jax.train.config import TrainConfig, TrainError
 from salaad_jax.train.evaluation import evaluate
 from salaad_jax.train.executors import make_executor
-from salaad_jax.train.inputs import make_eval_dataset, make_train_dataset
+from salaad_jax.train.inputs import calibration_dataset, make_eval_dataset, make_train_dataset
 from salaad_jax.train.preemption import StopRequest
 from salaad_jax.train.state import build, split_constants
 from salaad_jax.train.warm_start import calibration_batches, initial_params
-
-CHECKPOINT_DIR = "checkpoints"
-
 
 class NonFiniteLossError(TrainError):
   """The loss (or the params) became NaN/inf; the run stopped."""
@@ -81,12 +78,6 @@ def prepare_workdir(workdir: str, config: TrainConfig) -> None:
     cfg_lib.write_config(workdir, config)
 
 
-def calibration_dataset(config: TrainConfig):
-  """Training batches for a method's calibration, in another order than the
-  training iterator's (which it leaves untouched)."""
-  return make_train_dataset(config.replace(data_seed=config.data_seed + 1))
-
-
 def _all_finite(tree) -> jax.Array:
   leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
             if jnp.issubdtype(x.dtype, jnp.inexact)]
@@ -116,7 +107,7 @@ def _check_losses(steps, losses, ckpt: Checkpointer, workdir: str) -> None:
     raise NonFiniteLossError(
         f"non-finite loss ({losses[bad[0]]}) at step {steps[bad[0]]}; training stopped, the "
         f"last good checkpoint (step {ckpt.latest_step()}) in "
-        f"{os.path.join(workdir, CHECKPOINT_DIR)} is intact (try a lower --lr)")
+        f"{checkpoint_dir(workdir)} is intact (try a lower --lr)")
 
 
 class _Trainer:
@@ -132,13 +123,13 @@ class _Trainer:
     self.parts = build(config)
     initial = initial_params(config, self.parts.method, self.parts.model_config,
                              calibration_batches(lambda: calibration_dataset(config)),
-                             saved_params(os.path.join(workdir, CHECKPOINT_DIR))
+                             saved_params(checkpoint_dir(workdir))
                              if config.init_from else None)
     self.executor = make_executor(config, self.parts.model, self.parts.method, self.parts.tx,
                                   devices, initial)
     del initial
     prepare_workdir(workdir, config)
-    self.ckpt = Checkpointer(os.path.join(workdir, CHECKPOINT_DIR),
+    self.ckpt = Checkpointer(checkpoint_dir(workdir),
                              keep=config.keep_checkpoints, async_save=config.async_checkpoint)
     method = self.parts.method
     self._metrics_fn = None if method.metrics is None else jax.jit(method.metrics)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import os
 from typing import Any, Optional
 
 import jax
@@ -11,12 +10,10 @@ from jax.sharding import Mesh, SingleDeviceSharding
 
 from salaad_jax.models import Llama, LlamaConfig
 from salaad_jax.train import sharding as shd
-from salaad_jax.train.checkpoint import Checkpointer, saved_params
-from salaad_jax.train.config import TrainConfig, read_config
-from salaad_jax.train.loop import CHECKPOINT_DIR, calibration_dataset
+from salaad_jax.train.checkpoint import Checkpointer, checkpoint_dir, saved_params
+from salaad_jax.train.config import TrainConfig, TrainError, read_config
 from salaad_jax.train.methods import Method
-from salaad_jax.train.state import build, init_state
-from salaad_jax.train.warm_start import applied_params, calibration_batches, initial_params
+from salaad_jax.train.state import applied_params, build, init_state
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,12 +64,15 @@ def load_run(workdir: str, step: Optional[int] = None, mesh: Optional[Mesh] = No
   """
   config = read_config(workdir)
   parts = build(config)
-  # A run started from another one (--init_from) has the shapes of its
-  # starting point (e.g. LoRA ranks): those of the saved params.
-  saved = (saved_params(os.path.join(workdir, CHECKPOINT_DIR), step)
-           if config.init_from else None)
-  initial = initial_params(config, parts.method, parts.model_config,
-                           calibration_batches(lambda: calibration_dataset(config)), saved)
+  directory = checkpoint_dir(workdir)
+  initial = None
+  if config.init_from:
+    # A run started from another one (--init_from) has the shapes of its
+    # starting point (e.g. LoRA ranks): those of the saved params.
+    initial = saved_params(directory, step)
+    if initial is None:
+      raise TrainError(f"no checkpoint {'' if step is None else f'at step {step} '}in "
+                       f"{directory}")
   abstract = jax.eval_shape(
       lambda p: init_state(config, parts.model, parts.method, parts.tx, p), initial)
   del initial
@@ -81,7 +81,7 @@ def load_run(workdir: str, step: Optional[int] = None, mesh: Optional[Mesh] = No
     shardings = jax.tree.map(lambda _: first, abstract)
   else:
     shardings = shd.state_shardings(abstract, mesh)
-  ckpt = Checkpointer(os.path.join(workdir, CHECKPOINT_DIR), async_save=False)
+  ckpt = Checkpointer(directory, async_save=False)
   try:
     state, data_state = ckpt.restore(shd.with_shardings(abstract, shardings), step)
   finally:

@@ -57,6 +57,16 @@ def model_variables(params) -> dict:
   return {"params": trainable, **constants}
 
 
+def applied_params(config: TrainConfig, method: Method, params) -> Any:
+  """The Llama params a run with ``method`` applies for its ``TrainState.params``
+  (``params`` itself unless the method reparameterises its model, e.g. LoRA's
+  W + (alpha / r) A B)."""
+  variables = model_variables(params)
+  if method.model_variables is not None:
+    variables = method.model_variables(config)(variables)
+  return variables["params"]
+
+
 def model_config(config: TrainConfig) -> LlamaConfig:
   """The preset ``config.model`` with the run's vocabulary, length and dtypes."""
   if config.vocab_size < 1:

@@ -19,18 +19,10 @@ import numpy as np
 from salaad_jax.models import Llama, LlamaConfig
 from salaad_jax.train.config import TrainConfig, TrainError
 from salaad_jax.train.methods import Method
-from salaad_jax.train.state import model_variables
+from salaad_jax.train.run import load_run
+from salaad_jax.train.state import applied_params
 
 Params = Any
-
-
-def applied_params(config: TrainConfig, method: Method, params: Params) -> Params:
-  """The Llama params a run with ``method`` applies for its ``TrainState.params``
-  (``params`` itself unless the method reparameterises its model)."""
-  variables = model_variables(params)
-  if method.model_variables is not None:
-    variables = method.model_variables(config)(variables)
-  return variables["params"]
 
 
 def _check_compatible(source: TrainConfig, params: Params, model_config: LlamaConfig,
@@ -52,7 +44,6 @@ def pretrained_params(workdir: str, model_config: LlamaConfig) -> Params:
   Raises:
     TrainError: no run there, or a model that is not this dense Llama.
   """
-  from salaad_jax.train.run import load_run  # pylint: disable=import-outside-toplevel
   run = load_run(workdir)
   if run.method.dense_cls is not None:
     raise TrainError(f"--init_from={workdir}: a {run.config.method!r} run trains "
