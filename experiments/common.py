@@ -3,6 +3,7 @@ interrupted run, the final report line and ``summary.json``."""
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 
@@ -14,11 +15,21 @@ from salaad_jax.train import config as cfg_lib
 from salaad_jax.train.metrics import format_duration
 
 
+def _without_orbax_traceback(record) -> bool:
+  """Drops the stack of Orbax's own error records (e.g. of a failed background
+  save, which the app reports as one ``error:`` line); keeps their message."""
+  if f"{os.sep}orbax{os.sep}" in (record.pathname or ""):
+    record.exc_info, record.exc_text, record.stack_info = None, None, None
+  return True
+
+
 def quiet_logging() -> None:
   """Progress goes to stdout; absl logging (e.g. Orbax's INFO lines per save)
-  only from warnings up unless --verbosity is given."""
+  only from warnings up, without Orbax's stack traces, unless --verbosity is
+  given."""
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)
+    logging.get_absl_logger().addFilter(_without_orbax_traceback)
 
 
 def fail(message: str) -> None:

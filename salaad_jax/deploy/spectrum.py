@@ -206,8 +206,11 @@ def paired_se(a: Mapping[str, Any], b: Mapping[str, Any]) -> float:
 
 def _load(workdir: str, step: Optional[int], what: str):
   from salaad_jax.train import TrainError, load_run  # pylint: disable=import-outside-toplevel
+  from salaad_jax.train.checkpoint import UnreadableCheckpointError  # pylint: disable=import-outside-toplevel
   try:
     return load_run(os.fspath(workdir), step)
+  except UnreadableCheckpointError as e:
+    raise SpectrumError(f"{what}: {e} (--step chooses one)") from None
   except TrainError as e:
     raise SpectrumError(f"{what}: {e}") from None
 

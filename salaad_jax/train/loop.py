@@ -137,17 +137,20 @@ class _Trainer:
     self._finite_fn = jax.jit(_all_finite)
 
   def restore_or_init(self):
-    start = self.ckpt.latest_step()
-    if start is None:
+    """(state, step): the newest checkpoint that restores (see
+    ``Checkpointer.restore_latest``), else the initial state at step 0."""
+    restored = self.ckpt.restore_latest(self.executor.abstract, check=self._set_data_state)
+    if restored is None:
       return self.executor.init(), 0
-    state, data_state = self.ckpt.restore(self.executor.abstract, start)
+    start, state, _ = restored
+    _say(f"resumed from {self.ckpt.directory} at step {start}")
+    return self.executor.from_global(state), start
+
+  def _set_data_state(self, data_state: dict) -> None:
     try:
       self.train_ds.set_state(data_state)
     except (ValueError, KeyError) as e:
-      raise TrainError(f"checkpoint {start}: data state does not fit --source="
-                       f"{self.config.source}: {e}") from None
-    _say(f"resumed from {self.ckpt.directory} at step {start}")
-    return self.executor.from_global(state), start
+      raise TrainError(f"data state does not fit --source={self.config.source}: {e}") from None
 
   # -- pieces of a step ----------------------------------------------------
   def method_metrics(self, state) -> dict:

@@ -59,8 +59,9 @@ def load_run(workdir: str, step: Optional[int] = None, mesh: Optional[Mesh] = No
   mesh with a 'fsdp' axis; see ``salaad_jax.train.sharding``).
 
   Raises:
-    TrainError: no run, no such checkpoint, or a checkpoint that does not fit
-      the saved config.
+    TrainError: no run, no such checkpoint, or a checkpoint that does not
+      restore (unreadable files, or not fitting the saved config); the run
+      is left as it is, and another ``step`` can be asked for.
   """
   config = read_config(workdir)
   parts = build(config)
@@ -81,7 +82,7 @@ def load_run(workdir: str, step: Optional[int] = None, mesh: Optional[Mesh] = No
     shardings = jax.tree.map(lambda _: first, abstract)
   else:
     shardings = shd.state_shardings(abstract, mesh)
-  ckpt = Checkpointer(directory, async_save=False)
+  ckpt = Checkpointer(directory, async_save=False, reader=True)
   try:
     state, data_state = ckpt.restore(shd.with_shardings(abstract, shardings), step)
   finally:

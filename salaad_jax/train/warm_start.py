@@ -17,6 +17,7 @@ import jax
 import numpy as np
 
 from salaad_jax.models import Llama, LlamaConfig
+from salaad_jax.train.checkpoint import UnreadableCheckpointError
 from salaad_jax.train.config import TrainConfig, TrainError
 from salaad_jax.train.methods import Method
 from salaad_jax.train.run import load_run
@@ -44,7 +45,13 @@ def pretrained_params(workdir: str, model_config: LlamaConfig) -> Params:
   Raises:
     TrainError: no run there, or a model that is not this dense Llama.
   """
-  run = load_run(workdir)
+  try:
+    run = load_run(workdir)
+  except UnreadableCheckpointError as e:
+    raise TrainError(f"--init_from={workdir}: {e}; to start from an earlier step, rename "
+                     "the unreadable one (e.g. to <step>.corrupt)") from None
+  except TrainError as e:
+    raise TrainError(f"--init_from={workdir}: {e}") from None
   if run.method.dense_cls is not None:
     raise TrainError(f"--init_from={workdir}: a {run.config.method!r} run trains "
                      "structured projections, not a dense Llama; start from a dense, "
