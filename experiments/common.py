@@ -1,17 +1,22 @@
 """What the training apps share: one-line errors, the exit status of an
-interrupted run, the final report line and ``summary.json``."""
+interrupted run, the final report line and ``summary.json``, and how the
+processes of a multi-host job (``--distributed``) print and end."""
 
 from __future__ import annotations
 
+import functools
 import os
 import signal
 import sys
+import traceback
 
+import jax
 from absl import flags, logging
 
 from salaad_jax.baselines.harness import write_run_summary
 from salaad_jax.train import TrainConfig, TrainError, train_and_evaluate
 from salaad_jax.train import config as cfg_lib
+from salaad_jax.train import multihost
 from salaad_jax.train.metrics import format_duration
 
 
@@ -25,16 +30,42 @@ def _without_orbax_traceback(record) -> bool:
 
 def quiet_logging() -> None:
   """Progress goes to stdout; absl logging (e.g. Orbax's INFO lines per save)
-  only from warnings up, without Orbax's stack traces, unless --verbosity is
-  given."""
+  only from warnings up (on processes other than 0 of a multi-host job, only
+  errors), without Orbax's stack traces, unless --verbosity is given."""
   if not flags.FLAGS["verbosity"].present:
-    logging.set_verbosity(logging.WARNING)
+    quiet = jax.distributed.is_initialized() and not multihost.is_primary()
+    logging.set_verbosity(logging.ERROR if quiet else logging.WARNING)
     logging.get_absl_logger().addFilter(_without_orbax_traceback)
 
 
+def say(line: str) -> None:
+  """Prints ``line`` (process 0 of a multi-host job only)."""
+  if not jax.distributed.is_initialized() or multihost.is_primary():
+    print(line, flush=True)
+
+
 def fail(message: str) -> None:
+  """One error line, then exit status 1 (with several processes, at once)."""
+  if multihost.is_multiprocess():
+    message = f"{message} (process {jax.process_index()} of {jax.process_count()})"
   print(f"error: {message}", file=sys.stderr, flush=True)
-  sys.exit(1)
+  multihost.exit_now(1)
+
+
+def exits_promptly(main):
+  """``main`` whose unexpected exceptions, in a multi-host job, print their
+  traceback and end the process at once (status 1) rather than in JAX's
+  shutdown barrier, waiting for peers that wait for it."""
+  @functools.wraps(main)
+  def wrapped(argv):
+    try:
+      return main(argv)
+    except Exception:  # pylint: disable=broad-except
+      if not multihost.is_multiprocess():
+        raise
+      traceback.print_exc()
+      multihost.exit_now(1)
+  return wrapped
 
 
 def result_line(result: dict, workdir: str) -> str:
@@ -62,14 +93,18 @@ def summary_line(summary: dict) -> str:
 
 def train(config: TrainConfig, workdir: str) -> dict:
   """``train_and_evaluate``; a TrainError exits with status 1 and one line, an
-  interrupted run with 128 + the signal number (after its checkpoint)."""
+  interrupted run with 128 + the signal number (after its checkpoint; a
+  multi-host job stopped by SIGTERM or SIGINT on any process: 128 + SIGTERM
+  on every process)."""
   try:
+    multihost.initialize_from_config(config)
+    quiet_logging()
     result = train_and_evaluate(config, workdir)
   except TrainError as e:
     fail(str(e))
   stopped = result.get("interrupted")
-  if stopped in ("SIGTERM", "SIGINT"):
-    sys.exit(128 + int(getattr(signal, stopped)))
+  if stopped in ("SIGTERM", "SIGINT", "preemption"):
+    sys.exit(128 + int(getattr(signal, "SIGTERM" if stopped == "preemption" else stopped)))
   return result
 
 

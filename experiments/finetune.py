@@ -36,6 +36,7 @@ from salaad_jax.deploy import summary as summary_lib
 from salaad_jax.train import TrainConfig, TrainError
 from salaad_jax.train import config as cfg_lib
 from salaad_jax.train import flags as train_flags
+from salaad_jax.train import multihost
 
 FINETUNE_METHODS = ("lora", "salr", "losa", "salaad")
 # Taken from the pretrained run unless given on the command line.
@@ -67,6 +68,7 @@ def finetune_config(flag_values=flags.FLAGS) -> TrainConfig:
   return config.replace(init_from=os.path.abspath(init), **inherited)
 
 
+@common.exits_promptly
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -82,12 +84,11 @@ def main(argv):
     common.fail(str(e))
   for i, (run_config, run_dir) in enumerate(runs):
     if len(runs) > 1:
-      print(f"== LoSA round {i + 1}/{len(runs)}: {run_config.steps} steps in {run_dir}",
-            flush=True)
+      common.say(f"== LoSA round {i + 1}/{len(runs)}: {run_config.steps} steps in {run_dir}")
     result = common.train(run_config, run_dir)
     if result.get("interrupted"):
       return
-    print(common.result_line(result, run_dir), flush=True)
+    common.say(common.result_line(result, run_dir))
   summary = common.write_summary(run_dir, result)
   if run_dir != workdir:
     fields = {k: v for k, v in summary.items() if k != "format_version"}
@@ -95,8 +96,8 @@ def main(argv):
     fields["extra"] = {**fields.get("extra", {}), "init_from": config.init_from,
                        "rounds": len(runs),
                        "final_round_workdir": os.path.abspath(run_dir)}
-    summary = summary_lib.write_summary(workdir, **fields)
-  print(common.summary_line(summary), flush=True)
+    summary = summary_lib.write_summary(workdir, **fields, write=multihost.is_primary())
+  common.say(common.summary_line(summary))
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "run directory (created; resumed
                                "holds a checkpoint)", required=True)
 
 
+@common.exits_promptly
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -34,8 +35,8 @@ def main(argv):
   result = common.train(config, _WORKDIR.value)
   if result.get("interrupted"):
     return
-  print(common.result_line(result, _WORKDIR.value), flush=True)
-  print(common.summary_line(common.write_summary(_WORKDIR.value, result)), flush=True)
+  common.say(common.result_line(result, _WORKDIR.value))
+  common.say(common.summary_line(common.write_summary(_WORKDIR.value, result)))
 
 
 if __name__ == "__main__":

@@ -10,17 +10,23 @@ budgets (of --dense_workdir, or of the run's own X), and the dense weights
 as reference; reads single points from ``summary.json`` of other runs.
 Writes ``spectrum.md``, ``spectrum.csv``, ``spectrum.json`` and
 ``spectrum.png`` into --out_dir (default ``<workdir>/spectrum``), each
-atomically, once every evaluation is done.  See
+atomically, once every evaluation is done.  With ``--distributed`` (and
+``--coordinator_address``, ``--num_processes``, ``--process_id`` as for
+``experiments.pretrain``) every process of a job restores the runs together
+and evaluates its own copy; process 0 prints and writes.  See
 ``salaad_jax.deploy.spectrum`` and ``salaad_jax.deploy.spectrum_report``.
 """
 
 import os
-import sys
 
-from absl import app, flags, logging
+from absl import app, flags
 
+from experiments import common
 from salaad_jax.deploy import spectrum as sp
 from salaad_jax.deploy import spectrum_report as report
+from salaad_jax.train import TrainError
+from salaad_jax.train import flags as train_flags
+from salaad_jax.train import multihost
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "a --method=salaad run directory",
                                required=True)
@@ -51,6 +57,7 @@ _GAMMA = flags.DEFINE_float("gamma", 0.5, "HPA's low-rank share of the cut", low
                             upper_bound=1.0)
 _STEP = flags.DEFINE_integer("step", None, "checkpoint step; unset: the latest", lower_bound=0)
 _OUT_DIR = flags.DEFINE_string("out_dir", "", "output directory; '': <workdir>/spectrum")
+train_flags.define_distributed_flags()
 
 
 def _valid(parse):
@@ -80,11 +87,15 @@ flags.register_validator("posthoc_rank", _valid(_check_fraction))
 flags.register_validator("posthoc_density", _valid(_check_fraction))
 
 
+@common.exits_promptly
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  if not flags.FLAGS["verbosity"].present:
-    logging.set_verbosity(logging.WARNING)  # Orbax logs every restore at INFO.
+  try:
+    multihost.initialize(**train_flags.distributed_settings())
+  except TrainError as e:
+    common.fail(str(e))
+  common.quiet_logging()  # Orbax logs every restore at INFO.
   try:
     rows = sp.capacity_spectrum(
         _WORKDIR.value, _BUDGETS.value, methods=_METHODS.value, dense_workdir=_DENSE.value,
@@ -92,10 +103,11 @@ def main(argv):
         posthoc_density=_POSTHOC_DENSITY.value, baseline_workdirs=_BASELINES.value,
         eval_batches=_EVAL_BATCHES.value or None, eval_split=_EVAL_SPLIT.value or None,
         unit=_UNIT.value, fmt=_FMT.value, dtype=_DTYPE.value, gamma=_GAMMA.value,
-        step=_STEP.value, progress=lambda line: print(line, flush=True))
+        step=_STEP.value, progress=common.say)
   except sp.SpectrumError as e:
-    print(f"error: {e}", file=sys.stderr, flush=True)
-    sys.exit(1)
+    common.fail(str(e))
+  if not multihost.is_primary():
+    return
   out = _OUT_DIR.value or os.path.join(_WORKDIR.value, "spectrum")
   paths = report.write_table(rows, out)
   paths["png"] = report.plot(rows, os.path.join(out, "spectrum.png"),

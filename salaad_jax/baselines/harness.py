@@ -136,6 +136,9 @@ def write_run_summary(config: TrainConfig, workdir: str, result: dict, **extra: 
   SALAAD is deployed as its surrogate L + S: its numbers are the
   surrogate's, with the dense iterate's perplexity under
   ``extra.dense_iterate_perplexity``.
+
+  With several processes every one calls it (the checkpoint is restored
+  collectively) and process 0 writes the file.
   """
   from salaad_jax.baselines import finetune  # pylint: disable=import-outside-toplevel
   from salaad_jax.deploy.summary import write_summary  # pylint: disable=import-outside-toplevel
@@ -159,4 +162,5 @@ def write_run_summary(config: TrainConfig, workdir: str, result: dict, **extra: 
   return write_summary(workdir, method=config.method, params=int(fp.params),
                        bytes=int(fp.bytes), perplexity=float(ppl), loss=float(loss),
                        sparsity=sparsity, dense_params=_dense_params(config),
-                       step=int(result["step"]), extra=extra or None)
+                       step=int(result["step"]), extra=extra or None,
+                       write=jax.process_index() == 0)

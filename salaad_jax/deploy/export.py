@@ -11,6 +11,11 @@ The manifest is written last, so a directory holding one is complete.
 (plain ``Llama`` for the 'dense' format) and restores the parameters against
 its abstract tree.
 
+With several processes (``jax.distributed``) every process calls ``export``
+with its own copy of the artifact (e.g. from ``load_run``): Orbax saves
+collectively, host arrays from process 0 only, and process 0 alone clears
+the directory and writes the manifest.
+
 The stored tree holds no empty dict (Orbax does not restore one against a
 model that lacks it): a block kept at rank 0 with no sparse entry has no
 parameters, and Flax's structured model has none for it either.  ``load``
@@ -30,6 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
 from salaad_jax import structure as st
 from salaad_jax.deploy import accounting as acc
@@ -101,6 +107,9 @@ def manifest_for(artifact: Artifact, config: Optional[LlamaConfig] = None,
 
 
 def _prepare_dir(path: str, overwrite: bool) -> None:
+  """Checks ``path`` (on every process alike), then empties and creates it
+  (process 0; the others wait for it)."""
+  entries = []
   if os.path.exists(path):
     if not os.path.isdir(path):
       raise ValueError(f"export path '{path}' exists and is not a directory")
@@ -112,7 +121,21 @@ def _prepare_dir(path: str, overwrite: bool) -> None:
       if MANIFEST not in entries:
         raise ValueError(f"export path '{path}' holds files that are not an artifact; "
                          "refusing to overwrite it")
+  if jax.process_index() == 0:
+    if entries:
       shutil.rmtree(path)
+    os.makedirs(path, exist_ok=True)
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(f"export {path}")
+
+
+def _savable(tree):
+  """With several processes, each process's own arrays as host arrays (which
+  Orbax writes from process 0 only); arrays across processes stay as they are."""
+  if jax.process_count() == 1:
+    return tree
+  return jax.tree.map(lambda x: np.asarray(x) if getattr(x, "is_fully_addressable", True)
+                      else x, tree)
 
 
 def export(path: str, artifact: Artifact, config: Optional[LlamaConfig] = None, *,
@@ -130,12 +153,12 @@ def export(path: str, artifact: Artifact, config: Optional[LlamaConfig] = None, 
     _check_fits(artifact, model_for(config, artifact.layouts, artifact.fmt, artifact.dtype))
   manifest = manifest_for(artifact, config, extra)
   _prepare_dir(path, overwrite)
-  os.makedirs(path, exist_ok=True)
   ckpt = ocp.StandardCheckpointer()
-  ckpt.save(os.path.join(path, PARAMS_DIR), drop_empty(artifact.params))
+  ckpt.save(os.path.join(path, PARAMS_DIR), _savable(drop_empty(artifact.params)))
   ckpt.wait_until_finished()
-  with open(os.path.join(path, MANIFEST), "w") as f:
-    json.dump(manifest, f, indent=1)
+  if jax.process_index() == 0:
+    with open(os.path.join(path, MANIFEST), "w") as f:
+      json.dump(manifest, f, indent=1)
   return manifest
 
 

@@ -463,7 +463,9 @@ def _read_baseline(workdir) -> tuple[str, dict]:
 def _evaluator(config, split: str, num_batches: int) -> BatchEvaluator:
   from salaad_jax.train import TrainError, make_eval_dataset  # pylint: disable=import-outside-toplevel
   try:
-    return BatchEvaluator(make_eval_dataset(config, split).eval_batches(num_batches))
+    # Whole batches: with several processes each evaluates its own copy of the run.
+    ds = make_eval_dataset(config, split, whole_batches=True)
+    return BatchEvaluator(ds.eval_batches(num_batches))
   except TrainError as e:
     raise SpectrumError(str(e)) from None
 

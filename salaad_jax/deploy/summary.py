@@ -101,11 +101,13 @@ def write_summary(workdir: str, *, method: str, params: int, bytes: int,  # pyli
                   loss: Optional[float] = None, sparsity: Optional[float] = None,
                   dense_params: Optional[int] = None, fmt: Optional[str] = None,
                   dtype: Optional[str] = None, step: Optional[int] = None,
-                  extra: Optional[dict] = None) -> dict[str, Any]:
+                  extra: Optional[dict] = None, write: bool = True) -> dict[str, Any]:
   """Validates the numbers and writes ``<workdir>/summary.json`` atomically.
 
   ``workdir`` is created if needed.  Integers may be numpy integers and
-  reals numpy floats (they are converted).  Returns the written summary.
+  reals numpy floats (they are converted).  Returns the written summary;
+  ``write=False`` checks and returns it without writing (a job of several
+  processes writes from one).
 
   Raises:
     ValueError (writing nothing): a field out of range or not JSON-able.
@@ -125,6 +127,8 @@ def write_summary(workdir: str, *, method: str, params: int, bytes: int,  # pyli
     text = json.dumps(summary, indent=1, sort_keys=True, allow_nan=False)
   except (TypeError, ValueError) as e:
     raise ValueError(f"{path}: the summary is not JSON-able ({e})") from None
+  if not write:
+    return summary
   os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
   tmp = f"{path}.tmp.{os.getpid()}"
   try:

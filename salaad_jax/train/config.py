@@ -109,7 +109,14 @@ class TrainConfig:
   mesh_data: int = _f(-1, "devices on the 'data' mesh axis; -1: the rest", min=-1)
   mesh_fsdp: int = _f(1, "devices on the 'fsdp' axis (params and optimizer state "
                       "sharded over it); -1: the rest", min=-1)
-  distributed: bool = _f(False, "call jax.distributed.initialize() (multi-host)")
+  distributed: bool = _f(False, "call jax.distributed.initialize() (multi-host: every "
+                         "process runs the same command)")
+  coordinator_address: str = _f("", "with --distributed: host:port of process 0's "
+                                "coordinator; '': JAX_COORDINATOR_ADDRESS or the cluster's")
+  num_processes: int = _f(0, "with --distributed: processes in the job; 0: the cluster's",
+                          min=0)
+  process_id: int = _f(-1, "with --distributed: this process's index in [0, "
+                       "num_processes); -1: the cluster's", min=-1)
 
   # --- loop, logging, checkpoints ---------------------------------------------
   log_every: int = _f(50, "steps between progress lines / metric records", min=1)
@@ -148,7 +155,7 @@ RESUMABLE_FIELDS = frozenset({
     "steps", "stop_after", "log_every", "eval_every", "eval_batches",
     "eval_batch_size", "checkpoint_every", "keep_checkpoints", "async_checkpoint",
     "tensorboard", "parallelism", "mesh_data", "mesh_fsdp", "distributed",
-    "data_dir",
+    "coordinator_address", "num_processes", "process_id", "data_dir",
 })
 
 _UNIT_INTERVAL = ("rank_target", "density_target", "energy", "b1", "b2")

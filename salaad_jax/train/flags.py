@@ -12,6 +12,7 @@ import dataclasses
 from absl import flags
 
 from salaad_jax.train.config import TrainConfig, TrainError
+from salaad_jax.train.multihost import FLAG_FIELDS
 
 
 def _define(field: dataclasses.Field, flag_values) -> None:
@@ -38,6 +39,19 @@ def define_flags(flag_values=flags.FLAGS) -> None:
                                 "(repeatable)", flag_values=flag_values)
     else:
       _define(field, flag_values)
+
+
+def define_distributed_flags(flag_values=flags.FLAGS) -> None:
+  """Only --distributed, --coordinator_address, --num_processes and
+  --process_id (for the apps that read runs rather than train them)."""
+  for field in dataclasses.fields(TrainConfig):
+    if field.name in FLAG_FIELDS:
+      _define(field, flag_values)
+
+
+def distributed_settings(flag_values=flags.FLAGS) -> dict:
+  """Those flags' values, as ``multihost.initialize`` takes them."""
+  return {name: flag_values[name].value for name in FLAG_FIELDS}
 
 
 def parse_method_options(items) -> dict[str, str]:

@@ -11,7 +11,7 @@ def _first_line(e: Exception) -> str:
   return text.splitlines()[0] if text else type(e).__name__
 
 
-def _dataset(config: TrainConfig, split: str, batch_size: int):
+def _dataset(config: TrainConfig, split: str, batch_size: int, **layout):
   try:
     tokenizer = get_tokenizer(config.tokenizer)
   except (ValueError, OSError, ImportError) as e:
@@ -19,7 +19,7 @@ def _dataset(config: TrainConfig, split: str, batch_size: int):
   try:
     return make_dataset(config.source, seq_len=config.seq_len, batch_size=batch_size,
                         split=split, seed=config.data_seed, data_dir=config.data_dir or None,
-                        tokenizer=tokenizer)
+                        tokenizer=tokenizer, **layout)
   except FileNotFoundError as e:
     raise TrainError(f"--source={config.source}: {_first_line(e)}") from None
   except (ValueError, ImportError, OSError) as e:
@@ -31,9 +31,13 @@ def make_train_dataset(config: TrainConfig):
   return _dataset(config, config.train_split, config.batch_size)
 
 
-def make_eval_dataset(config: TrainConfig, split: str = "validation"):
-  """The held-out iterator of ``split`` at the evaluation batch size."""
-  return _dataset(config, split, config.eval_batch_size or config.batch_size)
+def make_eval_dataset(config: TrainConfig, split: str = "validation", *,
+                      whole_batches: bool = False):
+  """The held-out iterator of ``split`` at the evaluation batch size: this
+  process's rows of each batch, or with ``whole_batches`` all of them (every
+  process of a multi-host job evaluating the same batches on its own)."""
+  layout = dict(process_index=0, process_count=1) if whole_batches else {}
+  return _dataset(config, split, config.eval_batch_size or config.batch_size, **layout)
 
 
 def calibration_dataset(config: TrainConfig):

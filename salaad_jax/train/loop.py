@@ -25,6 +25,7 @@ from jax.experimental import multihost_utils
 
 from salaad_jax.train import config as cfg_lib
 from salaad_jax.train import metrics as mt
+from salaad_jax.train import multihost
 from salaad_jax.train.checkpoint import Checkpointer, checkpoint_dir, saved_params
 from salaad_jax.train.config import TrainConfig, TrainError
 from salaad_jax.train.evaluation import evaluate
@@ -44,9 +45,9 @@ def _say(*args) -> None:
 
 
 def maybe_initialize_distributed(config: TrainConfig) -> None:
-  """``jax.distributed.initialize()`` once, when ``config.distributed``."""
-  if config.distributed and not jax.distributed.is_initialized():
-    jax.distributed.initialize()
+  """``jax.distributed.initialize`` once, when ``config.distributed`` (see
+  ``salaad_jax.train.multihost``)."""
+  multihost.initialize_from_config(config)
 
 
 def resolve(config: TrainConfig, vocab_size: int) -> TrainConfig:
@@ -208,10 +209,10 @@ class _Trainer:
          f"{self.executor.num_devices} ({c.parallelism}) | workdir {self.workdir}")
     meter = mt.Throughput(c.batch_size * c.seq_len, c.steps, step)
     pending, last_train, last_eval, stopped = _Pending(), {}, {}, ""
-    multihost, first = jax.process_count() > 1, True
+    several, first = jax.process_count() > 1, True
     t0 = time.perf_counter()
     try:
-      with StopRequest() as stop:
+      with StopRequest(collective=several) as stop:
         while step < c.steps:
           state, m = self.executor.step(state, self.executor.put_batch(next(self.train_ds)))
           step += 1
@@ -221,7 +222,7 @@ class _Trainer:
             _say(f"first step (with compilation): {time.perf_counter() - t0:.1f} s")
             meter.reset(step)
             first = False
-          if multihost:
+          if several:
             stopped = "preemption" if multihost_utils.reached_preemption_sync_point(step) else ""
           else:
             stopped = stop.name

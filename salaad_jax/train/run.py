@@ -55,8 +55,10 @@ class Run:
 def load_run(workdir: str, step: Optional[int] = None, mesh: Optional[Mesh] = None) -> Run:
   """Restores checkpoint ``step`` (default: the latest) of ``workdir``.
 
-  Arrays land on the first device, or sharded FSDP-style over ``mesh`` (a
-  mesh with a 'fsdp' axis; see ``salaad_jax.train.sharding``).
+  Arrays land on the first device of this process, or sharded FSDP-style
+  over ``mesh`` (a mesh with a 'fsdp' axis; see ``salaad_jax.train.sharding``).
+  With several processes (``jax.distributed``) every process must call it:
+  the restore is collective, and each process gets its own full copy.
 
   Raises:
     TrainError: no run, no such checkpoint, or a checkpoint that does not
@@ -77,8 +79,8 @@ def load_run(workdir: str, step: Optional[int] = None, mesh: Optional[Mesh] = No
   abstract = jax.eval_shape(
       lambda p: init_state(config, parts.model, parts.method, parts.tx, p), initial)
   del initial
-  if mesh is None:
-    first = SingleDeviceSharding(jax.devices()[0])
+  if mesh is None:  # with several processes: every one restores, onto its own first device
+    first = SingleDeviceSharding(jax.local_devices()[0])
     shardings = jax.tree.map(lambda _: first, abstract)
   else:
     shardings = shd.state_shardings(abstract, mesh)
