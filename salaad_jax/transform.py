@@ -22,6 +22,7 @@ import dataclasses
 import math
 from typing import Any, Callable, NamedTuple, Optional, Union
 
+from absl import logging
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -354,8 +355,11 @@ def _make(inner: Optional[optax.GradientTransformation], learning_rate, *,
   def layout_of(params) -> _Layout:
     leaves_with_path, treedef = jax.tree_util.tree_flatten_with_path(params)
     paths = [st.path_str(p) for p, _ in leaves_with_path]
+    # The default selection may find no block (vectors, scalars): then the
+    # transform passes through.  An explicit structure= must select one.
     info_tree = st.select_blocks(params, structure, include_embedding=include_embedding,
-                                 include_head=include_head, row_axes=row_axes)
+                                 include_head=include_head, row_axes=row_axes,
+                                 allow_empty=structure is None)
     infos = treedef.flatten_up_to(info_tree)
     hps = _block_hparams(hp_in, treedef, paths, infos)
     ranks = [None if i is None else _rank_for(i, cfg, h.rank_target)
@@ -368,6 +372,12 @@ def _make(inner: Optional[optax.GradientTransformation], learning_rate, *,
   def init_fn(params):
     layout = layout_of(params)
     leaves = layout.treedef.flatten_up_to(params)
+    if all(info is None for info in layout.infos):
+      logging.warning(
+          "salaad: no parameter is a block under the default structure (2-D+ "
+          "'kernel' leaves); the transform passes through (coupled: the inner "
+          "optimiser alone, decoupled: the identity). Paths: %s",
+          layout.paths[:8])
     fields = {k: [_placeholder() for _ in leaves] for k in _PER_BLOCK_FIELDS}
     key = jax.random.key(seed)
     for idx in _groups(layout):
