@@ -6,12 +6,12 @@ from salaad_jax.stats import (block_metrics, block_paths, find_state, low_rank_f
                               primal_residual, sparse_parts, summary, surrogate_blocks,
                               surrogate_params)
 from salaad_jax.structure import BlockInfo, select_blocks
-from salaad_jax.transform import SalaadState, salaad, salaad_decoupled
+from salaad_jax.transform import STATIC_ARGS, SalaadState, salaad, salaad_decoupled
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "BlockInfo", "Factors", "SalaadState", "block_metrics", "block_paths", "controller",
+    "BlockInfo", "Factors", "STATIC_ARGS", "SalaadState", "block_metrics", "block_paths", "controller",
     "find_state", "low_rank_factors", "primal_residual", "prox", "salaad",
     "salaad_decoupled", "select_blocks", "sparse_parts", "structure", "summary",
     "surrogate_blocks", "surrogate_params",

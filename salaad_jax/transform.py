@@ -22,6 +22,7 @@ import dataclasses
 import math
 from typing import Any, Callable, NamedTuple, Optional, Union
 
+from absl import logging
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -48,9 +49,10 @@ class SalaadState(NamedTuple):
     num_rounds: ADMM rounds / controller updates taken, n (int32).
     inner_state: the base optimiser's state (EmptyState when decoupled).
     lr_u, lr_s, lr_v: L_i = lr_u diag(lr_s) lr_v^T, shapes (m, r), (r,),
-      (n, r), float32; lr_s is already thresholded (zeros beyond the rank).
-    sparse: S_i in the param's shape.
-    dual: the scaled dual U_i = Y_i / rho_i in the param's shape.
+      (n, r); u, v in ``state_dtype``, s float32 and already thresholded
+      (zeros beyond the rank).
+    sparse: S_i in the param's shape (``state_dtype``).
+    dual: the scaled dual U_i = Y_i / rho_i in the param's shape (``dual_dtype``).
     alpha, beta: the penalty weights (float32 scalars).
     rank_rate, density: gamma_L and d_S measured at the last round.
   """
@@ -108,6 +110,21 @@ def _check_value(name: str, value, path: str, low, high, low_open=True):
     raise ValueError(f"{name} must be {op} {low}, got {v}{where}")
   if high is not None and v > high:
     raise ValueError(f"{name} must be <= {high}, got {v}{where}")
+
+
+# Arguments that shape the computation (loop counts, factor shapes): they must
+# be Python numbers, so ``optax.inject_hyperparams`` takes them as static_args.
+STATIC_ARGS = ("svt_iters", "init_iters", "max_rank")
+
+
+def _static_int(name: str, value) -> int:
+  v = _concrete_float(value)
+  if v is None:
+    raise ValueError(
+        f"{name} is static (it fixes the SVT's loops and factor shapes) and cannot be "
+        "traced or injected; with optax.inject_hyperparams pass "
+        "static_args=salaad_jax.STATIC_ARGS")
+  return int(v)
 
 
 class _BlockHparams(NamedTuple):
@@ -303,6 +320,11 @@ def _groups(layout: _Layout):
   return list(groups.values())
 
 
+def _holds_multisteps(tree) -> bool:
+  is_ms = lambda x: isinstance(x, optax.MultiStepsState)
+  return any(is_ms(x) for x in jax.tree.leaves(tree, is_leaf=is_ms))
+
+
 def _stack_hparams(hps: list[_BlockHparams]) -> _BlockHparams:
   return _BlockHparams(*(jnp.stack([jnp.asarray(v, _F32) for v in vals])
                          for vals in zip(*hps)))
@@ -319,7 +341,7 @@ def _make(inner: Optional[optax.GradientTransformation], learning_rate, *,
           structure, include_embedding, include_head, row_axes, every_k, rho,
           rank_target, density_target, k_alpha, k_beta, k_d, deriv_start,
           energy, mode, sparse_mode, svt, svt_iters, init_iters, max_rank,
-          alpha_init, beta_init, state_dtype, spread_rounds, seed):
+          alpha_init, beta_init, state_dtype, dual_dtype, spread_rounds, seed):
   ctl.check_mode(mode)
   sparse_kind, n_m = _parse_sparse_mode(sparse_mode)
   if svt not in SVT_METHODS:
@@ -334,7 +356,10 @@ def _make(inner: Optional[optax.GradientTransformation], learning_rate, *,
   if k_val is not None and (k_val < 1 or k_val != int(k_val)):
     raise ValueError(f"every_k (K) must be an integer >= 1, got {every_k}")
   _check_value("energy", energy, "", 0.0, 1.0)
-  if int(svt_iters) < 1 or int(init_iters) < 1:
+  svt_iters, init_iters = _static_int("svt_iters", svt_iters), _static_int("init_iters", init_iters)
+  if max_rank is not None:
+    max_rank = _static_int("max_rank", max_rank)
+  if svt_iters < 1 or init_iters < 1:
     raise ValueError("svt_iters and init_iters must be >= 1")
   if spread_rounds and k_val is None:
     raise ValueError("spread_rounds needs a concrete every_k (not an injected hyperparameter)")
@@ -354,20 +379,35 @@ def _make(inner: Optional[optax.GradientTransformation], learning_rate, *,
   def layout_of(params) -> _Layout:
     leaves_with_path, treedef = jax.tree_util.tree_flatten_with_path(params)
     paths = [st.path_str(p) for p, _ in leaves_with_path]
+    # The default selection may find no block (vectors, scalars): then the
+    # transform passes through.  An explicit structure= must select one.
     info_tree = st.select_blocks(params, structure, include_embedding=include_embedding,
-                                 include_head=include_head, row_axes=row_axes)
+                                 include_head=include_head, row_axes=row_axes,
+                                 allow_empty=structure is None)
     infos = treedef.flatten_up_to(info_tree)
     hps = _block_hparams(hp_in, treedef, paths, infos)
     ranks = [None if i is None else _rank_for(i, cfg, h.rank_target)
              for i, h in zip(infos, hps)]
     return _Layout(treedef, paths, infos, hps, ranks)
 
-  def storage_dtype(x):
-    return jnp.dtype(x.dtype) if state_dtype is None else jnp.dtype(state_dtype)
+  def storage_dtype(x, dtype=state_dtype):
+    return jnp.dtype(x.dtype) if dtype is None else jnp.dtype(dtype)
 
   def init_fn(params):
+    inner_state = optax.EmptyState() if inner is None else inner.init(params)
+    if _holds_multisteps(inner_state):
+      raise ValueError(
+          "salaad(inner): inner contains optax.MultiSteps, so SALAAD would count "
+          "micro-steps and run its rounds on updates that are not applied; nest it "
+          "the other way: optax.MultiSteps(salaad(inner, ...), every_k_schedule=k)")
     layout = layout_of(params)
     leaves = layout.treedef.flatten_up_to(params)
+    if all(info is None for info in layout.infos):
+      logging.warning(
+          "salaad: no parameter is a block under the default structure (2-D+ "
+          "'kernel' leaves); the transform passes through (coupled: the inner "
+          "optimiser alone, decoupled: the identity). Paths: %s",
+          layout.paths[:8])
     fields = {k: [_placeholder() for _ in leaves] for k in _PER_BLOCK_FIELDS}
     key = jax.random.key(seed)
     for idx in _groups(layout):
@@ -378,16 +418,16 @@ def _make(inner: Optional[optax.GradientTransformation], learning_rate, *,
       init_one = lambda x, k, r_t, rho_: _init_block(x, k, r_t, rho_, layout.ranks[idx[0]], cfg)
       f, alpha0, rate0 = jax.vmap(init_one)(xs, keys, hps.rank_target, hps.rho)
       for j, i in enumerate(idx):
-        fields["lr_u"][i], fields["lr_s"][i], fields["lr_v"][i] = f.u[j], f.s[j], f.v[j]
         dt = storage_dtype(leaves[i])
+        fields["lr_u"][i], fields["lr_s"][i], fields["lr_v"][i] = (
+            f.u[j].astype(dt), f.s[j], f.v[j].astype(dt))
         fields["sparse"][i] = jnp.zeros(layout.infos[i].shape, dt)
-        fields["dual"][i] = jnp.zeros(layout.infos[i].shape, dt)
+        fields["dual"][i] = jnp.zeros(layout.infos[i].shape, storage_dtype(leaves[i], dual_dtype))
         fields["alpha"][i] = alpha0[j]
         fields["beta"][i] = jnp.asarray(beta_init, _F32)
         fields["rank_rate"][i] = rate0[j]
         fields["density"][i] = jnp.zeros((), _F32)
     trees = {k: jax.tree_util.tree_unflatten(layout.treedef, v) for k, v in fields.items()}
-    inner_state = optax.EmptyState() if inner is None else inner.init(params)
     return SalaadState(count=jnp.zeros([], jnp.int32), num_rounds=jnp.zeros([], jnp.int32),
                        inner_state=inner_state, **trees)
 
@@ -440,7 +480,9 @@ def _make(inner: Optional[optax.GradientTransformation], learning_rate, *,
         stack("beta"), stack("rank_rate"), stack("density"), hps)
     out = {k: list(v) for k, v in sub.items()}
     for j, inf in enumerate(infos):
-      out["lr_u"][j], out["lr_s"][j], out["lr_v"][j] = f.u[j], f.s[j], f.v[j]
+      out["lr_u"][j] = f.u[j].astype(sub["lr_u"][j].dtype)
+      out["lr_s"][j] = f.s[j]
+      out["lr_v"][j] = f.v[j].astype(sub["lr_v"][j].dtype)
       out["sparse"][j] = st.from_matrix(s[j], inf).astype(sub["sparse"][j].dtype)
       out["dual"][j] = st.from_matrix(dual[j], inf).astype(sub["dual"][j].dtype)
       out["alpha"][j], out["beta"][j] = alpha[j], beta[j]
@@ -539,7 +581,11 @@ _DOC_ARGS = """
       k = ceil(r* min(m, n)), so the first SVT cuts at the target rank), or
       a number (alpha_0 itself; with mode='fixed' it stays there).
     beta_init: beta_0 (default 0).
-    state_dtype: dtype of S and U (default float32; None: the params' dtype).
+    state_dtype: storage dtype of S and of the factors u, v of L (default
+      bfloat16, the dtype they are deployed in; None: the params' dtype).
+    dual_dtype: storage dtype of the scaled dual U, which integrates the
+      residual X - L - S over the rounds (default float32; None: the params'
+      dtype).  Every round computes in float32 whatever the storage.
     spread_rounds: spread the blocks' rounds over the K steps (each shape
       group, chunked, runs at its own phase) instead of running all blocks
       every K-th step: the same work, no step-time spike, less transient
@@ -558,7 +604,7 @@ def salaad(inner: optax.GradientTransformation, *, structure=None,
            sparse_mode: str = "soft", svt: str = "fast", svt_iters: int = 2,
            init_iters: int = 4, max_rank: Optional[int] = None,
            alpha_init: Union[str, float] = "zero", beta_init: float = 0.0,
-           state_dtype=jnp.float32, spread_rounds: bool = False,
+           state_dtype="bfloat16", dual_dtype="float32", spread_rounds: bool = False,
            seed: int = 0) -> optax.GradientTransformationExtraArgs:
   """Coupled SALAAD: g_i + rho_i (X_i - L_i - S_i + U_i) feeds ``inner``.
 
@@ -581,7 +627,8 @@ def salaad_decoupled(learning_rate, *, structure=None,
                      sparse_mode: str = "soft", svt: str = "fast", svt_iters: int = 2,
                      init_iters: int = 4, max_rank: Optional[int] = None,
                      alpha_init: Union[str, float] = "zero", beta_init: float = 0.0,
-                     state_dtype=jnp.float32, spread_rounds: bool = False,
+                     state_dtype="bfloat16", dual_dtype="float32",
+                     spread_rounds: bool = False,
                      seed: int = 0) -> optax.GradientTransformationExtraArgs:
   """Decoupled SALAAD, appended after a base chain:
   u_i <- u_i - lr * rho_i (X_i - L_i - S_i + U_i).

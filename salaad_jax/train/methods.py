@@ -187,7 +187,8 @@ def salaad_kwargs(config: TrainConfig) -> dict[str, Any]:
       svt=config.svt, svt_iters=config.svt_iters, init_iters=config.init_iters,
       max_rank=config.max_rank or None, alpha_init=alpha_init_value(config),
       beta_init=config.beta_init, include_embedding=config.include_embedding,
-      include_head=config.include_head, seed=config.seed)
+      include_head=config.include_head, state_dtype=config.state_dtype,
+      dual_dtype=config.dual_dtype, seed=config.seed)
 
 
 def salaad_optimizer(config: TrainConfig, schedule) -> optax.GradientTransformation:
