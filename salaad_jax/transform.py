@@ -27,8 +27,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from salaad_jax import consolidate as cons
 from salaad_jax import controller as ctl
 from salaad_jax import prox
+from salaad_jax import schedules as sched
 from salaad_jax import structure as st
 
 _F32 = jnp.float32
@@ -252,8 +254,12 @@ def _sparse_step(z, beta, hp: _BlockHparams, cfg: _Static):
 
 
 def _round_block(x, f: prox.Factors, s, dual, alpha, beta, rank_prev, dens_prev,
-                 num_rounds, hp: _BlockHparams, deriv_start, cfg: _Static):
-  """One ADMM round for one block (matrix view, float32), SALAAD.md §2."""
+                 num_rounds, hp: _BlockHparams, deriv_start, cfg: _Static, dual_scale=1.0):
+  """One ADMM round for one block (matrix view, float32), SALAAD.md §2.
+
+  ``dual_scale`` = rho_now / rho_next rescales U in the dual step when rho
+  moves (U <- U rho_now / rho_next + X - L - S, so Y = rho U is continuous).
+  """
   m, n = x.shape
   rho = jnp.asarray(hp.rho, _F32)
   # 1. L <- SVT_{alpha/rho}(X - S + U)
@@ -277,7 +283,7 @@ def _round_block(x, f: prox.Factors, s, dual, alpha, beta, rank_prev, dens_prev,
     beta = ctl.next_weight(cfg.mode, beta, dens, dens_prev, hp.density_target,
                            rho, hp.k_beta, hp.k_d, num_rounds, deriv_start)
   # 5. U <- U + (X - L - S)
-  dual = dual + (x - l_dense - s)
+  dual = dual * dual_scale + (x - l_dense - s)
   return f, s, dual, alpha, beta, rank_rate, dens
 
 
@@ -319,8 +325,21 @@ def _make(inner: Optional[optax.GradientTransformation], learning_rate, *,
           structure, include_embedding, include_head, row_axes, every_k, rho,
           rank_target, density_target, k_alpha, k_beta, k_d, deriv_start,
           energy, mode, sparse_mode, svt, svt_iters, init_iters, max_rank,
-          alpha_init, beta_init, state_dtype, spread_rounds, seed):
+          alpha_init, beta_init, state_dtype, spread_rounds, seed,
+          target_schedule=None, rho_schedule=None, consolidate_from=None,
+          consolidate_structure="target"):
   ctl.check_mode(mode)
+  if consolidate_from is not None and int(consolidate_from) < 0:
+    raise ValueError(f"consolidate_from must be a step >= 0 or None, got {consolidate_from}")
+  if consolidate_structure not in cons.STRUCTURES:
+    raise ValueError(f"consolidate_structure must be one of {cons.STRUCTURES}, "
+                     f"got {consolidate_structure!r}")
+  for name, fn in (("target_schedule", target_schedule), ("rho_schedule", rho_schedule)):
+    if fn is not None and not callable(fn):
+      raise ValueError(f"{name} must be a callable of the round count or None, got {fn!r}")
+  shape_rho = isinstance(rho, str)
+  if shape_rho and rho != "shape_dependent":
+    raise ValueError(f"rho must be positive, per block, or 'shape_dependent', got {rho!r}")
   sparse_kind, n_m = _parse_sparse_mode(sparse_mode)
   if svt not in SVT_METHODS:
     raise ValueError(f"svt must be one of {SVT_METHODS}, got {svt!r}")
@@ -358,6 +377,11 @@ def _make(inner: Optional[optax.GradientTransformation], learning_rate, *,
                                  include_head=include_head, row_axes=row_axes)
     infos = treedef.flatten_up_to(info_tree)
     hps = _block_hparams(hp_in, treedef, paths, infos)
+    if shape_rho:  # the reference's shape-dependent mode: rho_i = 1 / (n_blocks sqrt(m n))
+      n_blocks = sum(i is not None for i in infos)
+      hps = [None if h is None else h._replace(
+          rho=1.0 / (n_blocks * math.sqrt(math.prod(i.matrix_shape))))
+             for h, i in zip(hps, infos)]
     ranks = [None if i is None else _rank_for(i, cfg, h.rank_target)
              for i, h in zip(infos, hps)]
     return _Layout(treedef, paths, infos, hps, ranks)
@@ -396,6 +420,7 @@ def _make(inner: Optional[optax.GradientTransformation], learning_rate, *,
     flat = {k: layout.treedef.flatten_up_to(getattr(state, k)) for k in
             ("lr_u", "lr_s", "lr_v", "sparse", "dual")}
     leaves = layout.treedef.flatten_up_to(params)
+    scale = rho_scale(state.count // jnp.asarray(every_k, jnp.int32))
     out = []
     for i, info in enumerate(layout.infos):
       if info is None:
@@ -403,8 +428,23 @@ def _make(inner: Optional[optax.GradientTransformation], learning_rate, *,
       else:
         out.append(_penalty_term(leaves[i], flat["lr_u"][i], flat["lr_s"][i],
                                  flat["lr_v"][i], flat["sparse"][i], flat["dual"][i],
-                                 info, layout.hparams[i].rho))
+                                 info, jnp.asarray(layout.hparams[i].rho, _F32) * scale))
     return out
+
+  def rho_scale(n):
+    """m(n), the rho multiplier of round n (1 without a rho schedule)."""
+    return jnp.ones((), _F32) if rho_schedule is None else jnp.asarray(rho_schedule(n), _F32)
+
+  def scheduled(hps: _BlockHparams, num_rounds) -> tuple[_BlockHparams, jax.Array]:
+    """The round's hyperparameters (rho_i m(n), loosened targets) and the
+    dual rescaling m(n) / m(n + 1)."""
+    now, nxt = rho_scale(num_rounds), rho_scale(num_rounds + 1)
+    hps = hps._replace(rho=hps.rho * now)
+    if target_schedule is not None:
+      w = jnp.asarray(target_schedule(num_rounds), _F32)
+      hps = hps._replace(rank_target=sched.loosen(hps.rank_target, w),
+                         density_target=sched.loosen(hps.density_target, w))
+    return hps, now / nxt
 
   def work_units(layout: _Layout):
     """Lists of leaf indices (one shape group or a chunk of one) with the
@@ -432,9 +472,9 @@ def _make(inner: Optional[optax.GradientTransformation], learning_rate, *,
     xs = jnp.stack([st.as_matrix(jnp.asarray(new_x_leaves[i], _F32), inf)
                     for i, inf in zip(idx, infos)])
     f = prox.Factors(stack("lr_u"), stack("lr_s"), stack("lr_v"))
-    hps = _stack_hparams([layout.hparams[i] for i in idx])
+    hps, dual_scale = scheduled(_stack_hparams([layout.hparams[i] for i in idx]), num_rounds)
     one = lambda x, f_, s_, u_, a_, b_, rp, dp, h: _round_block(
-        x, f_, s_, u_, a_, b_, rp, dp, num_rounds, h, deriv_start, cfg)
+        x, f_, s_, u_, a_, b_, rp, dp, num_rounds, h, deriv_start, cfg, dual_scale)
     f, s, dual, alpha, beta, rate, dens = jax.vmap(one)(
         xs, f, stack("sparse", True), stack("dual", True), stack("alpha"),
         stack("beta"), stack("rank_rate"), stack("density"), hps)
@@ -447,15 +487,61 @@ def _make(inner: Optional[optax.GradientTransformation], learning_rate, *,
       out["rank_rate"][j], out["density"][j] = rate[j], dens[j]
     return out
 
+  def consolidate_unit(idx, new_x_leaves, sub, first, layout: _Layout):
+    """The consolidation projection (``consolidate.project_block``) of the
+    blocks ``idx``; returns their fields and X_proj - X_new per block."""
+    infos = [layout.infos[i] for i in idx]
+    mat = lambda vals: jnp.stack([st.as_matrix(jnp.asarray(v, _F32), inf)
+                                  for v, inf in zip(vals, infos)])
+    xs = mat([new_x_leaves[i] for i in idx])
+    f = prox.Factors(*(jnp.stack([jnp.asarray(v, _F32) for v in sub[k]])
+                       for k in ("lr_u", "lr_s", "lr_v")))
+    hps = _stack_hparams([layout.hparams[i] for i in idx])
+    one = lambda x, f_, s_, rt, dt: cons.project_block(
+        x, f_, s_, first, rt, dt, consolidate_structure, cfg.svt_iters, cfg.svt == "exact")
+    f, s, x_proj = jax.vmap(one)(xs, f, mat(sub["sparse"]), hps.rank_target,
+                                 hps.density_target)
+    out = {k: list(v) for k, v in sub.items()}
+    deltas = []
+    for j, inf in enumerate(infos):
+      out["lr_u"][j], out["lr_s"][j], out["lr_v"][j] = f.u[j], f.s[j], f.v[j]
+      out["sparse"][j] = st.from_matrix(s[j], inf).astype(sub["sparse"][j].dtype)
+      out["dual"][j] = jnp.zeros_like(sub["dual"][j])
+      out["rank_rate"][j] = jnp.sum(f.s[j] > 0).astype(_F32) / min(inf.matrix_shape)
+      out["density"][j] = prox.density(s[j])
+      deltas.append(st.from_matrix(x_proj[j] - xs[j], inf))
+    return out, deltas
+
+  def consolidate(updates, new_x_leaves, flat, count, layout: _Layout):
+    """From step ``consolidate_from`` on: every block projected onto its
+    fixed structure each step, the update becoming X_proj - X_old."""
+    active = count > consolidate_from
+    first = count == consolidate_from + 1
+    u_leaves = list(layout.treedef.flatten_up_to(updates))
+    for idx, _ in work_units(layout):
+      sub = {f: [flat[f][i] for i in idx] for f in _PER_BLOCK_FIELDS}
+      zeros = [jnp.zeros(layout.infos[i].shape, _F32) for i in idx]
+      sub, deltas = jax.lax.cond(
+          active, lambda s_, idx=idx: consolidate_unit(idx, new_x_leaves, s_, first, layout),
+          lambda s_, z=zeros: (s_, z), sub)
+      for j, i in enumerate(idx):
+        for f in _PER_BLOCK_FIELDS:
+          flat[f][i] = sub[f][j]
+        u_leaves[i] = (jnp.asarray(u_leaves[i], _F32) + deltas[j]).astype(u_leaves[i].dtype)
+    return jax.tree_util.tree_unflatten(layout.treedef, u_leaves)
+
   def finish(updates, new_x_leaves, inner_state, state, layout):
     """Counts the step and runs every work unit's round when its phase is due
-    (each under its own ``lax.cond``; without spreading there is one phase)."""
+    (each under its own ``lax.cond``; without spreading there is one phase);
+    from ``consolidate_from`` on, the consolidation projection instead."""
     count = optax.safe_increment(state.count)
     k = jnp.asarray(every_k, jnp.int32)
     flat = {f: list(layout.treedef.flatten_up_to(getattr(state, f)))
             for f in _PER_BLOCK_FIELDS}
     for idx, phase in work_units(layout):
       due = ((count + phase) % k) == 0
+      if consolidate_from is not None:
+        due = due & (count <= consolidate_from)
       num_rounds = (count + phase) // k - 1  # rounds this unit has done before
       sub = {f: [flat[f][i] for i in idx] for f in _PER_BLOCK_FIELDS}
       sub = jax.lax.cond(
@@ -464,6 +550,8 @@ def _make(inner: Optional[optax.GradientTransformation], learning_rate, *,
       for f in _PER_BLOCK_FIELDS:
         for j, i in enumerate(idx):
           flat[f][i] = sub[f][j]
+    if consolidate_from is not None:
+      updates = consolidate(updates, new_x_leaves, flat, count, layout)
     trees = {f: jax.tree_util.tree_unflatten(layout.treedef, v) for f, v in flat.items()}
     state = state._replace(count=count, num_rounds=count // k, inner_state=inner_state,
                            **trees)
@@ -545,6 +633,20 @@ _DOC_ARGS = """
       every K-th step: the same work, no step-time spike, less transient
       memory.  Needs a concrete every_k.
     seed: seed of the random initial sketch.
+    target_schedule: None (constant targets) or a looseness schedule w(n)
+      in [0, 1] of the round count: the controller tracks
+      r*_n = r* + w(n) (1 - r*) and d*_n = d* + w(n) (1 - d*)
+      (e.g. ``schedules.cubic_looseness``).
+    rho_schedule: None (fixed rho) or a multiplier m(n) > 0 of the round
+      count: rho_i(n) = rho_i m(n) (e.g. ``schedules.tanh_rho_ramp``); U
+      is rescaled by m(n) / m(n + 1) in the dual step.  ``rho`` may also be
+      'shape_dependent': rho_i = 1 / (n_blocks sqrt(m n)) (reference mode).
+    consolidate_from: None, or the step count after which the ADMM rounds
+      stop and every block is projected each step onto a fixed structure,
+      so the model trains its own surrogate L + S (``consolidate``).
+    consolidate_structure: 'target' (rank ceil(r* min(m, n)), the d* largest
+      residual entries) or 'current' (the controller's rank and support),
+      chosen at the first consolidation step.
 """
 
 def salaad(inner: optax.GradientTransformation, *, structure=None,
@@ -559,7 +661,9 @@ def salaad(inner: optax.GradientTransformation, *, structure=None,
            init_iters: int = 4, max_rank: Optional[int] = None,
            alpha_init: Union[str, float] = "zero", beta_init: float = 0.0,
            state_dtype=jnp.float32, spread_rounds: bool = False,
-           seed: int = 0) -> optax.GradientTransformationExtraArgs:
+           seed: int = 0, target_schedule=None, rho_schedule=None,
+           consolidate_from: Optional[int] = None,
+           consolidate_structure: str = "target") -> optax.GradientTransformationExtraArgs:
   """Coupled SALAAD: g_i + rho_i (X_i - L_i - S_i + U_i) feeds ``inner``.
 
   ``inner`` is any optax transformation (e.g. clip + AdamW); extra keyword
@@ -582,7 +686,10 @@ def salaad_decoupled(learning_rate, *, structure=None,
                      init_iters: int = 4, max_rank: Optional[int] = None,
                      alpha_init: Union[str, float] = "zero", beta_init: float = 0.0,
                      state_dtype=jnp.float32, spread_rounds: bool = False,
-                     seed: int = 0) -> optax.GradientTransformationExtraArgs:
+                     seed: int = 0, target_schedule=None, rho_schedule=None,
+                     consolidate_from: Optional[int] = None,
+                     consolidate_structure: str = "target"
+                     ) -> optax.GradientTransformationExtraArgs:
   """Decoupled SALAAD, appended after a base chain:
   u_i <- u_i - lr * rho_i (X_i - L_i - S_i + U_i).
 

@@ -1,0 +1,66 @@
+"""Named SALAAD settings: ``--salaad_preset=NAME`` -> TrainConfig fields.
+
+A preset is data: the fields it sets, with per-model exceptions.  It is
+applied before the explicit flags (a flag given on the command line or in a
+flag file wins over the preset) by :func:`salaad_jax.train.flags.config_from_flags`,
+and programmatically by :func:`config_with_preset`.
+
+* ``reference`` — the authors' settings (SALAAD.md §2, §4, §5, §7): exact SVD,
+  gains k_alpha 0.2, k_beta 0.002 (60M and smaller) / 0.0013 (130M and up),
+  k_d 0.01 (1.0 on embedding/head), n_d 1500, alpha_0 = beta_0 = 0, e = 0.999,
+  r* 0.15, d* 0.05, fixed rho 1e-6 / 3e-7 (embedding, head) up to 60M and
+  1e-8 / 3e-7 from 130M, K 10 (25 at 350M, 5 at 1B), no schedules, no
+  consolidation.
+* ``recommended`` — this project's measured best for short runs
+  (benchmarks/RESULTS.md, "Levers"): the reference's slow gains plus a cubic
+  target schedule and a consolidation phase (see ``PRESETS['recommended']``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from salaad_jax.train.config import TrainConfig, TrainError
+
+_REFERENCE = dict(
+    every_k=10, rho=1e-6, rho_embed=3e-7, rank_target=0.15, density_target=0.05,
+    k_alpha=0.2, k_beta=0.002, k_d=0.01, k_d_embed=1.0, deriv_start=1500, energy=0.999,
+    salaad_mode="adaptive", sparse_mode="soft", svt="exact", max_rank=0,
+    alpha_init="zero", beta_init=0.0, coupling="coupled", rho_mode="fixed",
+    target_schedule_end=0.0, consolidate_from=0.0)
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "reference": _REFERENCE,
+    "recommended": dict(_REFERENCE, svt="fast", target_schedule_end=0.5,
+                        consolidate_from=0.6, consolidate_structure="target"),
+}
+
+# Per-model exceptions: {preset: {model: fields}}.
+MODEL_OVERRIDES: dict[str, dict[str, dict[str, Any]]] = {
+    "reference": {
+        "130m": dict(k_beta=0.0013, rho=1e-8),
+        "350m": dict(k_beta=0.0013, rho=1e-8, every_k=25),
+        "1b": dict(k_beta=0.0013, rho=1e-8, every_k=5),
+    },
+}
+MODEL_OVERRIDES["recommended"] = MODEL_OVERRIDES["reference"]
+
+_FIELDS = {f.name for f in dataclasses.fields(TrainConfig)}
+assert all(set(p) <= _FIELDS for p in PRESETS.values())
+
+
+def preset_fields(name: str, model: str) -> dict[str, Any]:
+  """The TrainConfig fields preset ``name`` sets for ``model`` ('' sets none)."""
+  if not name:
+    return {}
+  if name not in PRESETS:
+    raise TrainError(f"--salaad_preset={name!r} is not a preset; known: {sorted(PRESETS)}")
+  return dict(PRESETS[name], **MODEL_OVERRIDES.get(name, {}).get(model, {}))
+
+
+def config_with_preset(name: str, **fields) -> TrainConfig:
+  """A TrainConfig from preset ``name`` (for ``fields['model']``, default the
+  TrainConfig default), overridden by ``fields``."""
+  model = fields.get("model", TrainConfig.model)
+  return TrainConfig(**{**preset_fields(name, model), **fields, "salaad_preset": name})
