@@ -70,3 +70,23 @@ def project_block(x, f: prox.Factors, s, first, rank_target, density_target,
     support = jnp.where(first, top, support)
   s_new = jnp.where(support, rest, 0.0)
   return g, s_new, prox.dense(g) + s_new
+
+
+def truncated(f: prox.Factors, s, drop):
+  """L_b + S_b: the trailing ``drop`` share of L's kept triplets and of S's
+  smallest entries removed (keeps ceil((1 - drop) r) and ceil((1 - drop) nnz)).
+
+  Consolidation with nested dropout trains on a random such truncation each
+  step (drop ~ U(0, p)), so every smaller deployment of the same factors
+  stays good: nested dropout of ordered units (Rippel et al. 2014, "Learning
+  ordered representations with nested dropout"), as in slimmable networks
+  (Yu et al. 2019) and Matryoshka representations (Kusupati et al. 2022).
+  """
+  keep = 1.0 - jnp.asarray(drop, _F32)
+  r = jnp.sum(f.s > 0)
+  r_b = jnp.ceil(keep * r - 1e-6)
+  sig = jnp.where(jnp.arange(f.s.shape[0]) < r_b, f.s, 0.0)
+  nnz = jnp.sum(s != 0)
+  tau = prox.topk_threshold(s, keep * nnz / s.size)
+  s_b = jnp.where(jnp.abs(s) >= tau, s, 0.0)
+  return prox.dense(prox.Factors(f.u, sig, f.v)) + s_b

@@ -327,10 +327,12 @@ def _make(inner: Optional[optax.GradientTransformation], learning_rate, *,
           energy, mode, sparse_mode, svt, svt_iters, init_iters, max_rank,
           alpha_init, beta_init, state_dtype, spread_rounds, seed,
           target_schedule=None, rho_schedule=None, consolidate_from=None,
-          consolidate_structure="target"):
+          consolidate_structure="target", consolidate_dropout=0.0):
   ctl.check_mode(mode)
   if consolidate_from is not None and int(consolidate_from) < 0:
     raise ValueError(f"consolidate_from must be a step >= 0 or None, got {consolidate_from}")
+  _check_value("consolidate_dropout", consolidate_dropout, "", 0.0, 1.0, low_open=False)
+  consolidate_dropout = float(consolidate_dropout)
   if consolidate_structure not in cons.STRUCTURES:
     raise ValueError(f"consolidate_structure must be one of {cons.STRUCTURES}, "
                      f"got {consolidate_structure!r}")
@@ -487,9 +489,10 @@ def _make(inner: Optional[optax.GradientTransformation], learning_rate, *,
       out["rank_rate"][j], out["density"][j] = rate[j], dens[j]
     return out
 
-  def consolidate_unit(idx, new_x_leaves, sub, first, layout: _Layout):
+  def consolidate_unit(idx, new_x_leaves, u_leaves, sub, first, drop, layout: _Layout):
     """The consolidation projection (``consolidate.project_block``) of the
-    blocks ``idx``; returns their fields and X_proj - X_new per block."""
+    blocks ``idx``; returns their fields and X_next - X_new per block (X_next:
+    L + S, or with nested dropout its truncation ``consolidate.truncated``)."""
     infos = [layout.infos[i] for i in idx]
     mat = lambda vals: jnp.stack([st.as_matrix(jnp.asarray(v, _F32), inf)
                                   for v, inf in zip(vals, infos)])
@@ -497,10 +500,16 @@ def _make(inner: Optional[optax.GradientTransformation], learning_rate, *,
     f = prox.Factors(*(jnp.stack([jnp.asarray(v, _F32) for v in sub[k]])
                        for k in ("lr_u", "lr_s", "lr_v")))
     hps = _stack_hparams([layout.hparams[i] for i in idx])
+    z = xs
+    if consolidate_dropout:  # the params hold a truncation: step the full L + S
+      full = jax.vmap(prox.dense)(f) + mat(sub["sparse"]) + mat([u_leaves[i] for i in idx])
+      z = jnp.where(first, xs, full)
     one = lambda x, f_, s_, rt, dt: cons.project_block(
         x, f_, s_, first, rt, dt, consolidate_structure, cfg.svt_iters, cfg.svt == "exact")
-    f, s, x_proj = jax.vmap(one)(xs, f, mat(sub["sparse"]), hps.rank_target,
+    f, s, x_proj = jax.vmap(one)(z, f, mat(sub["sparse"]), hps.rank_target,
                                  hps.density_target)
+    if consolidate_dropout:
+      x_proj = jax.vmap(cons.truncated, in_axes=(0, 0, None))(f, s, drop)
     out = {k: list(v) for k, v in sub.items()}
     deltas = []
     for j, inf in enumerate(infos):
@@ -518,11 +527,14 @@ def _make(inner: Optional[optax.GradientTransformation], learning_rate, *,
     active = count > consolidate_from
     first = count == consolidate_from + 1
     u_leaves = list(layout.treedef.flatten_up_to(updates))
+    drop = consolidate_dropout * jax.random.uniform(
+        jax.random.fold_in(jax.random.key(seed + 1), count))
     for idx, _ in work_units(layout):
       sub = {f: [flat[f][i] for i in idx] for f in _PER_BLOCK_FIELDS}
       zeros = [jnp.zeros(layout.infos[i].shape, _F32) for i in idx]
       sub, deltas = jax.lax.cond(
-          active, lambda s_, idx=idx: consolidate_unit(idx, new_x_leaves, s_, first, layout),
+          active, lambda s_, idx=idx: consolidate_unit(idx, new_x_leaves, u_leaves, s_, first,
+                                                       drop, layout),
           lambda s_, z=zeros: (s_, z), sub)
       for j, i in enumerate(idx):
         for f in _PER_BLOCK_FIELDS:
@@ -647,6 +659,11 @@ _DOC_ARGS = """
     consolidate_structure: 'target' (rank ceil(r* min(m, n)), the d* largest
       residual entries) or 'current' (the controller's rank and support),
       chosen at the first consolidation step.
+    consolidate_dropout: p in [0, 1): during consolidation the params hold
+      L + S with a random trailing share q ~ U(0, p) of every block's
+      triplets and smallest S entries removed (nested dropout), while the
+      state keeps the full L and S, so smaller deployments train too.  The
+      surrogate (``surrogate_params``) is the full model.
 """
 
 def salaad(inner: optax.GradientTransformation, *, structure=None,
@@ -663,7 +680,8 @@ def salaad(inner: optax.GradientTransformation, *, structure=None,
            state_dtype=jnp.float32, spread_rounds: bool = False,
            seed: int = 0, target_schedule=None, rho_schedule=None,
            consolidate_from: Optional[int] = None,
-           consolidate_structure: str = "target") -> optax.GradientTransformationExtraArgs:
+           consolidate_structure: str = "target",
+           consolidate_dropout: float = 0.0) -> optax.GradientTransformationExtraArgs:
   """Coupled SALAAD: g_i + rho_i (X_i - L_i - S_i + U_i) feeds ``inner``.
 
   ``inner`` is any optax transformation (e.g. clip + AdamW); extra keyword
@@ -688,7 +706,8 @@ def salaad_decoupled(learning_rate, *, structure=None,
                      state_dtype=jnp.float32, spread_rounds: bool = False,
                      seed: int = 0, target_schedule=None, rho_schedule=None,
                      consolidate_from: Optional[int] = None,
-                     consolidate_structure: str = "target"
+                     consolidate_structure: str = "target",
+                     consolidate_dropout: float = 0.0
                      ) -> optax.GradientTransformationExtraArgs:
   """Decoupled SALAAD, appended after a base chain:
   u_i <- u_i - lr * rho_i (X_i - L_i - S_i + U_i).

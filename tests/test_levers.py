@@ -200,6 +200,44 @@ def test_consolidation_keeps_the_current_structure():
                                     _leaf(before.sparse, name) != 0)
 
 
+def test_truncation_drops_trailing_triplets_and_smallest_entries():
+  rng = np.random.default_rng(3)
+  f = prox.svd_exact(jnp.asarray(rng.normal(size=(10, 8)), jnp.float32), 8)
+  f = prox.Factors(f.u, jnp.where(jnp.arange(8) < 5, f.s, 0.0), f.v)
+  s = jnp.asarray(np.where(rng.random((10, 8)) < 0.2, rng.normal(size=(10, 8)), 0.0), jnp.float32)
+  nnz = int(np.sum(np.asarray(s) != 0))
+  got = np.asarray(cons.truncated(f, s, 0.4))
+  l3 = np.asarray(prox.dense(prox.Factors(f.u, jnp.where(jnp.arange(8) < 3, f.s, 0.0), f.v)))
+  keep = int(np.ceil(0.6 * nnz))
+  thr = np.sort(np.abs(np.asarray(s)).ravel())[::-1][keep - 1]
+  np.testing.assert_allclose(got, l3 + np.where(np.abs(np.asarray(s)) >= thr, s, 0.0), atol=1e-5)
+  np.testing.assert_allclose(np.asarray(cons.truncated(f, s, 0.0)),
+                             np.asarray(prox.dense(f) + s), atol=1e-5)
+
+
+def test_nested_dropout_trains_the_full_surrogate_through_truncations():
+  params = _params(4)
+  tx = sj.salaad(optax.adam(3e-2), every_k=2, rho=0.2, rank_target=0.25, density_target=0.1,
+                 consolidate_from=2, consolidate_dropout=0.5, svt="exact")
+  hist = _run(tx, params, 8, lr_target=0.5)
+  gaps = []
+  for p, s in hist[3:]:
+    f = sj.low_rank_factors(s)["b/kernel"]
+    full = np.asarray(prox.dense(f)) + _leaf(s.sparse, "b")
+    x = _leaf(p, "b")
+    gaps.append(np.abs(x - full).max())
+    # the params are the truncation at some drop share q in [0, 0.5)
+    assert int(np.sum(np.asarray(f.s) > 0)) == 4
+    sp = jnp.asarray(_leaf(s.sparse, "b"), jnp.float32)
+    err = min(np.abs(x - np.asarray(cons.truncated(f, sp, q))).max()
+              for q in np.linspace(0.0, 0.5, 51))
+    assert err < 1e-4
+  assert max(gaps) > 1e-3  # some steps train a strictly smaller model
+  loss = lambda p, s: np.sum((np.asarray(prox.dense(sj.low_rank_factors(s)["b/kernel"]))
+                              + _leaf(s.sparse, "b") - 0.5) ** 2)
+  assert loss(*hist[-1]) < loss(*hist[2])  # and the full surrogate improves
+
+
 def test_lever_errors_name_the_option():
   with pytest.raises(ValueError, match="consolidate_structure"):
     sj.salaad(optax.sgd(1.0), consolidate_structure="best")
@@ -207,6 +245,8 @@ def test_lever_errors_name_the_option():
     sj.salaad(optax.sgd(1.0), consolidate_from=-1)
   with pytest.raises(ValueError, match="target_schedule"):
     sj.salaad(optax.sgd(1.0), target_schedule=0.5)
+  with pytest.raises(ValueError, match="consolidate_dropout"):
+    sj.salaad(optax.sgd(1.0), consolidate_dropout=1.5)
 
 
 # ----------------------------------------------------------------------------
@@ -231,7 +271,8 @@ def test_config_fields_become_transform_options():
 
 
 @pytest.mark.parametrize("change, message", [
-    (dict(consolidate_from=1.0), "--consolidate_from=1.0 must be a fraction"),
+    (dict(consolidate_from=1.0), r"--consolidate_from=1.0 must lie in \[0, 1\)"),
+    (dict(consolidate_dropout=1.0), "--consolidate_dropout=1.0 must lie in"),
     (dict(target_schedule_end=2.0), "--target_schedule_end=2.0"),
     (dict(rho_mode="tanh", rho_ramp_width=0.0), "--rho_mode=tanh needs"),
 ])

@@ -117,6 +117,10 @@ class TrainConfig:
   rho_ramp_factor: float = _f(10.0, "tanh rho mode: final rho / initial rho", min=0.0)
   consolidate_from: float = _f(0.0, "from this fraction of --steps on, train the surrogate "
                                "L + S itself at a fixed structure; 0: off", min=0.0)
+  consolidate_dropout: float = _f(0.0, "consolidation with nested dropout: each step the "
+                                  "model drops a random share in [0, p) of every block's "
+                                  "trailing singular triplets and smallest S entries; 0: off",
+                                  min=0.0)
   consolidate_structure: str = _f("target", "consolidated structure: target (rank "
                                   "ceil(r* min(m,n)), the d* largest entries) or current "
                                   "(the controller's)", choices=("target", "current"))
@@ -206,10 +210,10 @@ def validate(config: TrainConfig) -> TrainConfig:
     except ValueError:
       raise TrainError(f"--alpha_init={config.alpha_init!r} must be 'zero', "
                        "'sigma_k' or a number") from None
-  for name in ("target_schedule_end", "consolidate_from", "rho_ramp_center"):
+  for name in ("target_schedule_end", "consolidate_from", "rho_ramp_center",
+               "consolidate_dropout"):
     if getattr(config, name) >= 1.0:
-      raise TrainError(f"--{name}={getattr(config, name)} must be a fraction of --steps "
-                       "below 1")
+      raise TrainError(f"--{name}={getattr(config, name)} must lie in [0, 1)")
   if config.rho_mode == "tanh" and not (config.rho_ramp_width > 0 and config.rho_ramp_factor > 0):
     raise TrainError("--rho_mode=tanh needs --rho_ramp_width > 0 and --rho_ramp_factor > 0")
   if not isinstance(config.method_options, dict):
