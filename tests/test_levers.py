@@ -311,3 +311,19 @@ def test_explicit_flags_win_over_the_preset(tmp_path):
   train_flags.define_flags(plain)
   plain(["prog", "--model=tiny"])
   assert train_flags.config_from_flags(plain) == defaults
+
+
+def test_tiny_flag_file_runs_the_recommended_preset():
+  """The flag file sets no SALAAD field itself, so --salaad_preset swaps all of them."""
+  tiny = str(presets.__file__).rsplit("/salaad_jax/", 1)[0] + "/experiments/configs/tiny.flags"
+  got = {}
+  for preset in (None, "reference"):
+    fv = flags.FlagValues()
+    train_flags.define_flags(fv)
+    fv(["prog", f"--flagfile={tiny}"] + ([f"--salaad_preset={preset}"] if preset else []))
+    got[preset] = train_flags.config_from_flags(fv)
+  rec = presets.preset_fields("recommended", "tiny")
+  assert got[None].salaad_preset == "recommended" and rec["consolidate_from"] > 0
+  assert all(getattr(got[None], k) == v for k, v in rec.items())
+  ref = presets.preset_fields("reference", "tiny")
+  assert all(getattr(got["reference"], k) == v for k, v in ref.items())
