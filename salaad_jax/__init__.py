@@ -1,6 +1,6 @@
 """salaad_jax: SALAAD sparse plus low-rank training as an optax transformation."""
 
-from salaad_jax import controller, prox, structure
+from salaad_jax import consolidate, controller, prox, schedules, structure
 from salaad_jax.prox import Factors
 from salaad_jax.stats import (block_metrics, block_paths, find_state, low_rank_factors,
                               primal_residual, sparse_parts, summary, surrogate_blocks,
@@ -11,8 +11,9 @@ from salaad_jax.transform import STATIC_ARGS, SalaadState, salaad, salaad_decoup
 __version__ = "0.1.0"
 
 __all__ = [
-    "BlockInfo", "Factors", "STATIC_ARGS", "SalaadState", "block_metrics", "block_paths", "controller",
+    "BlockInfo", "Factors", "STATIC_ARGS", "SalaadState", "block_metrics", "block_paths",
+    "consolidate", "controller",
     "find_state", "low_rank_factors", "primal_residual", "prox", "salaad",
-    "salaad_decoupled", "select_blocks", "sparse_parts", "structure", "summary",
+    "salaad_decoupled", "schedules", "select_blocks", "sparse_parts", "structure", "summary",
     "surrogate_blocks", "surrogate_params",
 ]

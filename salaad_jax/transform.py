@@ -28,8 +28,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from salaad_jax import consolidate as cons
 from salaad_jax import controller as ctl
 from salaad_jax import prox
+from salaad_jax import schedules as sched
 from salaad_jax import structure as st
 
 _F32 = jnp.float32
@@ -269,8 +271,12 @@ def _sparse_step(z, beta, hp: _BlockHparams, cfg: _Static):
 
 
 def _round_block(x, f: prox.Factors, s, dual, alpha, beta, rank_prev, dens_prev,
-                 num_rounds, hp: _BlockHparams, deriv_start, cfg: _Static):
-  """One ADMM round for one block (matrix view, float32), SALAAD.md §2."""
+                 num_rounds, hp: _BlockHparams, deriv_start, cfg: _Static, dual_scale=1.0):
+  """One ADMM round for one block (matrix view, float32), SALAAD.md §2.
+
+  ``dual_scale`` = rho_now / rho_next rescales U in the dual step when rho
+  moves (U <- U rho_now / rho_next + X - L - S, so Y = rho U is continuous).
+  """
   m, n = x.shape
   rho = jnp.asarray(hp.rho, _F32)
   # 1. L <- SVT_{alpha/rho}(X - S + U)
@@ -294,7 +300,7 @@ def _round_block(x, f: prox.Factors, s, dual, alpha, beta, rank_prev, dens_prev,
     beta = ctl.next_weight(cfg.mode, beta, dens, dens_prev, hp.density_target,
                            rho, hp.k_beta, hp.k_d, num_rounds, deriv_start)
   # 5. U <- U + (X - L - S)
-  dual = dual + (x - l_dense - s)
+  dual = dual * dual_scale + (x - l_dense - s)
   return f, s, dual, alpha, beta, rank_rate, dens
 
 
@@ -341,8 +347,23 @@ def _make(inner: Optional[optax.GradientTransformation], learning_rate, *,
           structure, include_embedding, include_head, row_axes, every_k, rho,
           rank_target, density_target, k_alpha, k_beta, k_d, deriv_start,
           energy, mode, sparse_mode, svt, svt_iters, init_iters, max_rank,
-          alpha_init, beta_init, state_dtype, dual_dtype, spread_rounds, seed):
+          alpha_init, beta_init, state_dtype, dual_dtype, spread_rounds, seed,
+          target_schedule=None, rho_schedule=None, consolidate_from=None,
+          consolidate_structure="target", consolidate_dropout=0.0):
   ctl.check_mode(mode)
+  if consolidate_from is not None and int(consolidate_from) < 0:
+    raise ValueError(f"consolidate_from must be a step >= 0 or None, got {consolidate_from}")
+  _check_value("consolidate_dropout", consolidate_dropout, "", 0.0, 1.0, low_open=False)
+  consolidate_dropout = float(consolidate_dropout)
+  if consolidate_structure not in cons.STRUCTURES:
+    raise ValueError(f"consolidate_structure must be one of {cons.STRUCTURES}, "
+                     f"got {consolidate_structure!r}")
+  for name, fn in (("target_schedule", target_schedule), ("rho_schedule", rho_schedule)):
+    if fn is not None and not callable(fn):
+      raise ValueError(f"{name} must be a callable of the round count or None, got {fn!r}")
+  shape_rho = isinstance(rho, str)
+  if shape_rho and rho != "shape_dependent":
+    raise ValueError(f"rho must be positive, per block, or 'shape_dependent', got {rho!r}")
   sparse_kind, n_m = _parse_sparse_mode(sparse_mode)
   if svt not in SVT_METHODS:
     raise ValueError(f"svt must be one of {SVT_METHODS}, got {svt!r}")
@@ -386,6 +407,11 @@ def _make(inner: Optional[optax.GradientTransformation], learning_rate, *,
                                  allow_empty=structure is None)
     infos = treedef.flatten_up_to(info_tree)
     hps = _block_hparams(hp_in, treedef, paths, infos)
+    if shape_rho:  # the reference's shape-dependent mode: rho_i = 1 / (n_blocks sqrt(m n))
+      n_blocks = sum(i is not None for i in infos)
+      hps = [None if h is None else h._replace(
+          rho=1.0 / (n_blocks * math.sqrt(math.prod(i.matrix_shape))))
+             for h, i in zip(hps, infos)]
     ranks = [None if i is None else _rank_for(i, cfg, h.rank_target)
              for i, h in zip(infos, hps)]
     return _Layout(treedef, paths, infos, hps, ranks)
@@ -436,6 +462,7 @@ def _make(inner: Optional[optax.GradientTransformation], learning_rate, *,
     flat = {k: layout.treedef.flatten_up_to(getattr(state, k)) for k in
             ("lr_u", "lr_s", "lr_v", "sparse", "dual")}
     leaves = layout.treedef.flatten_up_to(params)
+    scale = rho_scale(state.count // jnp.asarray(every_k, jnp.int32))
     out = []
     for i, info in enumerate(layout.infos):
       if info is None:
@@ -443,8 +470,23 @@ def _make(inner: Optional[optax.GradientTransformation], learning_rate, *,
       else:
         out.append(_penalty_term(leaves[i], flat["lr_u"][i], flat["lr_s"][i],
                                  flat["lr_v"][i], flat["sparse"][i], flat["dual"][i],
-                                 info, layout.hparams[i].rho))
+                                 info, jnp.asarray(layout.hparams[i].rho, _F32) * scale))
     return out
+
+  def rho_scale(n):
+    """m(n), the rho multiplier of round n (1 without a rho schedule)."""
+    return jnp.ones((), _F32) if rho_schedule is None else jnp.asarray(rho_schedule(n), _F32)
+
+  def scheduled(hps: _BlockHparams, num_rounds) -> tuple[_BlockHparams, jax.Array]:
+    """The round's hyperparameters (rho_i m(n), loosened targets) and the
+    dual rescaling m(n) / m(n + 1)."""
+    now, nxt = rho_scale(num_rounds), rho_scale(num_rounds + 1)
+    hps = hps._replace(rho=hps.rho * now)
+    if target_schedule is not None:
+      w = jnp.asarray(target_schedule(num_rounds), _F32)
+      hps = hps._replace(rank_target=sched.loosen(hps.rank_target, w),
+                         density_target=sched.loosen(hps.density_target, w))
+    return hps, now / nxt
 
   def work_units(layout: _Layout):
     """Lists of leaf indices (one shape group or a chunk of one) with the
@@ -472,9 +514,9 @@ def _make(inner: Optional[optax.GradientTransformation], learning_rate, *,
     xs = jnp.stack([st.as_matrix(jnp.asarray(new_x_leaves[i], _F32), inf)
                     for i, inf in zip(idx, infos)])
     f = prox.Factors(stack("lr_u"), stack("lr_s"), stack("lr_v"))
-    hps = _stack_hparams([layout.hparams[i] for i in idx])
+    hps, dual_scale = scheduled(_stack_hparams([layout.hparams[i] for i in idx]), num_rounds)
     one = lambda x, f_, s_, u_, a_, b_, rp, dp, h: _round_block(
-        x, f_, s_, u_, a_, b_, rp, dp, num_rounds, h, deriv_start, cfg)
+        x, f_, s_, u_, a_, b_, rp, dp, num_rounds, h, deriv_start, cfg, dual_scale)
     f, s, dual, alpha, beta, rate, dens = jax.vmap(one)(
         xs, f, stack("sparse", True), stack("dual", True), stack("alpha"),
         stack("beta"), stack("rank_rate"), stack("density"), hps)
@@ -489,15 +531,71 @@ def _make(inner: Optional[optax.GradientTransformation], learning_rate, *,
       out["rank_rate"][j], out["density"][j] = rate[j], dens[j]
     return out
 
+  def consolidate_unit(idx, new_x_leaves, u_leaves, sub, first, drop, layout: _Layout):
+    """The consolidation projection (``consolidate.project_block``) of the
+    blocks ``idx``; returns their fields and X_next - X_new per block (X_next:
+    L + S, or with nested dropout its truncation ``consolidate.truncated``)."""
+    infos = [layout.infos[i] for i in idx]
+    mat = lambda vals: jnp.stack([st.as_matrix(jnp.asarray(v, _F32), inf)
+                                  for v, inf in zip(vals, infos)])
+    xs = mat([new_x_leaves[i] for i in idx])
+    f = prox.Factors(*(jnp.stack([jnp.asarray(v, _F32) for v in sub[k]])
+                       for k in ("lr_u", "lr_s", "lr_v")))
+    hps = _stack_hparams([layout.hparams[i] for i in idx])
+    z = xs
+    if consolidate_dropout:  # the params hold a truncation: step the full L + S
+      full = jax.vmap(prox.dense)(f) + mat(sub["sparse"]) + mat([u_leaves[i] for i in idx])
+      z = jnp.where(first, xs, full)
+    one = lambda x, f_, s_, rt, dt: cons.project_block(
+        x, f_, s_, first, rt, dt, consolidate_structure, cfg.svt_iters, cfg.svt == "exact")
+    f, s, x_proj = jax.vmap(one)(z, f, mat(sub["sparse"]), hps.rank_target,
+                                 hps.density_target)
+    if consolidate_dropout:
+      x_proj = jax.vmap(cons.truncated, in_axes=(0, 0, None))(f, s, drop)
+    out = {k: list(v) for k, v in sub.items()}
+    deltas = []
+    for j, inf in enumerate(infos):
+      out["lr_u"][j], out["lr_s"][j], out["lr_v"][j] = f.u[j], f.s[j], f.v[j]
+      out["sparse"][j] = st.from_matrix(s[j], inf).astype(sub["sparse"][j].dtype)
+      out["dual"][j] = jnp.zeros_like(sub["dual"][j])
+      out["rank_rate"][j] = jnp.sum(f.s[j] > 0).astype(_F32) / min(inf.matrix_shape)
+      out["density"][j] = prox.density(s[j])
+      deltas.append(st.from_matrix(x_proj[j] - xs[j], inf))
+    return out, deltas
+
+  def consolidate(updates, new_x_leaves, flat, count, layout: _Layout):
+    """From step ``consolidate_from`` on: every block projected onto its
+    fixed structure each step, the update becoming X_proj - X_old."""
+    active = count > consolidate_from
+    first = count == consolidate_from + 1
+    u_leaves = list(layout.treedef.flatten_up_to(updates))
+    drop = consolidate_dropout * jax.random.uniform(
+        jax.random.fold_in(jax.random.key(seed + 1), count))
+    for idx, _ in work_units(layout):
+      sub = {f: [flat[f][i] for i in idx] for f in _PER_BLOCK_FIELDS}
+      zeros = [jnp.zeros(layout.infos[i].shape, _F32) for i in idx]
+      sub, deltas = jax.lax.cond(
+          active, lambda s_, idx=idx: consolidate_unit(idx, new_x_leaves, u_leaves, s_, first,
+                                                       drop, layout),
+          lambda s_, z=zeros: (s_, z), sub)
+      for j, i in enumerate(idx):
+        for f in _PER_BLOCK_FIELDS:
+          flat[f][i] = sub[f][j]
+        u_leaves[i] = (jnp.asarray(u_leaves[i], _F32) + deltas[j]).astype(u_leaves[i].dtype)
+    return jax.tree_util.tree_unflatten(layout.treedef, u_leaves)
+
   def finish(updates, new_x_leaves, inner_state, state, layout):
     """Counts the step and runs every work unit's round when its phase is due
-    (each under its own ``lax.cond``; without spreading there is one phase)."""
+    (each under its own ``lax.cond``; without spreading there is one phase);
+    from ``consolidate_from`` on, the consolidation projection instead."""
     count = optax.safe_increment(state.count)
     k = jnp.asarray(every_k, jnp.int32)
     flat = {f: list(layout.treedef.flatten_up_to(getattr(state, f)))
             for f in _PER_BLOCK_FIELDS}
     for idx, phase in work_units(layout):
       due = ((count + phase) % k) == 0
+      if consolidate_from is not None:
+        due = due & (count <= consolidate_from)
       num_rounds = (count + phase) // k - 1  # rounds this unit has done before
       sub = {f: [flat[f][i] for i in idx] for f in _PER_BLOCK_FIELDS}
       sub = jax.lax.cond(
@@ -506,6 +604,8 @@ def _make(inner: Optional[optax.GradientTransformation], learning_rate, *,
       for f in _PER_BLOCK_FIELDS:
         for j, i in enumerate(idx):
           flat[f][i] = sub[f][j]
+    if consolidate_from is not None:
+      updates = consolidate(updates, new_x_leaves, flat, count, layout)
     trees = {f: jax.tree_util.tree_unflatten(layout.treedef, v) for f, v in flat.items()}
     state = state._replace(count=count, num_rounds=count // k, inner_state=inner_state,
                            **trees)
@@ -591,6 +691,25 @@ _DOC_ARGS = """
       every K-th step: the same work, no step-time spike, less transient
       memory.  Needs a concrete every_k.
     seed: seed of the random initial sketch.
+    target_schedule: None (constant targets) or a looseness schedule w(n)
+      in [0, 1] of the round count: the controller tracks
+      r*_n = r* + w(n) (1 - r*) and d*_n = d* + w(n) (1 - d*)
+      (e.g. ``schedules.cubic_looseness``).
+    rho_schedule: None (fixed rho) or a multiplier m(n) > 0 of the round
+      count: rho_i(n) = rho_i m(n) (e.g. ``schedules.tanh_rho_ramp``); U
+      is rescaled by m(n) / m(n + 1) in the dual step.  ``rho`` may also be
+      'shape_dependent': rho_i = 1 / (n_blocks sqrt(m n)) (reference mode).
+    consolidate_from: None, or the step count after which the ADMM rounds
+      stop and every block is projected each step onto a fixed structure,
+      so the model trains its own surrogate L + S (``consolidate``).
+    consolidate_structure: 'target' (rank ceil(r* min(m, n)), the d* largest
+      residual entries) or 'current' (the controller's rank and support),
+      chosen at the first consolidation step.
+    consolidate_dropout: p in [0, 1): during consolidation the params hold
+      L + S with a random trailing share q ~ U(0, p) of every block's
+      triplets and smallest S entries removed (nested dropout), while the
+      state keeps the full L and S, so smaller deployments train too.  The
+      surrogate (``surrogate_params``) is the full model.
 """
 
 def salaad(inner: optax.GradientTransformation, *, structure=None,
@@ -605,7 +724,10 @@ def salaad(inner: optax.GradientTransformation, *, structure=None,
            init_iters: int = 4, max_rank: Optional[int] = None,
            alpha_init: Union[str, float] = "zero", beta_init: float = 0.0,
            state_dtype="bfloat16", dual_dtype="float32", spread_rounds: bool = False,
-           seed: int = 0) -> optax.GradientTransformationExtraArgs:
+           seed: int = 0, target_schedule=None, rho_schedule=None,
+           consolidate_from: Optional[int] = None,
+           consolidate_structure: str = "target",
+           consolidate_dropout: float = 0.0) -> optax.GradientTransformationExtraArgs:
   """Coupled SALAAD: g_i + rho_i (X_i - L_i - S_i + U_i) feeds ``inner``.
 
   ``inner`` is any optax transformation (e.g. clip + AdamW); extra keyword
@@ -629,7 +751,11 @@ def salaad_decoupled(learning_rate, *, structure=None,
                      alpha_init: Union[str, float] = "zero", beta_init: float = 0.0,
                      state_dtype="bfloat16", dual_dtype="float32",
                      spread_rounds: bool = False,
-                     seed: int = 0) -> optax.GradientTransformationExtraArgs:
+                     seed: int = 0, target_schedule=None, rho_schedule=None,
+                     consolidate_from: Optional[int] = None,
+                     consolidate_structure: str = "target",
+                     consolidate_dropout: float = 0.0
+                     ) -> optax.GradientTransformationExtraArgs:
   """Decoupled SALAAD, appended after a base chain:
   u_i <- u_i - lr * rho_i (X_i - L_i - S_i + U_i).
 

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from salaad_jax import data
+from salaad_jax.data.sources import split_stream
 from salaad_jax.data import (ByteTokenizer, DocumentStreamDataset,
                              IndexPermutation, SyntheticMarkovCorpus,
                              TokenArrayDataset, get_tokenizer, make_dataset)
@@ -547,3 +548,18 @@ def test_other_user_errors(small_text):
   with pytest.raises(ValueError, match='fewer than batch_size'):
     DocumentStreamDataset(['a', 'b'], seq_len=4, batch_size=4,
                           tokenizer=ByteTokenizer(), **ONE_HOST)
+
+
+def test_split_stream_percent_slices():
+  tokens = np.arange(1000)
+  val = split_stream(tokens, 'validation', 0.1, 'x')
+  np.testing.assert_array_equal(val, np.arange(900, 1000))
+  np.testing.assert_array_equal(split_stream(tokens, 'validation[50%:]', 0.1, 'x'),
+                                np.arange(950, 1000))
+  np.testing.assert_array_equal(split_stream(tokens, 'validation[:50%]', 0.1, 'x'),
+                                np.arange(900, 950))
+  np.testing.assert_array_equal(split_stream(tokens, 'train[10%:20%]', 0.1, 'x'),
+                                np.arange(90, 180))
+  for bad in ('validation[50%:50%]', 'validation[80%:20%]', 'validation[:101%]', 'test'):
+    with pytest.raises(ValueError, match='Split|split'):
+      split_stream(tokens, bad, 0.1, 'x')

@@ -14,6 +14,7 @@ import difflib
 import functools
 import glob
 import os
+import re
 from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
@@ -99,19 +100,36 @@ class _TokenizerKey:
     return getattr(self.tokenizer, name)
 
 
+_SLICE = re.compile(r'^(train|validation)\[(\d{1,3})?%?:(\d{1,3})?%?\]$')
+
+
 def split_stream(tokens: np.ndarray, split: str, val_fraction: float,
                  name: str) -> np.ndarray:
-  """'train': the first ``1 - val_fraction`` of ``tokens``; 'validation': the rest."""
+  """'train': the first ``1 - val_fraction`` of ``tokens``; 'validation': the rest.
+
+  A percent slice of either, as in TFDS (``'validation[50%:]'``, ``'train[:10%]'``),
+  takes that part of the split's tokens, e.g. a selection set disjoint from
+  the first validation batches.
+  """
   if not 0.0 < val_fraction < 1.0:
     raise ValueError(f'val_fraction must lie in (0, 1), got {val_fraction}')
   cut = int(round(tokens.size * (1.0 - val_fraction)))
+  sliced = _SLICE.match(split) if isinstance(split, str) else None
+  if sliced:
+    part = split_stream(tokens, sliced.group(1), val_fraction, name)
+    lo, hi = (int(g) if g is not None else d for g, d in zip(sliced.groups()[1:], (0, 100)))
+    if not lo < hi <= 100:
+      raise ValueError(f'Split {split!r} of {name}: the slice must be [a%:b%] with '
+                       '0 <= a < b <= 100')
+    return part[int(round(part.size * lo / 100)):int(round(part.size * hi / 100))]
   if split == 'train':
     return tokens[:cut]
   if split == 'validation':
     return tokens[cut:]
   raise ValueError(
       f"Unknown split {split!r} for {name}: local text has 'train' and "
-      "'validation' (the last val_fraction of the tokens)")
+      "'validation' (the last val_fraction of the tokens), or a percent slice of "
+      "either such as 'validation[50%:]'")
 
 
 def import_tfds():

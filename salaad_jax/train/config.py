@@ -106,6 +106,28 @@ class TrainConfig:
                        choices=("float32", "bfloat16"))
   coupling: str = _f("coupled", "coupled (penalty gradient before AdamW) or decoupled",
                      choices=("coupled", "decoupled"))
+  salaad_preset: str = _f("", "named SALAAD settings applied before the explicit flags "
+                          "(explicit flags win): '', reference or recommended (salaad_jax.train.presets)")
+  target_schedule_end: float = _f(0.0, "targets start loose (r*, d* at 1) and reach r*, d* "
+                                  "along a cubic schedule at this fraction of --steps; "
+                                  "0: constant targets", min=0.0)
+  rho_mode: str = _f("fixed", "rho over training: fixed, shape_dependent (rho_i = 1 / "
+                     "(n_blocks sqrt(m n))), tanh (ramp to --rho_ramp_factor x rho)",
+                     choices=("fixed", "shape_dependent", "tanh"))
+  rho_ramp_center: float = _f(0.5, "tanh rho mode: centre of the ramp, fraction of --steps",
+                              min=0.0)
+  rho_ramp_width: float = _f(0.1, "tanh rho mode: width of the ramp, fraction of --steps",
+                             min=0.0)
+  rho_ramp_factor: float = _f(10.0, "tanh rho mode: final rho / initial rho", min=0.0)
+  consolidate_from: float = _f(0.0, "from this fraction of --steps on, train the surrogate "
+                               "L + S itself at a fixed structure; 0: off", min=0.0)
+  consolidate_dropout: float = _f(0.0, "consolidation with nested dropout: each step the "
+                                  "model drops a random share in [0, p) of every block's "
+                                  "trailing singular triplets and smallest S entries; 0: off",
+                                  min=0.0)
+  consolidate_structure: str = _f("target", "consolidated structure: target (rank "
+                                  "ceil(r* min(m,n)), the d* largest entries) or current "
+                                  "(the controller's)", choices=("target", "current"))
 
   # --- devices -----------------------------------------------------------------
   parallelism: str = _f("jit", "jit (NamedSharding over a mesh) or pmap",
@@ -199,6 +221,12 @@ def validate(config: TrainConfig) -> TrainConfig:
     except ValueError:
       raise TrainError(f"--alpha_init={config.alpha_init!r} must be 'zero', "
                        "'sigma_k' or a number") from None
+  for name in ("target_schedule_end", "consolidate_from", "rho_ramp_center",
+               "consolidate_dropout"):
+    if getattr(config, name) >= 1.0:
+      raise TrainError(f"--{name}={getattr(config, name)} must lie in [0, 1)")
+  if config.rho_mode == "tanh" and not (config.rho_ramp_width > 0 and config.rho_ramp_factor > 0):
+    raise TrainError("--rho_mode=tanh needs --rho_ramp_width > 0 and --rho_ramp_factor > 0")
   if not isinstance(config.method_options, dict):
     raise TrainError("method_options must be a dict")
   return config

@@ -2,7 +2,8 @@
 
 Every field becomes ``--<field>`` with the field's help text, its choices
 (``DEFINE_enum``) or lower bound; ``method_options`` becomes the repeatable
-``--method_option key=value``.
+``--method_option key=value``.  ``--salaad_preset`` fills the fields that no
+flag sets explicitly (see :mod:`salaad_jax.train.presets`).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from absl import flags
 
 from salaad_jax.train.config import TrainConfig, TrainError
 from salaad_jax.train.multihost import FLAG_FIELDS
+from salaad_jax.train.presets import preset_fields
 
 
 def _define(field: dataclasses.Field, flag_values) -> None:
@@ -72,4 +74,8 @@ def config_from_flags(flag_values=flags.FLAGS) -> TrainConfig:
       values[field.name] = parse_method_options(flag_values["method_option"].value)
     else:
       values[field.name] = flag_values[field.name].value
+  # A preset fills the fields no flag sets explicitly (command line or flag file).
+  for name, value in preset_fields(values["salaad_preset"], values["model"]).items():
+    if not flag_values[name].present:
+      values[name] = value
   return TrainConfig(**values)

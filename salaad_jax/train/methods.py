@@ -178,8 +178,24 @@ def salaad_kwargs(config: TrainConfig) -> dict[str, Any]:
   def per_block(block_value, embed_value):
     return lambda path: embed_value if _is_embed_or_head(path) else block_value
 
+  rounds = config.steps / config.every_k
+  target_schedule = rho_schedule = None
+  if config.target_schedule_end > 0:
+    target_schedule = sj.schedules.cubic_looseness(config.target_schedule_end * rounds)
+  if config.rho_mode == "tanh":
+    rho_schedule = sj.schedules.tanh_rho_ramp(config.rho_ramp_center * rounds,
+                                              config.rho_ramp_width * rounds,
+                                              config.rho_ramp_factor)
+  rho = (per_block(config.rho, config.rho_embed) if config.rho_mode != "shape_dependent"
+         else "shape_dependent")
+  consolidate_from = None
+  if config.consolidate_from > 0:
+    consolidate_from = int(round(config.consolidate_from * config.steps))
   return dict(
-      every_k=config.every_k, rho=per_block(config.rho, config.rho_embed),
+      target_schedule=target_schedule, rho_schedule=rho_schedule,
+      consolidate_from=consolidate_from, consolidate_structure=config.consolidate_structure,
+      consolidate_dropout=config.consolidate_dropout,
+      every_k=config.every_k, rho=rho,
       rank_target=config.rank_target, density_target=config.density_target,
       k_alpha=config.k_alpha, k_beta=config.k_beta,
       k_d=per_block(config.k_d, config.k_d_embed), deriv_start=config.deriv_start,

@@ -1,0 +1,92 @@
+"""Consolidation: training the surrogate itself at a fixed structure.
+
+For the last part of training the ADMM coupling is replaced by a projection
+onto a fixed structure, so the trained weights *are* the deployed surrogate
+X_i = L_i + S_i:  after each optimiser step, per block,
+
+    L_i <- top-r_i truncated SVD of (X_i - S_i)    (kept as factors U diag(s) V^T)
+    S_i <- P_Omega_i (X_i - L_i)                   (values on a fixed support)
+    X_i <- L_i + S_i,  U_i <- 0
+
+one alternating-projection sweep per step (the optax ``projections`` pattern:
+updates become proj(X + u) - X).  The structure (r_i, Omega_i) is chosen once,
+at the first consolidation step: either the controller's current one
+(``'current'``: r_i = number of kept singular values, Omega_i = supp S_i) or
+exactly the targets (``'target'``: r_i = ceil(r* min(m, n)), Omega_i = the
+d* m n largest |X_i - L_i|).  L stays in SVD form (orthonormal factors,
+descending singular values), so the elastic deployment (SALAAD.md §6) still
+truncates triplets and entries.  This is projected gradient descent onto
+{rank <= r} + {supp in Omega}, the same family of structured models SLTrain
+(low rank + fixed random support) trains directly.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from salaad_jax import prox
+
+_F32 = jnp.float32
+STRUCTURES = ("target", "current")
+
+
+def target_rank(rank_target, k: int) -> jax.Array:
+  """ceil(r* k), at least 1."""
+  return jnp.maximum(jnp.ceil(jnp.asarray(rank_target, _F32) * k - 1e-6), 1).astype(jnp.int32)
+
+
+def project_block(x, f: prox.Factors, s, first, rank_target, density_target,
+                  structure: str, svd_iters: int, exact: bool):
+  """One consolidation projection of one block (matrix view, float32).
+
+  Args:
+    x: the new X_i after the optimiser step.
+    f, s: the current factors of L_i and S_i.
+    first: True at the first consolidation step (the structure is chosen).
+    rank_target, density_target: r*, d* (for ``structure='target'``).
+    structure: 'target' or 'current'.
+    svd_iters: warm-started subspace iterations (fast path).
+    exact: use an exact SVD instead.
+  Returns (factors, S, X_proj) with X_proj = L + S.
+  """
+  m, n = x.shape
+  k = min(m, n)
+  r_max = f.s.shape[0]
+  kept_now = jnp.sum(f.s > 0).astype(jnp.int32)
+  if structure == "target":
+    r_first = jnp.minimum(target_rank(rank_target, k), r_max)
+  else:
+    r_first = jnp.maximum(kept_now, 1)
+  rank = jnp.where(first, r_first, kept_now)
+  support = s != 0
+  z = x - jnp.where(first & (structure == "target"), 0.0, s)
+  g = prox.svd_exact(z, r_max) if exact else prox.subspace_svd(z, f.v, svd_iters)
+  sig = jnp.where(jnp.arange(r_max) < rank, g.s, 0.0)
+  g = prox.Factors(g.u, sig, g.v)
+  rest = x - prox.dense(g)
+  if structure == "target":
+    top = jnp.abs(rest) >= prox.topk_threshold(rest, density_target)
+    support = jnp.where(first, top, support)
+  s_new = jnp.where(support, rest, 0.0)
+  return g, s_new, prox.dense(g) + s_new
+
+
+def truncated(f: prox.Factors, s, drop):
+  """L_b + S_b: the trailing ``drop`` share of L's kept triplets and of S's
+  smallest entries removed (keeps ceil((1 - drop) r) and ceil((1 - drop) nnz)).
+
+  Consolidation with nested dropout trains on a random such truncation each
+  step (drop ~ U(0, p)), so every smaller deployment of the same factors
+  stays good: nested dropout of ordered units (Rippel et al. 2014, "Learning
+  ordered representations with nested dropout"), as in slimmable networks
+  (Yu et al. 2019) and Matryoshka representations (Kusupati et al. 2022).
+  """
+  keep = 1.0 - jnp.asarray(drop, _F32)
+  r = jnp.sum(f.s > 0)
+  r_b = jnp.ceil(keep * r - 1e-6)
+  sig = jnp.where(jnp.arange(f.s.shape[0]) < r_b, f.s, 0.0)
+  nnz = jnp.sum(s != 0)
+  tau = prox.topk_threshold(s, keep * nnz / s.size)
+  s_b = jnp.where(jnp.abs(s) >= tau, s, 0.0)
+  return prox.dense(prox.Factors(f.u, sig, f.v)) + s_b

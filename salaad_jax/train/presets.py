@@ -1,0 +1,76 @@
+"""Named SALAAD settings: ``--salaad_preset=NAME`` -> TrainConfig fields.
+
+A preset is data: the fields it sets, with per-model exceptions.  It is
+applied before the explicit flags (a flag given on the command line or in a
+flag file wins over the preset) by :func:`salaad_jax.train.flags.config_from_flags`,
+and programmatically by :func:`config_with_preset`.
+
+* ``reference`` — the authors' settings (SALAAD.md §2, §4, §5, §7): exact SVD,
+  gains k_alpha 0.2, k_beta 0.002 (60M and smaller) / 0.0013 (130M and up),
+  k_d 0.01 (1.0 on embedding/head), n_d 1500, alpha_0 = beta_0 = 0, e = 0.999,
+  r* 0.15, d* 0.05, fixed rho 1e-6 / 3e-7 (embedding, head) up to 60M and
+  1e-8 / 3e-7 from 130M, K 10 (25 at 350M, 5 at 1B), no schedules, no
+  consolidation.
+* ``recommended`` — this project's measured best on the tiny model
+  (benchmarks/RESULTS.md, "Levers"): the reference's slow controller (gains,
+  K, alpha_0 = 0) with the fast SVT for the first half of training, then
+  consolidation (the surrogate L + S trained at rank ceil(0.2 min(m, n)) and
+  density 0.08); rho 1e-3 for the tiny and small models.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from salaad_jax.train.config import TrainConfig, TrainError
+
+_REFERENCE = dict(
+    every_k=10, rho=1e-6, rho_embed=3e-7, rank_target=0.15, density_target=0.05,
+    k_alpha=0.2, k_beta=0.002, k_d=0.01, k_d_embed=1.0, deriv_start=1500, energy=0.999,
+    salaad_mode="adaptive", sparse_mode="soft", svt="exact", max_rank=0,
+    alpha_init="zero", beta_init=0.0, coupling="coupled", rho_mode="fixed",
+    target_schedule_end=0.0, consolidate_from=0.0)
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "reference": _REFERENCE,
+    # The reference's slow controller finds the structure; the second half
+    # of training trains the surrogate itself at r* 0.2, d* 0.08 (60% of the
+    # dense bytes for the tiny model, bitmap S).
+    "recommended": dict(_REFERENCE, svt="fast", svt_iters=1, rank_target=0.2,
+                        density_target=0.08, consolidate_from=0.5,
+                        consolidate_structure="target", consolidate_dropout=0.0),
+}
+
+# Per-model exceptions: {preset: {model: fields}}.
+MODEL_OVERRIDES: dict[str, dict[str, dict[str, Any]]] = {
+    "reference": {
+        "130m": dict(k_beta=0.0013, rho=1e-8),
+        "350m": dict(k_beta=0.0013, rho=1e-8, every_k=25),
+        "1b": dict(k_beta=0.0013, rho=1e-8, every_k=5),
+    },
+}
+# rho: the reference's 1e-6 is for 10k+ steps of 60M+ models; 1e-3 is the
+# measured choice for 1000-3000 steps of the tiny and small models.
+MODEL_OVERRIDES["recommended"] = dict(
+    MODEL_OVERRIDES["reference"], tiny=dict(rho=1e-3, rho_embed=1e-3),
+    small=dict(rho=1e-3, rho_embed=1e-3))
+
+_FIELDS = {f.name for f in dataclasses.fields(TrainConfig)}
+assert all(set(p) <= _FIELDS for p in PRESETS.values())
+
+
+def preset_fields(name: str, model: str) -> dict[str, Any]:
+  """The TrainConfig fields preset ``name`` sets for ``model`` ('' sets none)."""
+  if not name:
+    return {}
+  if name not in PRESETS:
+    raise TrainError(f"--salaad_preset={name!r} is not a preset; known: {sorted(PRESETS)}")
+  return dict(PRESETS[name], **MODEL_OVERRIDES.get(name, {}).get(model, {}))
+
+
+def config_with_preset(name: str, **fields) -> TrainConfig:
+  """A TrainConfig from preset ``name`` (for ``fields['model']``, default the
+  TrainConfig default), overridden by ``fields``."""
+  model = fields.get("model", TrainConfig.model)
+  return TrainConfig(**{**preset_fields(name, model), **fields, "salaad_preset": name})

@@ -1,0 +1,329 @@
+"""Options that steer SALAAD over training: target and rho schedules, the
+shape-dependent rho, consolidation of the surrogate, and presets."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from absl import flags
+
+import salaad_jax as sj
+from salaad_jax import consolidate as cons
+from salaad_jax import prox, schedules
+from salaad_jax.train import TrainConfig, TrainError
+from salaad_jax.train import config as cfg_lib
+from salaad_jax.train import flags as train_flags
+from salaad_jax.train import methods, presets
+
+
+def _params(seed=0):
+  k1, k2 = jax.random.split(jax.random.key(seed))
+  return {"a": {"kernel": jax.random.normal(k1, (24, 16))},
+          "b": {"kernel": jax.random.normal(k2, (16, 40))}, "bias": jnp.ones(3)}
+
+
+def _run(tx, params, steps, lr_target=1.0):
+  """``steps`` optimiser steps on sum (X - lr_target)^2; returns the history
+  of (params, state) after each step."""
+  loss = lambda p: sum(jnp.sum((x - lr_target) ** 2) for x in jax.tree.leaves(p))
+  update = jax.jit(tx.update)
+  state, out = tx.init(params), []
+  for _ in range(steps):
+    u, state = update(jax.grad(loss)(params), state, params)
+    params = optax.apply_updates(params, u)
+    out.append((params, state))
+  return out
+
+
+def _leaf(tree, name):
+  return np.asarray(tree[name]["kernel"], np.float64)
+
+
+# ----------------------------------------------------------------------------
+# Schedules.
+# ----------------------------------------------------------------------------
+
+
+def test_cubic_looseness_is_the_gradual_pruning_law():
+  w = schedules.cubic_looseness(end_round=10, begin_round=2)
+  n = np.arange(0, 15)
+  want = (1 - np.clip((n - 2) / 8, 0, 1)) ** 3
+  np.testing.assert_allclose(np.asarray(jax.vmap(w)(n)), want, rtol=1e-6)
+  np.testing.assert_allclose(float(schedules.loosen(0.1, w(2))), 1.0)
+  np.testing.assert_allclose(float(schedules.loosen(0.1, w(10))), 0.1)
+  with pytest.raises(ValueError, match="begin_round"):
+    schedules.cubic_looseness(end_round=2, begin_round=2)
+
+
+def test_tanh_rho_ramp_is_the_reference_step():
+  m = schedules.tanh_rho_ramp(center_round=2000, width_rounds=100, factor=10)
+  assert float(m(0)) == pytest.approx(1.0, abs=1e-6)
+  assert float(m(2000)) == pytest.approx(5.5, rel=1e-6)
+  assert float(m(2050)) == pytest.approx(1 + 9 * (1 + np.tanh(1.472)) / 2, rel=1e-5)
+  assert float(m(5000)) == pytest.approx(10.0, rel=1e-6)
+
+
+def test_loose_targets_keep_the_thresholds_at_zero():
+  """With w = 1 the targets are 1: the integral law never raises alpha or beta;
+  with constant targets it does (the rank rate and density start above them)."""
+  params = _params()
+  kw = dict(every_k=1, rho=0.5, rank_target=0.1, density_target=0.05, k_alpha=1.0,
+            k_beta=1.0, svt="exact")
+  tight = _run(sj.salaad(optax.sgd(0.01), **kw), params, 4)[-1][1]
+  loose = _run(sj.salaad(optax.sgd(0.01), target_schedule=lambda n: 1.0, **kw), params,
+               4)[-1][1]
+  assert float(_leaf(tight.beta, "a")) > 0 and float(_leaf(tight.alpha, "b")) > 0
+  for name in ("a", "b"):
+    assert float(_leaf(loose.alpha, name)) == 0.0 and float(_leaf(loose.beta, name)) == 0.0
+
+
+def test_rho_change_rescales_the_scaled_dual():
+  """When m(n) doubles between rounds 1 and 2, U_2 = U_1 m(1)/m(2) + X_2 - L_2 - S_2,
+  i.e. Y = rho U continues; without the change the plain dual step holds."""
+  params = _params()
+  jump = lambda n: jnp.where(n >= 2, 2.0, 1.0)
+  kw = dict(every_k=1, rho=0.3, rank_target=0.2, density_target=0.1, svt="exact",
+            alpha_init="sigma_k", beta_init=0.3)
+  for sched, ratio in ((jump, 0.5), (None, 1.0)):
+    hist = _run(sj.salaad(optax.sgd(0.05), rho_schedule=sched, **kw), params, 2)
+    (_, s1), (p2, s2) = hist
+    for name in ("a", "b"):
+      l2 = np.asarray(prox.dense(sj.low_rank_factors(s2)[f"{name}/kernel"]))
+      resid = _leaf(p2, name) - l2 - _leaf(s2.sparse, name)
+      np.testing.assert_allclose(_leaf(s2.dual, name), ratio * _leaf(s1.dual, name) + resid,
+                                 atol=1e-5)
+    assert np.abs(_leaf(s1.dual, "a")).max() > 1e-3  # the check is not vacuous
+
+
+def test_rho_schedule_scales_the_penalty_gradient():
+  params = _params()
+  zero = lambda: jax.tree.map(jnp.zeros_like, params)
+  kw = dict(every_k=5, rho=0.2, rank_target=0.2, svt="exact")
+  for sched, factor in ((None, 1.0), (lambda n: 3.0, 3.0)):
+    tx = sj.salaad(optax.sgd(1.0), rho_schedule=sched, **kw)
+    state = tx.init(params)
+    u, _ = tx.update(zero(), state, params)
+    l0 = np.asarray(prox.dense(sj.low_rank_factors(state)["a/kernel"]))
+    np.testing.assert_allclose(_leaf(u, "a"), -0.2 * factor * (_leaf(params, "a") - l0),
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_shape_dependent_rho_is_one_over_blocks_times_sqrt_mn():
+  params = _params()
+  tx = sj.salaad(optax.sgd(1.0), every_k=5, rho="shape_dependent", rank_target=0.2,
+                 svt="exact")
+  state = tx.init(params)
+  u, _ = tx.update(jax.tree.map(jnp.zeros_like, params), state, params)
+  for name, (m, n) in (("a", (24, 16)), ("b", (16, 40))):
+    l0 = np.asarray(prox.dense(sj.low_rank_factors(state)[f"{name}/kernel"]))
+    rho = 1.0 / (2 * np.sqrt(m * n))
+    np.testing.assert_allclose(_leaf(u, name), -rho * (_leaf(params, name) - l0),
+                               rtol=1e-5, atol=1e-7)
+  with pytest.raises(ValueError, match="shape_dependent"):
+    sj.salaad(optax.sgd(1.0), rho="big")
+
+
+# ----------------------------------------------------------------------------
+# Consolidation.
+# ----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module", params=["exact", "fast"])
+def consolidated(request):
+  params = _params(1)
+  tx = sj.salaad(optax.adam(3e-2), every_k=2, rho=0.2, rank_target=0.25,
+                 density_target=0.1, consolidate_from=4, svt=request.param, svt_iters=2)
+  return request.param, _run(tx, params, 9, lr_target=0.5)
+
+
+def test_consolidation_trains_the_surrogate_at_the_target_structure(consolidated):
+  svt, hist = consolidated
+  masks = None
+  for t, (p, s) in enumerate(hist):
+    if t < 4:
+      continue  # steps 0..3: ordinary ADMM (the projection starts at step 4)
+    for name, (m, n) in (("a", (24, 16)), ("b", (16, 40))):
+      f = sj.low_rank_factors(s)[f"{name}/kernel"]
+      l = np.asarray(prox.dense(f))
+      sp = _leaf(s.sparse, name)
+      np.testing.assert_allclose(_leaf(p, name), l + sp, atol=1e-5)  # X = L + S
+      assert np.abs(_leaf(s.dual, name)).max() == 0.0
+      r = int(np.sum(np.asarray(f.s) > 0))
+      assert r == int(np.ceil(0.25 * min(m, n)))
+      assert np.sum(sp != 0) == int(np.ceil(0.1 * m * n))
+      kept = np.asarray(f.s) > 0
+      u, v = np.asarray(f.u)[:, kept], np.asarray(f.v)[:, kept]
+      np.testing.assert_allclose(u.T @ u, np.eye(r), atol=1e-4)  # L stays an SVD
+      np.testing.assert_allclose(v.T @ v, np.eye(r), atol=1e-4)
+      assert np.all(np.diff(np.asarray(f.s)[kept]) <= 1e-6)
+    now = {name: _leaf(s.sparse, name) != 0 for name in ("a", "b")}
+    if masks is not None:  # the support is fixed after the first projection
+      for name in now:
+        np.testing.assert_array_equal(now[name], masks[name])
+    masks = now
+  # Before consolidation X is not yet L + S.
+  p3, s3 = hist[3]
+  l3 = np.asarray(prox.dense(sj.low_rank_factors(s3)["a/kernel"]))
+  assert np.abs(_leaf(p3, "a") - l3 - _leaf(s3.sparse, "a")).max() > 1e-3
+
+
+def test_first_projection_is_the_truncated_svd_and_top_residual():
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(size=(20, 12)), jnp.float32)
+  f0 = prox.svd_exact(x + 0.1, 12)
+  g, s, x_proj = cons.project_block(x, f0, jnp.zeros_like(x), jnp.asarray(True), 0.25, 0.1,
+                                    "target", 1, True)
+  u, sig, vt = np.linalg.svd(np.asarray(x, np.float64), full_matrices=False)
+  l_ref = (u[:, :3] * sig[:3]) @ vt[:3]
+  np.testing.assert_allclose(np.asarray(prox.dense(g)), l_ref, atol=1e-4)
+  rest = np.asarray(x) - l_ref
+  keep = np.abs(rest) >= np.sort(np.abs(rest).ravel())[::-1][23]  # ceil(0.1 * 240) = 24
+  np.testing.assert_allclose(np.asarray(s), np.where(keep, rest, 0.0), atol=1e-4)
+  np.testing.assert_allclose(np.asarray(x_proj), l_ref + np.where(keep, rest, 0.0), atol=1e-4)
+
+
+def test_consolidation_keeps_the_current_structure():
+  params = _params(2)
+  kw = dict(every_k=1, rho=0.5, rank_target=0.2, density_target=0.1, k_alpha=1.0,
+            k_beta=1.0, svt="exact", alpha_init="sigma_k")
+  before = _run(sj.salaad(optax.adam(1e-2), **kw), params, 3)[-1][1]
+  after = _run(sj.salaad(optax.adam(1e-2), consolidate_from=3,
+                         consolidate_structure="current", **kw), params, 5)
+  for name in ("a", "b"):
+    r0 = int(np.sum(np.asarray(sj.low_rank_factors(before)[f"{name}/kernel"].s) > 0))
+    for _, s in after[3:]:
+      assert int(np.sum(np.asarray(sj.low_rank_factors(s)[f"{name}/kernel"].s) > 0)) == r0
+      np.testing.assert_array_equal(_leaf(s.sparse, name) != 0,
+                                    _leaf(before.sparse, name) != 0)
+
+
+def test_truncation_drops_trailing_triplets_and_smallest_entries():
+  rng = np.random.default_rng(3)
+  f = prox.svd_exact(jnp.asarray(rng.normal(size=(10, 8)), jnp.float32), 8)
+  f = prox.Factors(f.u, jnp.where(jnp.arange(8) < 5, f.s, 0.0), f.v)
+  s = jnp.asarray(np.where(rng.random((10, 8)) < 0.2, rng.normal(size=(10, 8)), 0.0), jnp.float32)
+  nnz = int(np.sum(np.asarray(s) != 0))
+  got = np.asarray(cons.truncated(f, s, 0.4))
+  l3 = np.asarray(prox.dense(prox.Factors(f.u, jnp.where(jnp.arange(8) < 3, f.s, 0.0), f.v)))
+  keep = int(np.ceil(0.6 * nnz))
+  thr = np.sort(np.abs(np.asarray(s)).ravel())[::-1][keep - 1]
+  np.testing.assert_allclose(got, l3 + np.where(np.abs(np.asarray(s)) >= thr, s, 0.0), atol=1e-5)
+  np.testing.assert_allclose(np.asarray(cons.truncated(f, s, 0.0)),
+                             np.asarray(prox.dense(f) + s), atol=1e-5)
+
+
+def test_nested_dropout_trains_the_full_surrogate_through_truncations():
+  params = _params(4)
+  tx = sj.salaad(optax.adam(3e-2), every_k=2, rho=0.2, rank_target=0.25, density_target=0.1,
+                 consolidate_from=2, consolidate_dropout=0.5, svt="exact")
+  hist = _run(tx, params, 8, lr_target=0.5)
+  gaps = []
+  for p, s in hist[3:]:
+    f = sj.low_rank_factors(s)["b/kernel"]
+    full = np.asarray(prox.dense(f)) + _leaf(s.sparse, "b")
+    x = _leaf(p, "b")
+    gaps.append(np.abs(x - full).max())
+    # the params are the truncation at some drop share q in [0, 0.5)
+    assert int(np.sum(np.asarray(f.s) > 0)) == 4
+    sp = jnp.asarray(_leaf(s.sparse, "b"), jnp.float32)
+    err = min(np.abs(x - np.asarray(cons.truncated(f, sp, q))).max()
+              for q in np.linspace(0.0, 0.5, 51))
+    assert err < 1e-4
+  assert max(gaps) > 1e-3  # some steps train a strictly smaller model
+  loss = lambda p, s: np.sum((np.asarray(prox.dense(sj.low_rank_factors(s)["b/kernel"]))
+                              + _leaf(s.sparse, "b") - 0.5) ** 2)
+  assert loss(*hist[-1]) < loss(*hist[2])  # and the full surrogate improves
+
+
+def test_lever_errors_name_the_option():
+  with pytest.raises(ValueError, match="consolidate_structure"):
+    sj.salaad(optax.sgd(1.0), consolidate_structure="best")
+  with pytest.raises(ValueError, match="consolidate_from"):
+    sj.salaad(optax.sgd(1.0), consolidate_from=-1)
+  with pytest.raises(ValueError, match="target_schedule"):
+    sj.salaad(optax.sgd(1.0), target_schedule=0.5)
+  with pytest.raises(ValueError, match="consolidate_dropout"):
+    sj.salaad(optax.sgd(1.0), consolidate_dropout=1.5)
+
+
+# ----------------------------------------------------------------------------
+# TrainConfig fields and presets.
+# ----------------------------------------------------------------------------
+
+
+def _tiny(**kw):
+  return TrainConfig(model="tiny", steps=100, warmup_steps=5, **kw)
+
+
+def test_config_fields_become_transform_options():
+  kw = methods.salaad_kwargs(_tiny(every_k=5, target_schedule_end=0.5, rho_mode="tanh",
+                                   rho_ramp_center=0.5, rho_ramp_width=0.1,
+                                   consolidate_from=0.7))
+  assert kw["consolidate_from"] == 70
+  assert float(kw["target_schedule"](10)) == 0.0 and float(kw["target_schedule"](0)) == 1.0
+  assert float(kw["rho_schedule"](10)) == pytest.approx(5.5)  # centre: 0.5 * 100 / 5
+  off = methods.salaad_kwargs(_tiny())
+  assert (off["consolidate_from"], off["target_schedule"], off["rho_schedule"]) == (None,) * 3
+  assert methods.salaad_kwargs(_tiny(rho_mode="shape_dependent"))["rho"] == "shape_dependent"
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(consolidate_from=1.0), r"--consolidate_from=1.0 must lie in \[0, 1\)"),
+    (dict(consolidate_dropout=1.0), "--consolidate_dropout=1.0 must lie in"),
+    (dict(target_schedule_end=2.0), "--target_schedule_end=2.0"),
+    (dict(rho_mode="tanh", rho_ramp_width=0.0), "--rho_mode=tanh needs"),
+])
+def test_lever_flags_are_validated(change, message):
+  with pytest.raises(TrainError, match=message):
+    cfg_lib.validate(_tiny(**change))
+
+
+def test_reference_preset_is_the_papers_settings():
+  ref = presets.config_with_preset("reference", model="60m")
+  assert (ref.k_alpha, ref.k_beta, ref.every_k, ref.rho, ref.rho_embed) == (
+      0.2, 0.002, 10, 1e-6, 3e-7)
+  assert (ref.alpha_init, ref.beta_init, ref.energy, ref.svt) == ("zero", 0.0, 0.999, "exact")
+  assert (ref.rank_target, ref.density_target, ref.deriv_start) == (0.15, 0.05, 1500)
+  big = presets.config_with_preset("reference", model="350m")
+  assert (big.k_beta, big.rho, big.every_k) == (0.0013, 1e-8, 25)
+  assert presets.config_with_preset("reference", model="1b").every_k == 5
+  assert presets.config_with_preset("reference", model="tiny", rho=1e-3).rho == 1e-3
+  with pytest.raises(TrainError, match="--salaad_preset='best' is not a preset"):
+    presets.preset_fields("best", "tiny")
+
+
+def test_explicit_flags_win_over_the_preset(tmp_path):
+  flagfile = tmp_path / "f.flags"
+  flagfile.write_text("--every_k=3\n")
+  fv = flags.FlagValues()
+  train_flags.define_flags(fv)
+  fv(["prog", "--model=tiny", "--salaad_preset=reference", "--rho=1e-3",
+      f"--flagfile={flagfile}"])
+  c = train_flags.config_from_flags(fv)
+  assert c.salaad_preset == "reference"
+  assert (c.rho, c.every_k) == (1e-3, 3)  # given: command line, flag file
+  assert (c.k_beta, c.alpha_init, c.svt) == (0.002, "zero", "exact")  # from the preset
+  defaults = dataclasses.replace(TrainConfig(), model="tiny")
+  plain = flags.FlagValues()
+  train_flags.define_flags(plain)
+  plain(["prog", "--model=tiny"])
+  assert train_flags.config_from_flags(plain) == defaults
+
+
+def test_tiny_flag_file_runs_the_recommended_preset():
+  """The flag file sets no SALAAD field itself, so --salaad_preset swaps all of them."""
+  tiny = str(presets.__file__).rsplit("/salaad_jax/", 1)[0] + "/experiments/configs/tiny.flags"
+  got = {}
+  for preset in (None, "reference"):
+    fv = flags.FlagValues()
+    train_flags.define_flags(fv)
+    fv(["prog", f"--flagfile={tiny}"] + ([f"--salaad_preset={preset}"] if preset else []))
+    got[preset] = train_flags.config_from_flags(fv)
+  rec = presets.preset_fields("recommended", "tiny")
+  assert got[None].salaad_preset == "recommended" and rec["consolidate_from"] > 0
+  assert all(getattr(got[None], k) == v for k, v in rec.items())
+  ref = presets.preset_fields("reference", "tiny")
+  assert all(getattr(got["reference"], k) == v for k, v in ref.items())
