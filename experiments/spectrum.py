@@ -17,8 +17,9 @@ atomically, once every evaluation is done.  See
 import os
 import sys
 
-from absl import app, flags, logging
+from absl import app, flags
 
+from experiments import common
 from salaad_jax.deploy import spectrum as sp
 from salaad_jax.deploy import spectrum_report as report
 
@@ -83,8 +84,7 @@ flags.register_validator("posthoc_density", _valid(_check_fraction))
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  if not flags.FLAGS["verbosity"].present:
-    logging.set_verbosity(logging.WARNING)  # Orbax logs every restore at INFO.
+  common.quiet_logging()  # Orbax logs every restore at INFO.
   try:
     rows = sp.capacity_spectrum(
         _WORKDIR.value, _BUDGETS.value, methods=_METHODS.value, dense_workdir=_DENSE.value,
