@@ -28,14 +28,32 @@ def _without_orbax_traceback(record) -> bool:
   return True
 
 
+def _closed_loop_callback(exc_type, exc, tb) -> bool:
+  """TensorStore's completion callback of a read or write still in flight
+  when Orbax closed its event loop on the first failure (reported on its own,
+  as the one error or warning line)."""
+  while tb is not None and tb.tb_next is not None:
+    tb = tb.tb_next
+  return (exc_type is RuntimeError and str(exc) == "Event loop is closed" and tb is not None
+          and tb.tb_frame.f_code.co_name == "_check_closed")
+
+
 def quiet_logging() -> None:
   """Progress goes to stdout; absl logging (e.g. Orbax's INFO lines per save)
   only from warnings up (on processes other than 0 of a multi-host job, only
-  errors), without Orbax's stack traces, unless --verbosity is given."""
+  errors), without Orbax's stack traces nor those of TensorStore callbacks
+  after a failed checkpoint read or write, unless --verbosity is given."""
   if not flags.FLAGS["verbosity"].present:
     quiet = jax.distributed.is_initialized() and not multihost.is_primary()
     logging.set_verbosity(logging.ERROR if quiet else logging.WARNING)
     logging.get_absl_logger().addFilter(_without_orbax_traceback)
+    # TensorStore reports them through sys.unraisablehook (sys.excepthook
+    # when it prints the error itself).
+    hook, unraisable_hook = sys.excepthook, sys.unraisablehook
+    sys.excepthook = lambda *info: None if _closed_loop_callback(*info) else hook(*info)
+    sys.unraisablehook = lambda u: (
+        None if _closed_loop_callback(u.exc_type, u.exc_value, u.exc_traceback)
+        else unraisable_hook(u))
 
 
 def say(line: str) -> None:

@@ -42,7 +42,7 @@ FINETUNE_METHODS = ("lora", "salr", "losa", "salaad")
 # Taken from the pretrained run unless given on the command line.
 INHERITED = ("model", "vocab_size", "tokenizer", "dtype", "param_dtype")
 
-train_flags.define_flags()
+train_flags.define_flags(methods=FINETUNE_METHODS)
 flags.FLAGS.set_default("method", "lora")
 _WORKDIR = flags.DEFINE_string("workdir", None, "run directory (created; resumed if it "
                                "holds a checkpoint)", required=True)

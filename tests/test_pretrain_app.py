@@ -4,6 +4,7 @@ sharded SALAAD against one device, and one-line errors for bad input."""
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -166,6 +167,26 @@ def test_bad_input_is_one_clear_line(tmp_path, args, needle):
   out = pretrain(f"--workdir={tmp_path / 'run'}", *args, timeout=120)
   _assert_one_line_error(out, needle)
   assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("app, methods", [
+    ("experiments.pretrain", ["dense", "salaad", "lowrank", "sltrain", "lost", "galore"]),
+    ("experiments.finetune", ["lora", "salr", "losa", "salaad"]),
+])
+def test_helpfull_lists_the_methods_with_their_descriptions(app, methods):
+  from salaad_jax.train import get_method  # pylint: disable=import-outside-toplevel
+  out = subprocess.run([sys.executable, "-m", app, "--helpfull"], cwd=ROOT, env=_env(1),
+                       capture_output=True, text=True, timeout=120)
+  assert out.returncode == 1 and "--method:" in out.stdout, out.stderr[-2000:]
+  help_text = out.stdout.split("--method:")[1].split("\n  --")[0]
+  listed = [m.group(1) for m in re.finditer(r"^\s*(\w+): ", help_text, re.MULTILINE)]
+  if app.endswith("finetune"):
+    assert listed == methods
+  else:  # every registered method, fine-tuning ones included (they need --init_from)
+    assert set(methods) | {"lora", "salr", "losa"} <= set(listed) and listed == sorted(listed)
+  for name in methods:
+    first_words = " ".join(get_method(name).description.split()[:4])
+    assert f"{name}: {first_words}" in " ".join(help_text.split()), name
 
 
 def test_batch_not_divisible_by_devices(tmp_path):

@@ -38,7 +38,7 @@ class TrainConfig:
   """Every setting of a pretraining run (defaults: the 60M reference, SALAAD.md §7)."""
 
   # --- what is trained -----------------------------------------------------
-  method: str = _f("salaad", "training method (a registered name: salaad, dense, ...)")
+  method: str = _f("salaad", "training method (a registered name; --helpfull lists them)")
   method_options: dict = _f({}, "method-specific options, key=value (see the method)")
   model: str = _f("60m", "model preset", choices=tuple(CONFIGS))
   dtype: str = _f("bfloat16", "compute dtype of activations and matmuls",

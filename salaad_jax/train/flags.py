@@ -3,23 +3,36 @@
 Every field becomes ``--<field>`` with the field's help text, its choices
 (``DEFINE_enum``) or lower bound; ``method_options`` becomes the repeatable
 ``--method_option key=value``.  ``--salaad_preset`` fills the fields that no
-flag sets explicitly (see :mod:`salaad_jax.train.presets`).
+flag sets explicitly (see :mod:`salaad_jax.train.presets`).  The help of
+``--method`` lists the registered methods with their descriptions
+(``--helpfull`` shows it).
 """
 
 from __future__ import annotations
 
 import dataclasses
+from typing import Optional, Sequence
 
 from absl import flags
 
 from salaad_jax.train.config import TrainConfig, TrainError
 from salaad_jax.train.multihost import FLAG_FIELDS
 from salaad_jax.train.presets import preset_fields
+from salaad_jax.train.methods import get_method, method_names
 
 
-def _define(field: dataclasses.Field, flag_values) -> None:
+def method_help(names: Optional[Sequence[str]] = None) -> str:
+  """The help of ``--method``: each of ``names`` (default: every registered
+  method) on its own line with its one-line description."""
+  names = method_names() if names is None else list(names)
+  lines = [f"{n}: {get_method(n).description}" if get_method(n).description else n
+           for n in names]
+  return "training method, one of:\n" + "\n".join(lines)
+
+
+def _define(field: dataclasses.Field, flag_values, methods=None) -> None:
   name, default, meta = field.name, field.default, field.metadata
-  help_text = meta.get("help", name)
+  help_text = method_help(methods) if name == "method" else meta.get("help", name)
   low = meta.get("min")
   if meta.get("choices"):
     flags.DEFINE_enum(name, default, list(meta["choices"]), help_text, flag_values=flag_values)
@@ -33,14 +46,15 @@ def _define(field: dataclasses.Field, flag_values) -> None:
     flags.DEFINE_string(name, default, help_text, flag_values=flag_values)
 
 
-def define_flags(flag_values=flags.FLAGS) -> None:
-  """Defines one flag per TrainConfig field on ``flag_values``."""
+def define_flags(flag_values=flags.FLAGS, methods: Optional[Sequence[str]] = None) -> None:
+  """Defines one flag per TrainConfig field on ``flag_values``; the help of
+  ``--method`` lists ``methods`` (default: every registered one)."""
   for field in dataclasses.fields(TrainConfig):
     if field.name == "method_options":
       flags.DEFINE_multi_string("method_option", [], "method-specific option key=value "
                                 "(repeatable)", flag_values=flag_values)
     else:
-      _define(field, flag_values)
+      _define(field, flag_values, methods)
 
 
 def define_distributed_flags(flag_values=flags.FLAGS) -> None:

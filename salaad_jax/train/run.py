@@ -10,8 +10,9 @@ from jax.sharding import Mesh, SingleDeviceSharding
 
 from salaad_jax.models import Llama, LlamaConfig
 from salaad_jax.train import sharding as shd
-from salaad_jax.train.checkpoint import Checkpointer, checkpoint_dir, saved_params
-from salaad_jax.train.config import TrainConfig, TrainError, read_config
+from salaad_jax.train.checkpoint import (CheckpointError, Checkpointer, checkpoint_dir,
+                                         saved_params)
+from salaad_jax.train.config import TrainConfig, read_config
 from salaad_jax.train.methods import Method
 from salaad_jax.train.state import applied_params, build, init_state
 
@@ -74,8 +75,8 @@ def load_run(workdir: str, step: Optional[int] = None, mesh: Optional[Mesh] = No
     # starting point (e.g. LoRA ranks): those of the saved params.
     initial = saved_params(directory, step)
     if initial is None:
-      raise TrainError(f"no checkpoint {'' if step is None else f'at step {step} '}in "
-                       f"{directory}")
+      raise CheckpointError(f"no checkpoint {'' if step is None else f'at step {step} '}in "
+                            f"{directory}")
   abstract = jax.eval_shape(
       lambda p: init_state(config, parts.model, parts.method, parts.tx, p), initial)
   del initial
