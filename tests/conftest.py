@@ -1,10 +1,42 @@
-"""Test configuration: 8 fake CPU devices for multi-device tests.
+"""Test configuration: 8 fake CPU devices, the ``slow`` lane, and trained runs
+shared by the whole session.
 
-XLA reads the flag when the backend starts, so it is set before any test
-module imports jax.
+XLA reads the device-count flag when the backend starts, so it is set before
+any test module imports jax.
+
+Speed conventions (the suite has to fit in a few minutes on 2 CPU cores):
+
+* Compiled programs are shared through a persistent XLA compilation cache
+  (below): keep shapes and configurations equal across tests where the
+  assertion allows, so that they compile once per session.
+
+* ``@pytest.mark.slow`` marks a test that trains for more than a few seconds
+  or starts subprocesses.  ``pytest -q`` runs everything; ``pytest -q -m "not
+  slow"`` is the fast lane for development.  Slow tests are handed to the
+  xdist workers first, so the long ones do not all end up last on one worker.
+* ``cached_dir(tmp_path_factory, key, build)`` builds a directory once per test session
+  (across xdist workers: the first worker to take its lock builds it, the
+  others wait and reuse it).  Use it for any trained run that more than one
+  test reads; ``shakespeare_runs`` below is one.  A test that requests a
+  fixture listed in ``TRAINED_FIXTURES`` is marked slow and put in that
+  fixture's xdist group automatically.
+* ``@pytest.mark.xdist_group("name")`` (the suite runs with ``--dist
+  loadgroup``) keeps tests that share an expensive module- or session-scoped
+  fixture on one worker, so it is computed once.
 """
 
+import atexit
+import fcntl
 import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Callable, NamedTuple
+
+import pytest
 
 _FLAG = "--xla_force_host_platform_device_count=8"
 if _FLAG not in os.environ.get("XLA_FLAGS", ""):
@@ -13,3 +45,147 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # XLA:CPU sizes its thread pool from NPROC; with one thread per core, batched
 # LAPACK calls on a 2-core machine have been seen to wait on each other.
 os.environ.setdefault("NPROC", "8")
+# One persistent XLA compilation cache for the session: the xdist workers, the
+# apps they start in subprocesses and the notebook kernels inherit it, so the
+# same train step (the tiny flag file's, say) is compiled once, not once per
+# process.  Created empty by the process that starts the session and removed
+# when it exits; a compile under 0.2 s is not worth a file.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+  _XLA_CACHE = tempfile.mkdtemp(prefix="salaad-tests-xla-cache-")
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = _XLA_CACHE
+  atexit.register(shutil.rmtree, _XLA_CACHE, ignore_errors=True)
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY_FLAGS = str(ROOT / "experiments" / "configs" / "tiny.flags")
+SHAKESPEARE = ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"
+
+
+# ---------------------------------------------------------------------------
+# Ordering: slow tests first.
+# ---------------------------------------------------------------------------
+
+
+# Session fixtures that train: a test requesting one is slow, and joins the
+# fixture's xdist group so that the tests reading the run share a worker.
+TRAINED_FIXTURES = {"shakespeare_runs": "shakespeare_runs"}
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config, items):
+  """Marks the tests of ``TRAINED_FIXTURES``, then moves the modules holding
+  slow tests to the front (each module's tests stay together and in order),
+  so that xdist starts the long tests first."""
+  del config
+  for item in items:
+    for fixture, group in TRAINED_FIXTURES.items():
+      if fixture in getattr(item, "fixturenames", ()):
+        item.add_marker(pytest.mark.slow)
+        item.add_marker(pytest.mark.xdist_group(group))
+  module = lambda item: getattr(getattr(item, "module", None), "__name__", None)
+  slow_modules = {module(item) for item in items if item.get_closest_marker("slow")}
+  items.sort(key=lambda item: module(item) not in slow_modules)  # stable
+
+
+# ---------------------------------------------------------------------------
+# Directories built once per session.
+# ---------------------------------------------------------------------------
+
+
+def _shared_root(tmp_path_factory) -> Path:
+  """A folder every xdist worker of this session sees (the workers' base
+  temporary directories are siblings)."""
+  base = tmp_path_factory.getbasetemp()
+  root = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "shared_cache"
+  root.mkdir(exist_ok=True)
+  return root
+
+
+def cached_dir(tmp_path_factory, key: str, build: Callable[[Path], None]) -> Path:
+  """``<session cache>/<key>``, filled by ``build(path)`` the first time any
+  worker asks for it.  A failed build leaves nothing behind (the next caller
+  tries again and sees the same error)."""
+  root = _shared_root(tmp_path_factory)
+  path = root / key
+  with open(root / f"{key}.lock", "w") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    try:
+      done = root / f"{key}.done"
+      if not done.exists():
+        shutil.rmtree(path, ignore_errors=True)
+        path.mkdir()
+        try:
+          build(path)
+        except BaseException:
+          shutil.rmtree(path, ignore_errors=True)
+          raise
+        done.write_text("")
+    finally:
+      fcntl.flock(lock, fcntl.LOCK_UN)
+  return path
+
+
+# ---------------------------------------------------------------------------
+# The app in a subprocess.
+# ---------------------------------------------------------------------------
+
+
+def app_env(devices: int = 1) -> dict:
+  """Environment for ``python -m experiments.*`` / ``benchmarks.*``: CPU,
+  ``devices`` fake devices, and an XLA:CPU pool that grows with them (each
+  fake device runs its own batched LAPACK calls on it)."""
+  env = dict(os.environ, JAX_PLATFORMS="cpu", NPROC=str(8 * devices), PYTHONUNBUFFERED="1")
+  flags = [f for f in env.get("XLA_FLAGS", "").split()
+           if not f.startswith("--xla_force_host_platform_device_count")]
+  env["XLA_FLAGS"] = " ".join(flags + [f"--xla_force_host_platform_device_count={devices}"])
+  return env
+
+
+def pretrain_app(*args, devices: int = 1, timeout: float = 240) -> subprocess.CompletedProcess:
+  """``python -m experiments.pretrain --flagfile=tiny.flags *args``."""
+  cmd = [sys.executable, "-m", "experiments.pretrain", f"--flagfile={TINY_FLAGS}", *args]
+  return subprocess.run(cmd, cwd=ROOT, env=app_env(devices), capture_output=True, text=True,
+                        timeout=timeout)
+
+
+# ---------------------------------------------------------------------------
+# A SALAAD run and a dense run of the tiny model on the same data.
+# ---------------------------------------------------------------------------
+
+
+class RunPair(NamedTuple):
+  salaad: Path
+  dense: Path
+  source: str       # the data both were trained on
+  real_text: bool   # tinyshakespeare.txt (else the synthetic corpus)
+
+
+# 300 steps of batch 8 x 64 tokens: the controller settles (rank and density
+# near their targets) and SALAAD's loss is within 10 % of dense on real text.
+SHAKESPEARE_STEPS = 300
+SHAKESPEARE_EVAL_BATCHES = 10
+
+
+@pytest.fixture(scope="session")
+def shakespeare_runs(tmp_path_factory) -> RunPair:
+  """The tiny flag file's SALAAD run and its dense twin, trained concurrently
+  once per session on ``tinyshakespeare.txt`` (the synthetic corpus when the
+  file is absent): 300 steps, batch 8, sequence 64, the train metrics logged
+  every 20 steps, 10 validation batches, the final checkpoint only."""
+  real = SHAKESPEARE.exists()
+  source = str(SHAKESPEARE) if real else "synthetic:order=1"
+  common = [f"--source={source}", f"--steps={SHAKESPEARE_STEPS}", "--batch_size=8",
+            "--seq_len=64", "--warmup_steps=30", "--log_every=20", "--eval_every=0",
+            f"--eval_batches={SHAKESPEARE_EVAL_BATCHES}", "--checkpoint_every=0"]
+
+  def train(path: Path, method: str) -> None:
+    out = pretrain_app(f"--workdir={path / method}", f"--method={method}", *common,
+                       timeout=900)
+    assert out.returncode == 0, (method, out.stderr[-3000:])
+
+  def build(path: Path) -> None:
+    with ThreadPoolExecutor(2) as pool:
+      list(pool.map(lambda m: train(path, m), ("salaad", "dense")))
+
+  root = cached_dir(tmp_path_factory, "shakespeare_runs", build)
+  return RunPair(root / "salaad", root / "dense", source, real)

@@ -36,6 +36,7 @@ def _csv(path):
     return list(csv.DictReader(f))
 
 
+@pytest.mark.slow
 def test_compare_writes_pretraining_spectrum_and_finetuning_tables(tmp_path):
   out = tmp_path / "cmp"
   done = _compare("--source=synthetic:order=1", "--steps=4", "--batch_size=4",
@@ -114,6 +115,7 @@ def test_compare_writes_pretraining_spectrum_and_finetuning_tables(tmp_path):
     (["--methods=lowrank", "--finetune_source=synthetic"], "keep dense in --methods"),
     (["--source=/no/such/file.txt"], "/no/such/file.txt"),
 ])
+@pytest.mark.slow
 def test_bad_input_is_a_short_error(tmp_path, args, needle):
   done = _compare("--source=synthetic:order=1", "--steps=2", f"--out={tmp_path}", *args,
                   timeout=300)

@@ -4,9 +4,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 
 import salaad_jax as sj
 from salaad_jax import data, models
+
+pytestmark = pytest.mark.slow
 
 
 def _train(svt: str, steps: int = 120, data_seed: int = 0):

@@ -31,6 +31,8 @@ NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
 KERNEL = "python3"
 TIMEOUT = 600  # seconds per cell
 
+pytestmark = pytest.mark.slow
+
 @pytest.fixture
 def kernel(tmp_path, monkeypatch):
   """Installs a ``python3`` kernelspec running ``sys.executable`` and makes it

@@ -17,26 +17,13 @@ import salaad_jax as sj
 from salaad_jax.train import load_run, make_eval_dataset, evaluate
 from salaad_jax.train.metrics import read_records
 
+from conftest import app_env as _env, pretrain_app as pretrain
+
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "experiments" / "configs" / "tiny.flags")
 SHAKESPEARE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "tinyshakespeare.txt"
 
-
-def _env(devices: int) -> dict:
-  # NPROC sizes XLA:CPU's intra-op pool; each fake device runs its own batched
-  # LAPACK calls on it, so it grows with the device count (see experiments/pretrain.py).
-  env = dict(os.environ, JAX_PLATFORMS="cpu", NPROC=str(8 * devices), PYTHONUNBUFFERED="1")
-  flags = [f for f in env.get("XLA_FLAGS", "").split()
-           if not f.startswith("--xla_force_host_platform_device_count")]
-  env["XLA_FLAGS"] = " ".join(flags + [f"--xla_force_host_platform_device_count={devices}"])
-  return env
-
-
-def pretrain(*args, devices: int = 1, timeout: float = 240) -> subprocess.CompletedProcess:
-  """Runs the app with the tiny flag file and ``args``."""
-  cmd = [sys.executable, "-m", "experiments.pretrain", f"--flagfile={TINY}", *args]
-  return subprocess.run(cmd, cwd=ROOT, env=_env(devices), capture_output=True, text=True,
-                        timeout=timeout)
+pytestmark = pytest.mark.slow  # every test starts the app in a subprocess
 
 
 def train_losses(workdir) -> list:
@@ -73,14 +60,9 @@ def test_tiny_flagfile_runs_and_reports(tmp_path):
 
 
 @pytest.mark.skipif(not SHAKESPEARE.exists(), reason=f"{SHAKESPEARE} is absent")
-def test_salaad_reaches_its_targets_within_10_percent_of_dense(tmp_path):
-  common = [f"--source={SHAKESPEARE}", "--steps=300", "--batch_size=8", "--seq_len=64",
-            "--warmup_steps=30", "--log_every=20", "--eval_every=0", "--eval_batches=10",
-            "--checkpoint_every=0"]
-  out = pretrain(f"--workdir={tmp_path / 'salaad'}", *common)
-  assert out.returncode == 0, out.stderr[-2000:]
-  out = pretrain(f"--workdir={tmp_path / 'dense'}", "--method=dense", *common)
-  assert out.returncode == 0, out.stderr[-2000:]
+def test_salaad_reaches_its_targets_within_10_percent_of_dense(shakespeare_runs):
+  # 300 steps, batch 8, sequence 64, metrics every 20 steps (tests/conftest.py).
+  tmp_path = shakespeare_runs.salaad.parent
   salaad, dense = load_run(str(tmp_path / "salaad")), load_run(str(tmp_path / "dense"))
   ds = make_eval_dataset(salaad.config)
   loss_s = evaluate(salaad.model, salaad.params, ds, 10)["loss"]

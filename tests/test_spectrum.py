@@ -3,10 +3,11 @@
 summary format (``salaad_jax.deploy.summary``).
 
 One tiny SALAAD run and one dense run (same model, same data) are trained
-once for the module, in subprocesses of ``experiments.pretrain`` (SALAAD's
-batched LAPACK calls need NPROC raised before JAX starts; see
-tests/test_pretrain_app.py).  On ``tinyshakespeare.txt`` when it is present,
-otherwise on the synthetic corpus (the tests about real text then skip).
+once for the session (``shakespeare_runs`` in tests/conftest.py, shared with
+tests/test_pretrain_app.py), in subprocesses of ``experiments.pretrain``
+(SALAAD's batched LAPACK calls need NPROC raised before JAX starts).  On
+``tinyshakespeare.txt`` when it is present, otherwise on the synthetic corpus
+(the tests about real text then skip).
 
 Noise: every row is evaluated on the same validation batches, so two rows
 differ by more than noise when their loss difference exceeds
@@ -16,7 +17,6 @@ difference (and a standard error) of exactly 0.
 """
 
 import csv
-import fcntl
 import io
 import json
 import math
@@ -24,7 +24,6 @@ import os
 import signal
 import subprocess
 import sys
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import jax
@@ -38,58 +37,26 @@ from salaad_jax.deploy import spectrum_report as report
 from salaad_jax.deploy import summary as sm
 from salaad_jax.train import load_run
 
+from conftest import SHAKESPEARE, SHAKESPEARE_EVAL_BATCHES, app_env
+
 ROOT = Path(__file__).resolve().parents[1]
-TINY = str(ROOT / "experiments" / "configs" / "tiny.flags")
-SHAKESPEARE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "tinyshakespeare.txt"
 NEEDS_TEXT = pytest.mark.skipif(not SHAKESPEARE.exists(), reason=f"{SHAKESPEARE} is absent")
-SOURCE = str(SHAKESPEARE) if SHAKESPEARE.exists() else "synthetic:order=1"
 
 TOLERANCE_SE = 2.0  # one-sided: loss may rise by at most 2 paired standard errors
 BUDGETS = (0.26, 0.28, 0.3, 0.33, 0.36, 0.4, 0.45, 0.5, 0.6, 0.8, 1.0)
-EVAL_BATCHES = 10
-
-
-def _env() -> dict:
-  env = dict(os.environ, JAX_PLATFORMS="cpu", NPROC="8", PYTHONUNBUFFERED="1")
-  kept = [f for f in env.get("XLA_FLAGS", "").split()
-          if not f.startswith("--xla_force_host_platform_device_count")]
-  env["XLA_FLAGS"] = " ".join(kept)
-  return env
-
-
-def _pretrain(workdir: Path, method: str) -> None:
-  cmd = [sys.executable, "-m", "experiments.pretrain", f"--flagfile={TINY}",
-         f"--workdir={workdir}", f"--method={method}", f"--source={SOURCE}", "--steps=200",
-         "--batch_size=8", "--seq_len=64", "--warmup_steps=20", "--log_every=100",
-         "--eval_every=0", f"--eval_batches={EVAL_BATCHES}", "--checkpoint_every=0"]
-  out = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=400)
-  assert out.returncode == 0, out.stderr[-3000:]
+EVAL_BATCHES = SHAKESPEARE_EVAL_BATCHES
 
 
 def app(*args, timeout: float = 240) -> subprocess.CompletedProcess:
   cmd = [sys.executable, "-m", "experiments.spectrum", *args]
-  return subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True,
+  return subprocess.run(cmd, cwd=ROOT, env=app_env(), capture_output=True, text=True,
                         timeout=timeout)
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-  """(salaad workdir, dense workdir), trained concurrently, once per test session:
-  pytest-xdist workers share the base temporary directory, and the first
-  worker to take the lock trains while the others wait for it."""
-  base = tmp_path_factory.getbasetemp()
-  root = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "spectrum_runs"
-  root.mkdir(exist_ok=True)
-  with open(root / "lock", "w") as lock:
-    fcntl.flock(lock, fcntl.LOCK_EX)
-    try:
-      if not (root / "done").exists():
-        with ThreadPoolExecutor(2) as pool:
-          list(pool.map(lambda m: _pretrain(root / m, m), ("salaad", "dense")))
-        (root / "done").write_text("")
-    finally:
-      fcntl.flock(lock, fcntl.LOCK_UN)
-  return root / "salaad", root / "dense"
+def runs(shakespeare_runs):
+  """(salaad workdir, dense workdir): the session's shared pair of runs."""
+  return shakespeare_runs.salaad, shakespeare_runs.dense
 
 
 @pytest.fixture(scope="module")
@@ -278,7 +245,7 @@ def test_a_killed_app_leaves_the_previous_table_whole(runs, tmp_path):
   cmd = [sys.executable, "-m", "experiments.spectrum", f"--workdir={runs[0]}",
          f"--out_dir={out_dir}", "--budgets=" + ",".join(map(str, BUDGETS)),
          "--eval_batches=20"]
-  proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE,
+  proc = subprocess.Popen(cmd, cwd=ROOT, env=app_env(), stdout=subprocess.PIPE,
                           stderr=subprocess.DEVNULL, text=True)
   try:
     for line in proc.stdout:
