@@ -4,7 +4,7 @@ r"""What storing SALAAD's state in bfloat16 costs in quality.
         --steps=1000 --seeds=0,1,2 --out=/tmp/state_dtype
 
 For every seed, SALAAD is trained once per ``--state_dtype_variants`` entry,
-``<state_dtype>:<dual_dtype>`` (S and the factors of L : the scaled dual U),
+``<state_dtype>:<dual_dtype>`` (S : the scaled dual U),
 with the settings of ``benchmarks.compare`` (same data order, tokens,
 schedule, r* matched to ``--budget_fraction`` of the dense parameters), then
 deployed at ``--budget_fraction`` of the dense model's *bytes* (global
@@ -28,7 +28,7 @@ from salaad_jax.baselines import harness, match_rank_target
 from salaad_jax.deploy import spectrum as sp
 from salaad_jax.train.state import model_config
 
-_VARIANTS = flags.DEFINE_list("state_dtype_variants", ["float32:float32", "bfloat16:float32"],
+_VARIANTS = flags.DEFINE_list("state_dtype_variants", ["float32:float32", "bfloat16:bfloat16"],
                               "<state_dtype>:<dual_dtype> storage variants to compare; the "
                               "first is the reference of the paired differences")
 _DTYPES = ("float32", "bfloat16")
@@ -43,7 +43,7 @@ def _parse(variant: str) -> tuple[str, str]:
 
 
 def run_variant(variant: str, rank_target: float, seed: int) -> dict:
-  """Trains SALAAD with S, L stored in one dtype and U in another, deploys it
+  """Trains SALAAD with S stored in one dtype and U in another, deploys it
   at the byte budget; returns its run row."""
   state_dtype, dual_dtype = _parse(variant)
   wd = os.path.join(compare._OUT.value, "runs", f"seed_{seed}",
@@ -85,7 +85,7 @@ def main(argv):
   runs = []
   for seed in seeds:
     for variant in variants:
-      print(f"== seed {seed}: SALAAD, S and L : U stored in {variant}", flush=True)
+      print(f"== seed {seed}: SALAAD, S : U stored in {variant}", flush=True)
       runs.append(run_variant(variant, rank_target, seed))
       print(f"   deployed ppl {runs[-1]['perplexity']:.3f} "
             f"(X {runs[-1]['x_perplexity']:.3f})", flush=True)
@@ -101,7 +101,7 @@ def main(argv):
             f"SALAAD (r* {rank_target:.3f}) deployed at {compare._FRACTION.value:g} x the dense "
             f"bytes ({dense_bytes:,} in bf16), global allocation.")
   columns = [
-      ("S, L : U storage", "", lambda r: r["method"]),
+      ("S : U storage", "", lambda r: r["method"]),
       ("deployed params", ":", lambda r: f"{r['params']:,}"),
       ("deployed bytes", ":", lambda r: f"{r['bytes']:,}"),
       ("deployed val. perplexity", ":", tables.ppl_cell),

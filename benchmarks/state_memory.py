@@ -5,7 +5,7 @@ r"""Optimizer-state memory of SALAAD beyond AdamW, at the reference model sizes.
 The state is built abstractly (``jax.eval_shape`` of ``tx.init``: shapes and
 dtypes only, nothing allocated), so the bytes are exact and the same on every
 device, and a 350M model costs nothing to measure.  For each model and each
-storage variant ``<S and the factors u, v of L>:<dual Y>`` it prints the bytes of the SALAAD state beyond the inner
+storage variant ``<S>:<dual Y>`` (``state_dtype``:``dual_dtype``) it prints the bytes of the SALAAD state beyond the inner
 AdamW's, over the parameter bytes, split into S, the dual Y, the factors of L
 (bounded rank ``ceil(2 r* min(m, n)) + 8`` on the fast path, ``min(m, n)``
 on the exact one) and the rest; ``--json`` writes them to a file.  The
@@ -29,7 +29,7 @@ _MODELS = flags.DEFINE_list("models", ["60m", "130m", "350m"], "model presets")
 _VOCAB = flags.DEFINE_integer("vocab_size", 32100, "vocabulary (T5: 32100)")
 _DTYPES = flags.DEFINE_list("state_dtypes", ["float32:float32", "bfloat16:float32",
                                              "bfloat16:bfloat16"],
-                            "storage dtypes to compare, <S and factors of L>:<dual Y>")
+                            "storage dtypes to compare, <S>:<dual Y>")
 _SVT = flags.DEFINE_list("svt", ["fast", "exact"], "SVT variants (factor rank bound)")
 _RANK_TARGET = flags.DEFINE_float("rank_target", 0.15, "r*, which bounds the fast factor rank")
 _JSON = flags.DEFINE_string("json", None, "write the rows to this JSON file")
@@ -73,7 +73,7 @@ def main(argv):
   del argv
   rows = [state_row(m, svt, *d.split(":")) for m in _MODELS.value for svt in _SVT.value
           for d in _DTYPES.value]
-  print("| model | params | SVT | S, L : Y dtype | AdamW state | SALAAD extra | S | Y | "
+  print("| model | params | SVT | S : Y dtype | AdamW state | SALAAD extra | S | Y | "
         "factors of L | other |")
   print("|---|---:|---|---|---:|---:|---:|---:|---:|---:|")
   for r in rows:

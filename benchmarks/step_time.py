@@ -60,7 +60,7 @@ def _optimizer(variant: str, schedule):
   return sj.salaad(base, every_k=_K.value, rho=1e-6, k_beta=0.002,
                    svt="exact" if variant == "exact" else "fast",
                    svt_iters=_SVT_ITERS.value, max_rank=_MAX_RANK.value,
-                   state_dtype=jnp.dtype(_STATE_DTYPE.value))
+                   state_dtype=_STATE_DTYPE.value, dual_dtype=_STATE_DTYPE.value)
 
 
 def _compiled_bytes(compiled) -> int | None:

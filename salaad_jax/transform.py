@@ -51,8 +51,7 @@ class SalaadState(NamedTuple):
     num_rounds: ADMM rounds / controller updates taken, n (int32).
     inner_state: the base optimiser's state (EmptyState when decoupled).
     lr_u, lr_s, lr_v: L_i = lr_u diag(lr_s) lr_v^T, shapes (m, r), (r,),
-      (n, r); u, v in ``state_dtype``, s float32 and already thresholded
-      (zeros beyond the rank).
+      (n, r), float32; lr_s is already thresholded (zeros beyond the rank).
     sparse: S_i in the param's shape (``state_dtype``).
     dual: the scaled dual U_i = Y_i / rho_i in the param's shape (``dual_dtype``).
     alpha, beta: the penalty weights (float32 scalars).
@@ -444,9 +443,8 @@ def _make(inner: Optional[optax.GradientTransformation], learning_rate, *,
       init_one = lambda x, k, r_t, rho_: _init_block(x, k, r_t, rho_, layout.ranks[idx[0]], cfg)
       f, alpha0, rate0 = jax.vmap(init_one)(xs, keys, hps.rank_target, hps.rho)
       for j, i in enumerate(idx):
+        fields["lr_u"][i], fields["lr_s"][i], fields["lr_v"][i] = f.u[j], f.s[j], f.v[j]
         dt = storage_dtype(leaves[i])
-        fields["lr_u"][i], fields["lr_s"][i], fields["lr_v"][i] = (
-            f.u[j].astype(dt), f.s[j], f.v[j].astype(dt))
         fields["sparse"][i] = jnp.zeros(layout.infos[i].shape, dt)
         fields["dual"][i] = jnp.zeros(layout.infos[i].shape, storage_dtype(leaves[i], dual_dtype))
         fields["alpha"][i] = alpha0[j]
@@ -522,9 +520,7 @@ def _make(inner: Optional[optax.GradientTransformation], learning_rate, *,
         stack("beta"), stack("rank_rate"), stack("density"), hps)
     out = {k: list(v) for k, v in sub.items()}
     for j, inf in enumerate(infos):
-      out["lr_u"][j] = f.u[j].astype(sub["lr_u"][j].dtype)
-      out["lr_s"][j] = f.s[j]
-      out["lr_v"][j] = f.v[j].astype(sub["lr_v"][j].dtype)
+      out["lr_u"][j], out["lr_s"][j], out["lr_v"][j] = f.u[j], f.s[j], f.v[j]
       out["sparse"][j] = st.from_matrix(s[j], inf).astype(sub["sparse"][j].dtype)
       out["dual"][j] = st.from_matrix(dual[j], inf).astype(sub["dual"][j].dtype)
       out["alpha"][j], out["beta"][j] = alpha[j], beta[j]
@@ -681,11 +677,13 @@ _DOC_ARGS = """
       k = ceil(r* min(m, n)), so the first SVT cuts at the target rank), or
       a number (alpha_0 itself; with mode='fixed' it stays there).
     beta_init: beta_0 (default 0).
-    state_dtype: storage dtype of S and of the factors u, v of L (default
-      bfloat16, the dtype they are deployed in; None: the params' dtype).
+    state_dtype: storage dtype of S (default float32; None: the params'
+      dtype).
     dual_dtype: storage dtype of the scaled dual U, which integrates the
       residual X - L - S over the rounds (default float32; None: the params'
-      dtype).  Every round computes in float32 whatever the storage.
+      dtype).  The factors of L stay float32, and every round computes in
+      float32 whatever the storage.  bfloat16 S and U halve their memory
+      (benchmarks/RESULTS.md: state memory and its quality cost).
     spread_rounds: spread the blocks' rounds over the K steps (each shape
       group, chunked, runs at its own phase) instead of running all blocks
       every K-th step: the same work, no step-time spike, less transient
@@ -723,7 +721,7 @@ def salaad(inner: optax.GradientTransformation, *, structure=None,
            sparse_mode: str = "soft", svt: str = "fast", svt_iters: int = 2,
            init_iters: int = 4, max_rank: Optional[int] = None,
            alpha_init: Union[str, float] = "zero", beta_init: float = 0.0,
-           state_dtype="bfloat16", dual_dtype="float32", spread_rounds: bool = False,
+           state_dtype="float32", dual_dtype="float32", spread_rounds: bool = False,
            seed: int = 0, target_schedule=None, rho_schedule=None,
            consolidate_from: Optional[int] = None,
            consolidate_structure: str = "target",
@@ -749,7 +747,7 @@ def salaad_decoupled(learning_rate, *, structure=None,
                      sparse_mode: str = "soft", svt: str = "fast", svt_iters: int = 2,
                      init_iters: int = 4, max_rank: Optional[int] = None,
                      alpha_init: Union[str, float] = "zero", beta_init: float = 0.0,
-                     state_dtype="bfloat16", dual_dtype="float32",
+                     state_dtype="float32", dual_dtype="float32",
                      spread_rounds: bool = False,
                      seed: int = 0, target_schedule=None, rho_schedule=None,
                      consolidate_from: Optional[int] = None,

@@ -27,7 +27,7 @@ def test_state_bytes_match_the_block_shapes():
   block_bytes = 4 * sum(m * n for m, n in blocks)
   f32 = state_memory.state_row("tiny", "exact", "float32")
   bf16 = state_memory.state_row("tiny", "exact", "bfloat16", "bfloat16")
-  default = state_memory.state_row("tiny", "exact", "bfloat16", "float32")
+  s_bf16 = state_memory.state_row("tiny", "exact", "bfloat16", "float32")
   assert f32["param_bytes"] == param_bytes
   assert f32["adamw_over_params"] == pytest.approx(2.0, abs=1e-6)  # m, v (+ a count)
   # S and Y: one copy of every block each, halved in bfloat16.
@@ -35,20 +35,17 @@ def test_state_bytes_match_the_block_shapes():
   assert f32["dual_over_params"] == pytest.approx(block_bytes / param_bytes)
   assert bf16["sparse_over_params"] == pytest.approx(block_bytes / param_bytes / 2)
   assert bf16["dual_over_params"] == pytest.approx(block_bytes / param_bytes / 2)
-  # The default: S and the factors in bfloat16, the dual in float32.
-  assert default["sparse_over_params"] == bf16["sparse_over_params"]
-  assert default["dual_over_params"] == f32["dual_over_params"]
-  assert state_memory.DEFAULT_DTYPES == "bfloat16:float32"
+  # S in bfloat16, the dual in float32.
+  assert s_bf16["sparse_over_params"] == bf16["sparse_over_params"]
+  assert s_bf16["dual_over_params"] == f32["dual_over_params"]
+  assert state_memory.DEFAULT_DTYPES == "float32:float32"
   # Exact SVT: full-rank float32 factors U (m, k), s (k,), V (n, k), k = min(m, n).
   factors = 4 * sum((m + n + 1) * min(m, n) for m, n in blocks)
   assert f32["factors_over_params"] == pytest.approx(factors / param_bytes)
-  # bfloat16 u (m, k) and v (n, k), float32 s (k,).
-  factors_bf16 = sum((2 * (m + n) + 4) * min(m, n) for m, n in blocks)
-  assert bf16["factors_over_params"] == pytest.approx(factors_bf16 / param_bytes)
-  assert default["factors_over_params"] == bf16["factors_over_params"]
+  assert bf16["factors_over_params"] == s_bf16["factors_over_params"] == f32["factors_over_params"]
   fast = state_memory.state_row("tiny", "fast", "float32")
   assert fast["factors_over_params"] < f32["factors_over_params"]
-  for r in (f32, bf16, default, fast):
+  for r in (f32, bf16, s_bf16, fast):
     assert 0 <= r["other_over_params"] < 0.01
     assert r["extra_over_params"] == pytest.approx(
         r["sparse_over_params"] + r["dual_over_params"] + r["factors_over_params"]

@@ -100,8 +100,7 @@ class TrainConfig:
   beta_init: float = _f(0.0, "beta_0", min=0.0)
   include_embedding: bool = _f(False, "make the token embedding a SALAAD block")
   include_head: bool = _f(False, "make the output head a SALAAD block")
-  state_dtype: str = _f("bfloat16", "storage dtype of S and the factors of L",
-                        choices=("bfloat16", "float32"))
+  state_dtype: str = _f("float32", "storage dtype of S", choices=("float32", "bfloat16"))
   dual_dtype: str = _f("float32", "storage dtype of the scaled dual U",
                        choices=("float32", "bfloat16"))
   coupling: str = _f("coupled", "coupled (penalty gradient before AdamW) or decoupled",
