@@ -24,13 +24,12 @@ def quiet_logging() -> None:
   only from warnings up (on processes other than 0 of a multi-host job, only
   errors) unless --verbosity is given."""
   if not flags.FLAGS["verbosity"].present:
-    quiet = jax.distributed.is_initialized() and not multihost.is_primary()
-    logging.set_verbosity(logging.ERROR if quiet else logging.WARNING)
+    logging.set_verbosity(logging.WARNING if multihost.is_primary() else logging.ERROR)
 
 
 def say(line: str) -> None:
   """Prints ``line`` (process 0 of a multi-host job only)."""
-  if not jax.distributed.is_initialized() or multihost.is_primary():
+  if multihost.is_primary():
     print(line, flush=True)
 
 

@@ -25,7 +25,7 @@ from salaad_jax.train.metrics import read_records
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "experiments" / "configs" / "tiny.flags")
-STEPS, EVERY = 12, 3
+STEPS, EVERY = 8, 2
 # SALAAD: its summary restores the final checkpoint (the end of run that used
 # to fail on process 1 and hang both).  One subspace iteration in the initial
 # SVD keeps the compiled initialisation small.
@@ -33,7 +33,10 @@ ARGS = [f"--flagfile={TINY}", f"--steps={STEPS}", "--batch_size=8", "--log_every
         "--eval_every=0", "--eval_batches=2", f"--checkpoint_every={EVERY}",
         "--keep_checkpoints=10", "--every_k=2", "--warmup_steps=2", "--init_iters=1",
         "--mesh_fsdp=4"]
-TIMEOUT = 420  # seconds for one launch (compilation on a loaded 2-core machine)
+# Seconds for one launch: mostly compilation (SALAAD over a 4-device FSDP
+# mesh), minutes on a loaded 2-core machine.  The relaunch reuses the first
+# launch's compiled programs (JAX's persistent compilation cache).
+TIMEOUT = 900
 
 
 def _free_port() -> int:
@@ -97,24 +100,31 @@ def _train_losses(workdir: Path) -> list:
 def test_two_processes_killed_resumed_match_one_process(tmp_path):
   cache, logs, wd = tmp_path / "cache", tmp_path / "logs", tmp_path / "multi"
   logs.mkdir()
-  ref = subprocess.run([sys.executable, "-m", "experiments.pretrain", *ARGS,
-                        f"--workdir={tmp_path / 'one'}"], cwd=ROOT, env=_env(4, cache),
-                       capture_output=True, text=True, timeout=TIMEOUT)
-  assert ref.returncode == 0, ref.stdout[-2000:] + ref.stderr[-3000:]
-  assert "devices 4 (jit)" in ref.stdout
-
-  # First launch: killed (SIGKILL, both) once its first checkpoint is on disk.
-  procs = _launch(wd, cache, logs)
+  # The reference, one process with four devices, runs alongside the first launch.
+  with open(logs / "one.log", "w") as out:
+    ref = subprocess.Popen([sys.executable, "-m", "experiments.pretrain", *ARGS,
+                            f"--workdir={tmp_path / 'one'}"], cwd=ROOT, env=_env(4, cache),
+                           stdout=out, stderr=subprocess.STDOUT)
   deadline = time.monotonic() + TIMEOUT
-  while not _steps(wd) and time.monotonic() < deadline and all(p.poll() is None for p in procs):
-    time.sleep(0.2)
-  for p in procs:
-    p.send_signal(signal.SIGKILL)
-  codes = _wait(procs, deadline, logs)
-  assert codes == [-signal.SIGKILL] * 2, f"{codes}\n{_tails(logs)}"
-  saved = _steps(wd)
-  assert saved and saved[-1] < STEPS, saved  # killed mid-run
-  assert not (wd / "summary.json").exists()
+  try:
+    # First launch: killed (SIGKILL, both) once its first checkpoint is on disk.
+    procs = _launch(wd, cache, logs)
+    while (not _steps(wd) and time.monotonic() < deadline
+           and all(p.poll() is None for p in procs)):
+      time.sleep(0.2)
+    for p in procs:
+      p.send_signal(signal.SIGKILL)
+    codes = _wait(procs, deadline, logs)
+    assert codes == [-signal.SIGKILL] * 2, f"{codes}\n{_tails(logs)}"
+    saved = _steps(wd)
+    assert saved and saved[-1] < STEPS, saved  # killed mid-run
+    assert not (wd / "summary.json").exists()
+    assert _wait([ref], deadline, logs) == [0], _tails(logs)
+  finally:
+    if ref.poll() is None:
+      ref.kill()
+      ref.wait()
+  assert "devices 4 (jit)" in (logs / "one.log").read_text()
 
   # Relaunch: resumes the latest checkpoint and finishes; both exit 0.
   procs = _launch(wd, cache, logs)
@@ -122,7 +132,7 @@ def test_two_processes_killed_resumed_match_one_process(tmp_path):
   assert codes == [0, 0], f"{codes}\n{_tails(logs)}"
   out0, out1 = (logs / "p0.log").read_text(), (logs / "p1.log").read_text()
   assert f"at step {saved[-1]}" in out0 and "devices 4 (jit)" in out0
-  assert "error" not in out0 + out1, _tails(logs)
+  assert "error:" not in out0 + out1 and "Traceback" not in out0 + out1, _tails(logs)
   assert not any(l.startswith(("step ", "done:", "summary:")) for l in out1.splitlines())
 
   # The same numbers as one process with the four devices.
