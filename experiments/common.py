@@ -44,8 +44,7 @@ def quiet_logging() -> None:
   errors), without Orbax's stack traces nor those of TensorStore callbacks
   after a failed checkpoint read or write, unless --verbosity is given."""
   if not flags.FLAGS["verbosity"].present:
-    quiet = jax.distributed.is_initialized() and not multihost.is_primary()
-    logging.set_verbosity(logging.ERROR if quiet else logging.WARNING)
+    logging.set_verbosity(logging.WARNING if multihost.is_primary() else logging.ERROR)
     logging.get_absl_logger().addFilter(_without_orbax_traceback)
     # TensorStore reports them through sys.unraisablehook (sys.excepthook
     # when it prints the error itself).
@@ -58,7 +57,7 @@ def quiet_logging() -> None:
 
 def say(line: str) -> None:
   """Prints ``line`` (process 0 of a multi-host job only)."""
-  if not jax.distributed.is_initialized() or multihost.is_primary():
+  if multihost.is_primary():
     print(line, flush=True)
 
 

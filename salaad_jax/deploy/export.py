@@ -107,8 +107,8 @@ def manifest_for(artifact: Artifact, config: Optional[LlamaConfig] = None,
 
 
 def _prepare_dir(path: str, overwrite: bool) -> None:
-  """Checks ``path`` (on every process alike), then empties and creates it
-  (process 0; the others wait for it)."""
+  """Checks ``path`` (every process), then empties and creates it (process
+  0, once all have checked; the others wait for it)."""
   entries = []
   if os.path.exists(path):
     if not os.path.isdir(path):
@@ -121,12 +121,18 @@ def _prepare_dir(path: str, overwrite: bool) -> None:
       if MANIFEST not in entries:
         raise ValueError(f"export path '{path}' holds files that are not an artifact; "
                          "refusing to overwrite it")
+  _sync(f"export: {path} checked")  # before process 0 changes it
   if jax.process_index() == 0:
     if entries:
       shutil.rmtree(path)
     os.makedirs(path, exist_ok=True)
+  _sync(f"export: {path} prepared")
+
+
+def _sync(name: str) -> None:
+  """With several processes, waits until every one gets here."""
   if jax.process_count() > 1:
-    multihost_utils.sync_global_devices(f"export {path}")
+    multihost_utils.sync_global_devices(name)
 
 
 def _savable(tree):
@@ -159,6 +165,7 @@ def export(path: str, artifact: Artifact, config: Optional[LlamaConfig] = None, 
   if jax.process_index() == 0:
     with open(os.path.join(path, MANIFEST), "w") as f:
       json.dump(manifest, f, indent=1)
+  _sync(f"export: {path} written")
   return manifest
 
 

@@ -77,8 +77,9 @@ def is_multiprocess() -> bool:
 
 
 def is_primary() -> bool:
-  """Whether this process writes the run's files and prints its progress."""
-  return jax.process_index() == 0
+  """Whether this process writes the run's files and prints its progress:
+  process 0, or the only one (then without starting JAX's backend)."""
+  return not jax.distributed.is_initialized() or jax.process_index() == 0
 
 
 def exit_now(code: int) -> NoReturn:
