@@ -223,7 +223,7 @@ def compared(tmp_path_factory):
 
 def test_results_have_one_row_per_method_seed_and_budget(compared):
   out, rows = compared
-  assert list(rows[0])[:7] == ["method", "seed", "budget", "unit", "format", "rank", "params"]
+  assert list(rows[0])[:6] == ["method", "seed", "budget", "unit", "format", "rank"]
   assert {"bytes", "perplexity"} <= set(rows[0])
   per_seed = [("dense", ""), ("salaad_trained", ""),
               *((m, b) for b in ("0.4", "0.6") for m in ("salaad", "sltrain", "posthoc"))]
@@ -269,8 +269,8 @@ def test_table_plot_spectrum_and_finetuning(compared):
   out, rows = compared
   table = (out / "results.md").read_text()
   assert "2 seeds (0, 1)" in table and "salaad minus it" in table
-  by_budget = tables.summarize([dict(r, seed=int(r["seed"]), perplexity=float(r["perplexity"]),
-                                     params=int(r["params"]), bytes=int(r["bytes"]))
+  numeric = ("params", "bytes", "perplexity", "x_perplexity", "wall_s", "kept_rank", "kept_nnz")
+  by_budget = tables.summarize([dict(r, **{k: float(r[k]) if r[k] else None for k in numeric})
                                 for r in rows])
   sl = next(r for r in by_budget if (r["method"], r["budget"]) == ("sltrain", "0.4"))
   assert f"| 0.4 | sltrain | {sl['rank']} |" in table

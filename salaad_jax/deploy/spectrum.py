@@ -277,8 +277,10 @@ def _allocate(blocks: Blocks, value: int, method: str, unit: str, gamma: float, 
       fmt = min(acc.SPARSE_FORMATS, key=lambda f: allocation.allocation_bytes(alloc, f, dtype))
     return dataclasses.replace(alloc, fmt=fmt)
   if method == "hpa":
-    return hpa_within_bytes(blocks, value, gamma=gamma, fmt=fmt, dtype=dtype)
-  return allocate(blocks, value, "global", gamma=gamma, unit="bytes", fmt=fmt, dtype=dtype)
+    alloc = hpa_within_bytes(blocks, value, gamma=gamma, fmt=fmt, dtype=dtype)
+  else:
+    alloc = allocate(blocks, value, "global", gamma=gamma, unit="bytes", fmt=fmt, dtype=dtype)
+  return alloc if alloc.fmt else dataclasses.replace(alloc, fmt=fmt)
 
 
 def _allocation_key(alloc) -> tuple:
