@@ -1,36 +1,54 @@
-r"""Pretraining methods at matched parameter budgets, and fine-tuning methods
-from one dense run: perplexity against parameters and bytes, over seeds.
+r"""One SALAAD run against baselines trained for each memory budget, and
+fine-tuning methods from one dense run: perplexity against bytes, over seeds.
 
     python -m benchmarks.compare --source=/path/to/tinyshakespeare.txt \
-        --steps=300 --seeds=0,1,2 --out=/tmp/compare \
-        --finetune_source='text:/usr/lib/python3.11/*.py' --finetune_steps=200
+        --seeds=0,1,2 --steps=1000 --budgets=0.4,0.5,0.6 --unit=bytes \
+        --out=/tmp/compare
 
 For every seed (``--seeds``; the seed of the initialisation, of SLTrain's
-support and of the data order) the script trains dense, SALAAD, low-rank,
-SLTrain, LOST and GaLore on ``--source`` for ``--steps`` steps with the
-training harness, each in ``--out/runs/seed_<s>/<method>`` (whose
-``summary.json`` it leaves).  The structured baselines run at the largest
-rank whose parameter count stays within ``--budget_fraction`` of the dense
-model's (``baselines.match_rank``); GaLore, which trains the dense model,
-uses the low-rank method's rank.  SALAAD's controller drives every block to
-the rank target r* at which its surrogate L + S fills the budget
-(``baselines.match_rank_target``, density target ``--salaad_density_target``; or
-``--salaad_rank_target``), so its trained size is near the budget; the same
-run is then *deployed at the matched budget* exactly (global and HPA
-allocation of its L, S; ``deploy.capacity_spectrum``), next to the
-"no training" floor: the dense run split post hoc (truncated SVD + magnitude
-pruning) and allocated the same way.  Bytes follow the §6 accounting (bf16
-values, int32 indices, COO sparse parts).
+support and of the data order) the script trains, on ``--source`` for
+``--steps`` steps with the training harness, ONE dense and ONE SALAAD run,
+and for every budget of ``--budgets`` (fractions of the dense model in
+``--unit``: parameters, or deployment bytes with bf16 values and int32
+indices) low-rank, SLTrain and LOST *at that budget*: the largest global
+rank whose model fits, counted by the method's own accounting
+(``benchmarks.compare_budgets``; GaLore, with ``--methods`` naming it,
+trains the dense model at the low-rank rank).  Runs live in
+``--out/runs/seed_<s>/<method>`` (baselines ``<method>_r<rank>``) with
+their ``summary.json``.  The SALAAD run is then *deployed at every budget*
+(the global allocation of its L, S priced in the same units,
+``deploy.capacity_spectrum``), next to the "no training" floor: the dense
+run split post hoc (truncated SVD + magnitude pruning at SALAAD's r*, d*)
+and allocated the same way.
+
+Sparse storage (``--sparse_format``): one format for a whole model.  'auto'
+(the default) lets each model take the best of COO / CSR / bitmap: a
+baseline the one admitting the largest rank, a SALAAD or post-hoc
+deployment the one whose allocation keeps the smallest error (a property
+of the spectra, not of validation data).  SALAAD's rank target r* is the one
+at which its surrogate fills the largest budget
+(``compare_budgets.salaad_rank_target``) unless ``--salaad_rank_target`` or
+``--salaad_option=rank_target=...`` sets it; its other settings are the
+tiny model's short-run settings (``SALAAD_SHORT_RUN``), the ``--salaad_*``
+flags, then ``--salaad_option key=value`` (any TrainConfig field, SALAAD's
+pretraining run only).
 
 Outputs in ``--out``:
 
-* ``results.md`` (mean ± std over seeds of the validation perplexity, and
-  the per-seed paired difference to dense, mean ± standard error),
-  ``results.csv`` (one line per method and seed) and ``results.png``
-  (perplexity against bytes);
-* ``spectrum/``: the capacity spectrum of the first seed's SALAAD run at
-  ``--spectrum_budgets`` with every baseline as a point
-  (``spectrum.md``/``.csv``/``.json``/``.png``).
+* ``results.csv``: one line per (method, seed, budget): ``dense`` and
+  ``salaad_trained`` (the surrogate at its trained size; ``x_perplexity`` its
+  dense iterate X) have an empty budget; ``salaad`` (deployed), ``sltrain``,
+  ``lowrank``, ``lost``, ``galore`` and ``posthoc`` one line per budget.
+  ``rank`` is a baseline's global rank (SALAAD's r* on its trained row),
+  ``kept_rank`` / ``kept_nnz`` a deployment's total over the blocks,
+  ``format`` the sparse storage the bytes are counted in;
+* ``results.md``: mean ± std over seeds per method and budget, the paired
+  difference to dense and SALAAD's paired difference to each method at the
+  same budget (mean ± standard error over seeds);
+* ``results.png``: perplexity against bytes, SALAAD one curve, every other
+  method points;
+* ``spectrum/`` (with ``--spectrum_budgets``): the first seed's SALAAD
+  capacity spectrum (global and HPA) with the baselines as points.
 
 With ``--finetune_source``, every seed's dense run is then fine-tuned on
 that text for ``--finetune_steps`` steps by every method of
@@ -42,7 +60,8 @@ deployed parameters, bytes and sparsity; the pretrained model before
 fine-tuning is the first row.
 
 Every run resumes from its workdir, so rerunning the same command after a
-crash or a kill continues where it stopped and redoes no finished run.
+crash or a kill continues where it stopped and redoes no finished run (the
+deployments are re-evaluated, which takes seconds).
 """
 
 from __future__ import annotations
@@ -51,17 +70,21 @@ import os
 
 from absl import app, flags
 
+from benchmarks import compare_budgets as budgets_lib
+from benchmarks import compare_finetune as ft
 from benchmarks import compare_tables as tables
 from experiments import common
-from salaad_jax.baselines import accounting, finetune, harness, match_rank, match_rank_target
 from salaad_jax.deploy import spectrum as sp
 from salaad_jax.deploy import spectrum_report as report
-from salaad_jax.train import TrainConfig, evaluate, make_eval_dataset
-from salaad_jax.train.run import load_run
+from salaad_jax.deploy.summary import write_summary as write_point
+from salaad_jax.train import TrainConfig, TrainError
+from salaad_jax.train import config as config_lib
+from salaad_jax.train.flags import parse_field_overrides
 from salaad_jax.train.state import model_config
 
 METHODS = ("dense", "salaad", "lowrank", "sltrain", "lost", "galore")
-FINETUNE_METHODS = ("full", "lora", "salr", "losa", "salaad")
+DEFAULT_METHODS = ("dense", "salaad", "lowrank", "sltrain", "lost")
+BUDGETED = ("sltrain", "lowrank", "lost", "galore")  # trained once per budget
 
 _SOURCE = flags.DEFINE_string("source", None, "training text: a file or glob, tfds:<name> "
                               "or synthetic[:...]", required=True)
@@ -73,34 +96,40 @@ _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "compute
 _BATCH = flags.DEFINE_integer("batch_size", 8, "batch size", lower_bound=1)
 _SEQ = flags.DEFINE_integer("seq_len", 64, "sequence length", lower_bound=2)
 _LR = flags.DEFINE_float("lr", 3e-3, "peak learning rate", lower_bound=0.0)
-_FRACTION = flags.DEFINE_float("budget_fraction", 0.5,
-                               "parameter budget as a fraction of the dense model's",
-                               lower_bound=0.0, upper_bound=1.0)
+_BUDGETS = flags.DEFINE_list("budgets", ["0.4", "0.5", "0.6"],
+                             "budgets, fractions in (0, 1] of the dense model in --unit; "
+                             "the baselines are trained at each, SALAAD deployed at each")
+_UNIT = flags.DEFINE_enum("unit", "bytes", list(budgets_lib.UNITS),
+                          "what a budget counts: deployment bytes (bf16 values, int32 "
+                          "indices) or parameters")
+_FORMAT = flags.DEFINE_enum("sparse_format", "auto", list(budgets_lib.FORMATS),
+                            "storage of unstructured sparse parts, one format per model; "
+                            "auto: the best of coo/csr/bitmap for each model")
+_FRACTION = flags.DEFINE_float("budget_fraction", None,
+                               "old form of one parameter budget: the same as "
+                               "--budgets=F --unit=params", lower_bound=0.0, upper_bound=1.0)
 _DENSITY = flags.DEFINE_float("density", 0.03, "SLTrain / LOST density", lower_bound=0.0,
                               upper_bound=1.0)
-_METHODS = flags.DEFINE_list("methods", list(METHODS), "methods to train")
+_METHODS = flags.DEFINE_list("methods", list(DEFAULT_METHODS),
+                             f"methods to train, of {list(METHODS)}; the post-hoc rows need "
+                             "dense and salaad")
 _EVAL_BATCHES = flags.DEFINE_integer("eval_batches", 10, "validation batches", lower_bound=1)
-_SPECTRUM = flags.DEFINE_list("spectrum_budgets", ["0.3", "0.4", "0.5", "0.6", "0.8", "1.0"],
-                              "budgets (fractions of the dense parameters) of the first "
-                              "seed's SALAAD capacity spectrum; those below the share of "
-                              "the parameters outside the blocks are left out")
+_SPECTRUM = flags.DEFINE_list("spectrum_budgets", [],
+                              "budgets (fractions of the dense model in --unit) of the first "
+                              "seed's SALAAD capacity spectrum in --out/spectrum ('': none); "
+                              "those below the share of the parameters outside the blocks "
+                              "are left out")
 _SALAAD_RANK = flags.DEFINE_float("salaad_rank_target", None,
                                   "SALAAD's r*; unset: the r* at which its surrogate fills "
-                                  "the budget (baselines.match_rank_target)",
-                                  lower_bound=0.0, upper_bound=1.0)
+                                  "the largest budget", lower_bound=0.0, upper_bound=1.0)
 _SALAAD_DENSITY = flags.DEFINE_float("salaad_density_target", 0.05, "SALAAD's d*",
                                      lower_bound=0.0, upper_bound=1.0)
 _SALAAD_RHO = flags.DEFINE_float("salaad_rho", None, "SALAAD's rho (blocks and embedding); "
                                  "unset: 0.003 for the tiny model, the reference otherwise",
                                  lower_bound=0.0)
-_FT_SOURCE = flags.DEFINE_string("finetune_source", "", "text to fine-tune the dense run "
-                                 "on ('': no fine-tuning comparison)")
-_FT_STEPS = flags.DEFINE_integer("finetune_steps", 200, "fine-tuning steps of every method",
-                                 lower_bound=1)
-_FT_LR = flags.DEFINE_float("finetune_lr", 1e-3, "peak fine-tuning learning rate")
-_FT_METHODS = flags.DEFINE_list("finetune_methods", list(FINETUNE_METHODS),
-                                "fine-tuning methods ('full': dense AdamW on all weights)")
-
+_SALAAD_OPTION = flags.DEFINE_multi_string(
+    "salaad_option", [], "a TrainConfig field of SALAAD's pretraining run, key=value "
+    "(repeatable; applied after the --salaad_* flags), e.g. k_alpha=0.2")
 # SALAAD settings of experiments/configs/tiny.flags (tuned for a few hundred
 # steps of the tiny model on tinyshakespeare).
 SALAAD_SHORT_RUN = dict(every_k=5, rho=0.003, rho_embed=0.003, rank_target=0.15,
@@ -118,13 +147,15 @@ def _check_seeds(values):
   return True
 
 
-def _check_budgets(values):
+def _check_budgets(values, allow_empty=False):
   try:
     ok = all(0.0 < float(v) <= 1.0 for v in values)
   except ValueError:
     ok = False
-  if not ok:
+  if not ok or (not values and not allow_empty):
     raise flags.ValidationError(f"must be fractions in (0, 1], got {values}")
+  if len({float(v) for v in values}) < len(values):
+    raise flags.ValidationError(f"must be distinct, got {values}")
   return True
 
 
@@ -138,9 +169,25 @@ def _check_subset(known):
 
 
 flags.register_validator("seeds", _check_seeds)
-flags.register_validator("spectrum_budgets", _check_budgets)
+flags.register_validator("budgets", _check_budgets)
+flags.register_validator("spectrum_budgets", lambda v: _check_budgets(v, allow_empty=True))
 flags.register_validator("methods", _check_subset(METHODS))
-flags.register_validator("finetune_methods", _check_subset(FINETUNE_METHODS))
+flags.register_validator("finetune_methods", _check_subset(ft.FINETUNE_METHODS))
+
+
+def budget_flags() -> tuple[list[float], str]:
+  """(budget fractions, ascending; unit) of --budgets/--unit, or of the old
+  --budget_fraction."""
+  if _FRACTION.value is not None:
+    if flags.FLAGS["budgets"].present or flags.FLAGS["unit"].present:
+      common.fail("--budget_fraction=F is the old form of --budgets=F --unit=params; give "
+                  "one or the other")
+    return [_FRACTION.value], "params"
+  return sorted(float(b) for b in _BUDGETS.value), _UNIT.value
+
+
+def budget_text(fraction: float) -> str:
+  return f"{fraction:g}"
 
 
 def base_config(method: str, seed: int, **overrides) -> TrainConfig:
@@ -156,8 +203,8 @@ def base_config(method: str, seed: int, **overrides) -> TrainConfig:
   return TrainConfig(**base)
 
 
-def _workdir(kind: str, seed: int, method: str) -> str:
-  return os.path.join(_OUT.value, kind, f"seed_{seed}", method)
+def _workdir(kind: str, seed: int, name: str) -> str:
+  return os.path.join(_OUT.value, kind, f"seed_{seed}", name)
 
 
 def salaad_settings(**overrides) -> dict:
@@ -167,165 +214,225 @@ def salaad_settings(**overrides) -> dict:
   settings["density_target"] = _SALAAD_DENSITY.value
   if _SALAAD_RHO.value is not None:
     settings.update(rho=_SALAAD_RHO.value, rho_embed=_SALAAD_RHO.value)
+  if _SALAAD_RANK.value is not None:
+    settings["rank_target"] = _SALAAD_RANK.value
   settings.update(overrides)
   return settings
 
 
-def run_method(method: str, rank, seed: int) -> dict:
-  """Trains one method at one seed (``rank``: the baselines' rank, SALAAD's
-  r*); returns its run row."""
-  wd = _workdir("runs", seed, method)
-  options, overrides = {}, {}
-  if method in ("lowrank", "sltrain", "lost", "galore"):
-    options["rank"] = str(rank)
-  if method in ("sltrain", "lost"):
-    options["density"] = str(_DENSITY.value)
-  if method == "galore":
-    options["update_proj_gap"] = str(max(10, _STEPS.value // 10))
-  if method == "salaad":
-    overrides = salaad_settings(rank_target=rank)
-  config = base_config(method, seed, method_options=options, **overrides)
-  result = common.train(config, wd)
-  summary = common.write_summary(wd, result)
-  shown = f"r* {rank:.3f}" if method == "salaad" else rank if options.get("rank") else ""
-  return {"method": method, "seed": seed, "rank": shown,
-          "x_perplexity": result["eval_perplexity"] if method == "salaad" else None,
-          "steps": result["step"], "wall_s": result["wall_time_sec"],
-          "params": summary["params"], "bytes": summary["bytes"],
-          "perplexity": summary["perplexity"], "workdir": wd}
-
-
-def deployed_rows(seed: int, target: int, dirs: dict[str, str], curve: list[float]) -> list:
-  """SALAAD's run of ``seed`` deployed at ``target`` parameters (global and
-  HPA), with the post-hoc split of the dense run (of its own X without a
-  dense run) at the same budget; run rows.  With ``curve`` budgets the
-  whole spectrum, with the other methods' summaries as points, goes to
-  ``--out/spectrum``."""
-  baselines = [dirs[m] for m in dirs if m not in ("dense", "salaad")] if curve else []
+def pretrain_salaad_settings(mcfg, targets: list[int], unit: str) -> dict:
+  """SALAAD's pretraining settings: ``salaad_settings`` and --salaad_option,
+  r* matched to the largest budget unless set; checked like a run's config."""
   try:
-    rows = sp.capacity_spectrum(dirs["salaad"], [target, *curve], methods=("global", "hpa"),
-                                dense_workdir=dirs.get("dense"), baseline_workdirs=baselines,
-                                progress=lambda line: print(line, flush=True))
+    options = parse_field_overrides(_SALAAD_OPTION.value, "salaad_option")
+  except TrainError as e:
+    common.fail(str(e))
+  settings = salaad_settings(**options)
+  if _SALAAD_RANK.value is None and "rank_target" not in options:
+    try:
+      settings["rank_target"] = budgets_lib.salaad_rank_target(
+          mcfg, targets, unit, settings["density_target"], _FORMAT.value)
+    except ValueError as e:
+      common.fail(f"--budgets={','.join(_BUDGETS.value)}: SALAAD's rank target: {e}")
+  try:
+    config_lib.validate(base_config("salaad", 0, **settings))
+  except TrainError as e:
+    common.fail(f"SALAAD's settings: {e}")
+  return settings
+
+
+def _row(method: str, seed: int, *, budget="", unit="", fmt=None, rank="", result=None,
+         params: int, bytes_: int, perplexity: float, workdir: str, dense: dict,
+         x_perplexity=None) -> dict:
+  return {"method": method, "seed": seed, "budget": budget, "unit": unit, "format": fmt or "",
+          "rank": rank, "params": int(params), "bytes": int(bytes_),
+          "params_fraction": params / dense["params"], "bytes_fraction": bytes_ / dense["bytes"],
+          "perplexity": perplexity, "x_perplexity": x_perplexity,
+          "steps": result["step"] if result else None,
+          "wall_s": result["wall_time_sec"] if result else None, "workdir": workdir}
+
+
+def train_run(config: TrainConfig, wd: str) -> tuple[dict, dict]:
+  """Trains (or restores) one run; (training result, summary)."""
+  result = common.train(config, wd)
+  return result, common.write_summary(wd, result)
+
+
+class Plan:
+  """What one seed trains and deploys: budgets (fraction -> absolute target in
+  ``unit``), each budgeted baseline matched at each budget, SALAAD's settings
+  and the dense model's size."""
+
+  def __init__(self, mcfg, methods: list[str], fractions: list[float], unit: str):
+    self.methods, self.unit, self.fmt = methods, unit, _FORMAT.value
+    full, _ = budgets_lib.dense_size(mcfg, "params")
+    self.dense = {"params": full, "bytes": full * 2}
+    self.targets, self.matched = {}, {}
+    for f in fractions:
+      try:
+        self.targets[f] = budgets_lib.target(mcfg, f, unit)
+      except ValueError as e:
+        common.fail(f"--budgets: {budget_text(f)}: {e}")
+      for method in [m for m in budgets_lib.RANKED if m in methods or
+                     (m == "lowrank" and "galore" in methods)]:
+        try:
+          self.matched[f, method] = budgets_lib.match(method, mcfg, self.targets[f], unit,
+                                                      _DENSITY.value, self.fmt)
+        except ValueError as e:
+          common.fail(f"--budgets: {budget_text(f)} of the dense {unit}: {method}: {e}")
+    self.salaad = (pretrain_salaad_settings(mcfg, list(self.targets.values()), unit)
+                   if "salaad" in methods else None)
+
+  def baseline_config(self, method: str, fraction: float, seed: int) -> tuple[TrainConfig, int]:
+    """The config of ``method`` at ``fraction`` and its rank (GaLore: the
+    low-rank method's)."""
+    rank = self.matched[fraction, "lowrank" if method == "galore" else method].rank
+    options = {"rank": str(rank)}
+    if method in ("sltrain", "lost"):
+      options["density"] = str(_DENSITY.value)
+    if method == "galore":
+      options["update_proj_gap"] = str(max(10, _STEPS.value // 10))
+    return base_config(method, seed, method_options=options), rank
+
+
+def train_seed(plan: Plan, seed: int) -> tuple[list[dict], dict[str, str]]:
+  """Every run of one seed: dense, SALAAD (its trained surrogate), then each
+  budgeted baseline at each budget (a run shared by budgets that match the
+  same rank); (rows, workdirs of the dense and SALAAD runs)."""
+  rows, dirs = [], {}
+  if "dense" in plan.methods:
+    wd = dirs["dense"] = _workdir("runs", seed, "dense")
+    print(f"== seed {seed}: dense", flush=True)
+    result, summary = train_run(base_config("dense", seed), wd)
+    rows.append(_row("dense", seed, result=result, params=summary["params"],
+                     bytes_=summary["bytes"], perplexity=summary["perplexity"], workdir=wd,
+                     dense=plan.dense))
+  if plan.salaad is not None:
+    wd = dirs["salaad"] = _workdir("runs", seed, "salaad")
+    r_star = plan.salaad["rank_target"]
+    print(f"== seed {seed}: salaad (r* {r_star:.3f})", flush=True)
+    result, summary = train_run(base_config("salaad", seed, **plan.salaad), wd)
+    rows.append(_row("salaad_trained", seed, rank=f"r* {r_star:.3f}", fmt="coo",
+                     result=result, params=summary["params"], bytes_=summary["bytes"],
+                     perplexity=summary["perplexity"], workdir=wd, dense=plan.dense,
+                     x_perplexity=result["eval_perplexity"]))
+  done = {}
+  for fraction in plan.targets:
+    for method in [m for m in BUDGETED if m in plan.methods]:
+      config, rank = plan.baseline_config(method, fraction, seed)
+      name = f"{method}_r{rank}"
+      if name not in done:
+        print(f"== seed {seed}: {method} at {budget_text(fraction)} of the dense {plan.unit} "
+              f"(rank {rank})", flush=True)
+        done[name] = train_run(config, _workdir("runs", seed, name))
+      result, summary = done[name]
+      m = plan.matched[fraction, "lowrank" if method == "galore" else method]
+      params, size, fmt = ((summary["params"], summary["bytes"], None) if method == "galore"
+                           else (m.params, m.bytes, m.fmt))
+      rows.append(_row(method, seed, budget=budget_text(fraction), unit=plan.unit, fmt=fmt,
+                       rank=rank, result=result, params=params, bytes_=size,
+                       perplexity=summary["perplexity"], workdir=_workdir("runs", seed, name),
+                       dense=plan.dense))
+  return rows, dirs
+
+
+SERIES = {"salaad/global": "salaad", "posthoc[dense]/global": "posthoc"}
+
+
+def deploy_seed(plan: Plan, seed: int, dirs: dict[str, str]) -> list[dict]:
+  """SALAAD's run of ``seed`` deployed at every budget (global allocation),
+  with the post-hoc split of the dense run at the same budgets; rows."""
+  if "salaad" not in dirs:
+    return []
+  print(f"== seed {seed}: SALAAD deployed at {len(plan.targets)} budgets", flush=True)
+  by_value = {v: f for f, v in plan.targets.items()}
+  try:
+    spectrum = sp.capacity_spectrum(
+        dirs["salaad"], list(by_value), methods=("global",), dense_workdir=dirs.get("dense"),
+        posthoc="dense" in dirs, unit=plan.unit, fmt=plan.fmt,
+        progress=lambda line: print(line, flush=True))
   except sp.SpectrumError as e:
     common.fail(str(e))
-  if curve:
-    out = os.path.join(_OUT.value, "spectrum")
-    paths = report.write_table(rows, out)
-    report.plot(rows, os.path.join(out, "spectrum.png"),
-                title=f"{_MODEL.value}, seed {seed}, {_STEPS.value} steps (coo, bf16)")
-    print(f"wrote {paths['md']}", flush=True)
-  return [{"method": f"{r['series']} @ {_FRACTION.value:g}", "seed": seed, "rank": "",
-           "x_perplexity": None, "steps": r["step"], "wall_s": None, "params": r["params"],
-           "bytes": r["bytes"], "perplexity": r["perplexity"], "workdir": r["workdir"]}
-          for r in rows if r.get("budget_value") == target and r["source"] != "baseline"]
+  return [dict(_row(SERIES[r["series"]], seed, budget=budget_text(by_value[r["budget_value"]]),
+                    unit=plan.unit, fmt=r["fmt"], params=r["params"], bytes_=r["bytes"],
+                    perplexity=r["perplexity"], workdir=r["workdir"], dense=plan.dense),
+               kept_rank=r["kept_rank"], kept_nnz=r["kept_nnz"])
+          for r in spectrum if r["series"] in SERIES]
 
 
-def _finetune_row(name: str, seed: int, summary: dict, wall: float) -> dict:
-  extra = summary.get("extra", {})
-  # Full fine-tuning and SALAAD train every weight.
-  trainable = extra.get("trainable_params", summary["dense_params"])
-  return {"method": name, "seed": seed, "params": summary["params"],
-          "bytes": summary["bytes"], "perplexity": summary["perplexity"],
-          "sparsity": summary.get("sparsity"), "trainable": trainable, "wall_s": wall}
+def write_spectrum(plan: Plan, seed: int, dirs: dict[str, str], rows: list[dict],
+                   rest: float) -> None:
+  """The capacity spectrum of ``seed``'s SALAAD run at --spectrum_budgets in
+  ``--out/spectrum``, every baseline row of the seed a point."""
+  curve = [float(b) for b in _SPECTRUM.value if float(b) >= rest]
+  if not curve or "salaad" not in dirs:
+    return
+  points = []
+  for r in rows:
+    if r["method"] in BUDGETED:
+      label = f"{r['method']} r={r['rank']}"
+      path = os.path.join(_OUT.value, "points", f"seed_{seed}",
+                          f"{r['method']}_{r['budget']}.json")
+      write_point(path, method=r["method"], label=label, params=r["params"],
+                  bytes=r["bytes"], perplexity=r["perplexity"],
+                  dense_params=plan.dense["params"], fmt=r["format"] or None,
+                  dtype="bfloat16")
+      points.append(path)
+  try:
+    spectrum = sp.capacity_spectrum(dirs["salaad"], curve, methods=("global", "hpa"),
+                                    dense_workdir=dirs.get("dense"), baseline_workdirs=points,
+                                    unit=plan.unit, fmt=plan.fmt,
+                                    progress=lambda line: print(line, flush=True))
+  except sp.SpectrumError as e:
+    common.fail(str(e))
+  out = os.path.join(_OUT.value, "spectrum")
+  paths = report.write_table(spectrum, out)
+  report.plot(spectrum, os.path.join(out, "spectrum.png"),
+              title=f"{_MODEL.value}, seed {seed}, {_STEPS.value} steps "
+                    f"({plan.fmt} sparse storage, bf16)")
+  print(f"wrote {paths['md']}", flush=True)
 
 
-def run_finetune(method: str, seed: int, init_wd: str) -> dict:
-  """Fine-tunes the dense run ``init_wd`` with ``method`` on
-  ``--finetune_source``; returns its run row."""
-  wd = _workdir("finetune", seed, method)
-  steps = _FT_STEPS.value
-  overrides = dict(source=_FT_SOURCE.value, steps=steps, lr=_FT_LR.value,
-                   warmup_steps=max(1, steps // 20), init_from=os.path.abspath(init_wd),
-                   log_every=max(1, steps // 5))
-  if method == "salaad":
-    overrides.update(salaad_settings())
-  config = base_config("dense" if method == "full" else method, seed, **overrides)
-  runs = finetune.losa_rounds(config, wd) if method == "losa" else [(config, wd)]
-  wall = 0.0
-  for run_config, run_wd in runs:
-    result = common.train(run_config, run_wd)
-    wall += result["wall_time_sec"]
-  summary = common.write_summary(run_wd, result)
-  return _finetune_row(method, seed, summary, wall)
-
-
-def pretrained_row(seed: int, init_wd: str) -> dict:
-  """The dense run before fine-tuning, evaluated on the fine-tuning text."""
-  run = load_run(init_wd)
-  config = run.config.replace(source=_FT_SOURCE.value)
-  res = evaluate(run.model, run.params, make_eval_dataset(config), _EVAL_BATCHES.value)
-  fp = harness.run_footprint(run.config)
-  return {"method": "pretrained (no fine-tuning)", "seed": seed, "params": fp.params,
-          "bytes": fp.bytes, "perplexity": res["perplexity"], "sparsity": None,
-          "trainable": 0, "wall_s": 0.0}
-
-
-def _seeds_text() -> str:
-  seeds = _SEEDS.value
+def _seeds_text(seeds=None) -> str:
+  seeds = [str(s) for s in (_SEEDS.value if seeds is None else seeds)]
   return f"seed {seeds[0]}" if len(seeds) == 1 else f"{len(seeds)} seeds ({', '.join(seeds)})"
 
 
-def _optional(fmt: str):
-  return lambda v: "" if v is None else format(v, fmt)
-
-
-def write_outputs(runs: list[dict], dense_params: int, target: int) -> str:
+def write_outputs(plan: Plan, runs: list[dict]) -> str:
   """results.md / .csv / .png in ``--out``; returns the markdown table."""
   out = _OUT.value
-  tables.write_csv(os.path.join(out, "results.csv"), runs,
-                   ["method", "seed", "rank", "params", "bytes", "perplexity", "x_perplexity",
-                    "wall_s"])
-  rows = tables.aggregate(runs)
+  tables.write_csv(os.path.join(out, "results.csv"), tables.ordered(runs),
+                   tables.BUDGET_CSV_COLUMNS)
+  rows = tables.summarize(runs)
+  seeds = _seeds_text(dict.fromkeys(r["seed"] for r in runs))
+  budgets = ", ".join(f"{budget_text(f)} ({v:,} {plan.unit})" for f, v in plan.targets.items())
   header = (f"Model `{_MODEL.value}`, {_STEPS.value} steps of {_BATCH.value}x{_SEQ.value} "
-            f"tokens on `{os.path.basename(_SOURCE.value)}`, {_seeds_text()}; parameter "
-            f"budget {target:,} ({_FRACTION.value:g} x dense {dense_params:,}).")
+            f"tokens on `{os.path.basename(_SOURCE.value)}`, {seeds}; budgets "
+            f"{budgets} of the dense model ({plan.dense['params']:,} params, "
+            f"{plan.dense['bytes']:,} bytes in bf16); sparse storage "
+            f"`{plan.fmt}`.  Perplexity: mean ± std over seeds; differences: paired "
+            "per seed, mean ± standard error.")
   columns = [
+      ("budget", "", lambda r: r["budget"] or "-"),
       ("method", "", lambda r: r["method"]),
-      ("rank", ":", lambda r: r["rank"]),
+      ("rank", ":", lambda r: r["rank"] if r.get("kept_rank") is None else
+       f"Σ {r['kept_rank']:.0f}, nnz {r['kept_nnz']:,.0f}"),
+      ("format", "", lambda r: r["format"]),
       ("params", ":", lambda r: f"{r['params']:,}"),
-      ("params / dense", ":", lambda r: f"{r['params'] / dense_params:.3f}"),
       ("bytes", ":", lambda r: f"{r['bytes']:,}"),
+      ("bytes / dense", ":", lambda r: f"{r['bytes'] / plan.dense['bytes']:.3f}"),
       ("val. perplexity", ":", lambda r: tables.ppl_cell(r) + (
           f" (X: {r['x_perplexity']:.3f})" if r.get("x_perplexity") else "")),
-      ("vs dense (paired)", ":", tables.delta_cell),
-      ("time (s)", ":", lambda r: _optional(".0f")(r["wall_s"])),
+      ("minus dense", ":", tables.delta_cell),
+      ("salaad minus it", ":", lambda r: tables.delta_cell(r, "vs_salaad")),
   ]
   table = tables.markdown(header, columns, rows)
   with open(os.path.join(out, "results.md"), "w") as f:
     f.write(table)
-  tables.scatter_plot(rows, os.path.join(out, "results.png"),
-                      f"{_MODEL.value}, {_STEPS.value} steps, budget {_FRACTION.value:g} x "
-                      f"dense, {_seeds_text()}")
-  return table
-
-
-def write_finetune_outputs(runs: list[dict], dense_params: int) -> str:
-  """finetune.md / .csv / .png in ``--out``; returns the markdown table."""
-  out = _OUT.value
-  tables.write_csv(os.path.join(out, "finetune.csv"), runs,
-                   ["method", "seed", "trainable", "params", "bytes", "sparsity",
-                    "perplexity", "wall_s"])
-  rows = tables.aggregate(runs, reference="full")
-  header = (f"Model `{_MODEL.value}` pretrained (dense, {_STEPS.value} steps) on "
-            f"`{os.path.basename(_SOURCE.value)}`, fine-tuned {_FT_STEPS.value} steps of "
-            f"{_BATCH.value}x{_SEQ.value} tokens on `{_FT_SOURCE.value}`, {_seeds_text()}; "
-            "validation perplexity on the fine-tuning text.")
-  columns = [
-      ("method", "", lambda r: r["method"]),
-      ("trained params", ":", lambda r: f"{r['trainable']:,}"),
-      ("deployed params", ":", lambda r: f"{r['params']:,}"),
-      ("params / dense", ":", lambda r: f"{r['params'] / dense_params:.3f}"),
-      ("bytes", ":", lambda r: f"{r['bytes']:,}"),
-      ("sparsity", ":", lambda r: _optional(".3f")(r["sparsity"])),
-      ("val. perplexity", ":", tables.ppl_cell),
-      ("vs full (paired)", ":", tables.delta_cell),
-      ("time (s)", ":", lambda r: f"{r['wall_s']:.0f}"),
-  ]
-  table = tables.markdown(header, columns, rows)
-  with open(os.path.join(out, "finetune.md"), "w") as f:
-    f.write(table)
-  tables.scatter_plot(rows, os.path.join(out, "finetune.png"),
-                      f"fine-tuning {_MODEL.value}, {_FT_STEPS.value} steps, {_seeds_text()}")
+  tables.budget_plot([r for r in rows if r["method"] != "salaad_trained"],
+                     os.path.join(out, "results.png"),
+                     f"{_MODEL.value}, {_STEPS.value} steps, {seeds}; budgets in "
+                     f"{plan.unit}, sparse storage {plan.fmt}")
   return table
 
 
@@ -334,57 +441,34 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   common.quiet_logging()
   methods = [m for m in METHODS if m in _METHODS.value]
-  if _FT_SOURCE.value and "dense" not in methods:
+  if ft.SOURCE.value and "dense" not in methods:
     common.fail("--finetune_source fine-tunes the dense run: keep dense in --methods")
+  fractions, unit = budget_flags()
   seeds = [int(s) for s in _SEEDS.value]
   probe = base_config("dense", seeds[0], vocab_size=256)
   mcfg = model_config(probe)
-  dense_params = int(harness.run_footprint(probe).params)
-  rest = accounting.model_blocks(mcfg).rest / dense_params
-  if "salaad" in methods and _FRACTION.value < rest:
-    common.fail(f"--budget_fraction={_FRACTION.value:g} is below the share of the "
-                f"parameters outside the blocks ({rest:.3f}); SALAAD cannot be deployed "
-                "that small")
-  curve = [float(b) for b in _SPECTRUM.value if float(b) >= rest]
-  target = int(_FRACTION.value * dense_params)
-  try:
-    lowrank_rank = match_rank("lowrank", mcfg, target)
-    ranks = {"lowrank": lowrank_rank, "galore": lowrank_rank,
-             "sltrain": match_rank("sltrain", mcfg, target, density=_DENSITY.value),
-             "lost": match_rank("lost", mcfg, target, density=_DENSITY.value),
-             "salaad": _SALAAD_RANK.value}
-    if ranks["salaad"] is None:
-      ranks["salaad"] = match_rank_target(mcfg, target, _SALAAD_DENSITY.value)
-  except ValueError as e:
-    common.fail(f"--budget_fraction={_FRACTION.value:g}: {e}")
+  plan = Plan(mcfg, methods, fractions, unit)
+  full, rest = budgets_lib.dense_size(mcfg, unit)
   os.makedirs(_OUT.value, exist_ok=True)
 
   runs = []
   for i, seed in enumerate(seeds):
-    dirs = {}
-    for method in methods:
-      rank = ranks.get(method)
-      what = ("" if rank is None else f" (r* {rank:.3f})" if method == "salaad"
-              else f" (rank {rank})")
-      print(f"== seed {seed}: {method}{what}", flush=True)
-      runs.append(run_method(method, rank, seed))
-      dirs[method] = runs[-1]["workdir"]
-    if "salaad" in dirs:
-      print(f"== seed {seed}: SALAAD deployed at {target:,} params", flush=True)
-      after = next(j for j, r in enumerate(runs)
-                   if r["seed"] == seed and r["method"] == "salaad") + 1
-      runs[after:after] = deployed_rows(seed, target, dirs, curve if i == 0 else [])
-  print(write_outputs(runs, dense_params, target), flush=True)
+    rows, dirs = train_seed(plan, seed)
+    rows += deploy_seed(plan, seed, dirs)
+    runs += rows
+    if i == 0:
+      write_spectrum(plan, seed, dirs, rows, rest / full)
+    table = write_outputs(plan, runs)  # the seeds so far, should a later one be stopped
+  print(table, flush=True)
 
-  if _FT_SOURCE.value:
-    ft_runs = []
-    for seed in seeds:
-      init_wd = _workdir("runs", seed, "dense")
-      ft_runs.append(pretrained_row(seed, init_wd))
-      for method in [m for m in FINETUNE_METHODS if m in _FT_METHODS.value]:
-        print(f"== seed {seed}: fine-tune {method}", flush=True)
-        ft_runs.append(run_finetune(method, seed, init_wd))
-    print(write_finetune_outputs(ft_runs, dense_params), flush=True)
+  if ft.SOURCE.value:
+    setup = ft.Setup(base_config=base_config, workdir=_workdir, salaad_settings=salaad_settings,
+                     out=_OUT.value, eval_batches=_EVAL_BATCHES.value,
+                     pretrained=(f"Model `{_MODEL.value}` pretrained (dense, {_STEPS.value} "
+                                 f"steps) on `{os.path.basename(_SOURCE.value)}`"),
+                     tokens=f"{_BATCH.value}x{_SEQ.value}", seeds=_seeds_text(),
+                     model=_MODEL.value)
+    print(ft.compare_finetuning(setup, seeds, plan.dense["params"]), flush=True)
 
 
 if __name__ == "__main__":

@@ -50,8 +50,9 @@ _BASELINES = flags.DEFINE_list("baseline_workdirs", [], "workdirs (or .json file
 _EVAL_BATCHES = flags.DEFINE_integer("eval_batches", 0, "validation batches per evaluation; "
                                      "0: the run's --eval_batches", lower_bound=0)
 _EVAL_SPLIT = flags.DEFINE_string("eval_split", "", "split to evaluate; '': the run's")
-_FMT = flags.DEFINE_enum("fmt", "coo", ["coo", "csr", "bitmap"], "sparse storage format "
-                         "the bytes are counted in")
+_FMT = flags.DEFINE_enum("fmt", "coo", ["coo", "csr", "bitmap", "auto"], "sparse storage format "
+                         "the bytes are counted in (auto: per budget, the one that keeps "
+                         "the most)")
 _DTYPE = flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"], "stored value dtype")
 _GAMMA = flags.DEFINE_float("gamma", 0.5, "HPA's low-rank share of the cut", lower_bound=0.0,
                             upper_bound=1.0)

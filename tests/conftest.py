@@ -68,7 +68,7 @@ SHAKESPEARE = ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"
 
 # Session fixtures that train: a test requesting one is slow, and joins the
 # fixture's xdist group so that the tests reading the run share a worker.
-TRAINED_FIXTURES = {"shakespeare_runs": "shakespeare_runs"}
+TRAINED_FIXTURES = {"shakespeare_runs": "shakespeare_runs", "compared": "compare"}
 
 
 @pytest.hookimpl(tryfirst=True)

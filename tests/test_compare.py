@@ -1,7 +1,8 @@
-"""``python -m benchmarks.compare`` on a few steps over two seeds: the matched
-budget, SALAAD deployed at it next to the post-hoc floor, the spectrum with
-the baselines as points, the fine-tuning table; and the seed aggregation
-against a hand computation."""
+"""``python -m benchmarks.compare``: budgets matched in bytes (checked against the
+accounting), one SALAAD run deployed at every budget next to the baselines
+trained for each, the results table with paired differences (against a hand
+computation), the plot, resume and the one-line errors; and the fine-tuning
+table."""
 
 import csv
 import json
@@ -14,15 +15,22 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from benchmarks import compare_budgets as cb
 from benchmarks import compare_tables as tables
-from salaad_jax.baselines import match_rank_target
+from salaad_jax.baselines import accounting, match_rank_target
+from salaad_jax.deploy import accounting as deploy_accounting
 from salaad_jax.deploy.summary import read_summary
+from salaad_jax.train import TrainConfig, TrainError
 from salaad_jax.train import config as cfg_lib
+from salaad_jax.train.flags import parse_field_overrides
 from salaad_jax.train.state import model_config
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = dict(os.environ, JAX_PLATFORMS="cpu", NPROC="8",
            XLA_FLAGS="--xla_force_host_platform_device_count=1")
+TINY = model_config(TrainConfig(model="tiny", vocab_size=256))
+COMMON = ["--source=synthetic:order=1", "--steps=4", "--batch_size=4", "--seq_len=16",
+          "--eval_batches=2"]
 
 
 def _compare(*args, timeout=900):
@@ -36,92 +44,120 @@ def _csv(path):
     return list(csv.DictReader(f))
 
 
-@pytest.mark.slow
-def test_compare_writes_pretraining_spectrum_and_finetuning_tables(tmp_path):
-  out = tmp_path / "cmp"
-  done = _compare("--source=synthetic:order=1", "--steps=4", "--batch_size=4",
-                  "--seq_len=16", "--eval_batches=2", "--methods=dense,salaad,lowrank",
-                  "--seeds=0,1", "--spectrum_budgets=0.1,0.6,1.0", f"--out={out}",
-                  "--finetune_source=synthetic:order=1,seed=7", "--finetune_steps=3",
-                  "--finetune_methods=full,salr")
-  assert done.returncode == 0, done.stderr[-3000:]
-  rows = _csv(out / "results.csv")
-  deployed = ["salaad/global @ 0.5", "salaad/hpa @ 0.5", "posthoc[dense]/global @ 0.5",
-              "posthoc[dense]/hpa @ 0.5"]
-  per_seed = ["dense", "salaad", *deployed, "lowrank"]
-  assert [(r["method"], r["seed"]) for r in rows] == (
-      [(m, "0") for m in per_seed] + [(m, "1") for m in per_seed])
-  dense = int(rows[0]["params"])
-  target = int(0.5 * dense)
-  for r in rows:
-    if r["method"] in deployed or r["method"] == "lowrank":
-      assert int(r["params"]) <= target, r  # matched budget
-  # SALAAD's rank target is the one at which its surrogate fills the budget.
-  salaad_cfg = cfg_lib.read_config(str(out / "runs" / "seed_0" / "salaad"))
-  assert salaad_cfg.rank_target == pytest.approx(
-      match_rank_target(model_config(salaad_cfg), target, 0.05))
-  assert salaad_cfg.density_target == 0.05
-  # Every run row is the workdir's own summary.
-  for seed in (0, 1):
-    s = read_summary(str(out / "runs" / f"seed_{seed}" / "lowrank"))
-    row = next(r for r in rows if r["method"] == "lowrank" and r["seed"] == str(seed))
-    assert float(row["perplexity"]) == s["perplexity"] and int(row["params"]) == s["params"]
-  # The seeds differ (initialisation and data order).
-  assert rows[0]["perplexity"] != rows[len(per_seed)]["perplexity"]
-
-  table = (out / "results.md").read_text()
-  assert "2 seeds (0, 1)" in table and " ± " in table
-  for name in per_seed:
-    assert f"| {name} |" in table
-
-  # The spectrum of seed 0: SALAAD's curve on the same validation batches as its
-  # run's own evaluation, the budgets below P_rest left out, lowrank a point.
-  spectrum = json.loads((out / "spectrum" / "spectrum.json").read_text())
-  salaad0 = next(r for r in rows if r["method"] == "salaad" and r["seed"] == "0")
-  x_row = next(r for r in spectrum if r["series"] == "dense X (salaad run)")
-  assert x_row["perplexity"] == pytest.approx(float(salaad0["x_perplexity"]), rel=1e-4)
-  budgets = {r["budget_fraction"] for r in spectrum if r["series"] == "salaad/global"}
-  assert min(budgets) > 0.2 and 1.0 in budgets and len(budgets) == 3
-  assert [r["series"] for r in spectrum if r["source"] == "baseline"] == ["lowrank"]
-
-  ft = _csv(out / "finetune.csv")
-  assert [(r["method"], r["seed"]) for r in ft] == [
-      (m, s) for s in ("0", "1") for m in ("pretrained (no fine-tuning)", "full", "salr")]
-  salr = read_summary(str(out / "finetune" / "seed_1" / "salr"))
-  assert float(ft[5]["perplexity"]) == salr["perplexity"]
-  assert int(ft[2]["trainable"]) < int(ft[1]["trainable"]) == dense
-  # Fine-tuning on the new chain improves on the pretrained model.
-  assert float(ft[1]["perplexity"]) < float(ft[0]["perplexity"])
-  for name in ("results.png", "finetune.md", "finetune.png", "spectrum/spectrum.png"):
-    assert (out / name).stat().st_size > 0
-
-  # Rerunning resumes: the finished runs are restored, not trained again.
-  metrics = out / "runs" / "seed_0" / "lowrank" / "metrics.jsonl"
-  logged = metrics.read_text().count('"train"')
-  again = _compare("--source=synthetic:order=1", "--steps=4", "--batch_size=4",
-                   "--seq_len=16", "--eval_batches=2", "--methods=dense,lowrank",
-                   "--seeds=0", f"--out={out}")
-  assert again.returncode == 0, again.stderr[-3000:]
-  assert metrics.read_text().count('"train"') == logged > 0
-  rerun = {r["method"]: r["perplexity"] for r in _csv(out / "results.csv")}
-  first = {r["method"]: r["perplexity"] for r in rows if r["seed"] == "0"}
-  assert rerun == {m: first[m] for m in ("dense", "lowrank")}
+# ---------------------------------------------------------------------------
+# Budgets, without training.
+# ---------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("args, needle", [
-    (["--budget_fraction=0.1"], "below the share of the parameters outside the blocks"),
-    (["--seeds=0,0"], "distinct"),
-    (["--methods=dense,svd"], "unknown ['svd']"),
-    (["--methods=lowrank", "--finetune_source=synthetic"], "keep dense in --methods"),
-    (["--source=/no/such/file.txt"], "/no/such/file.txt"),
-])
-@pytest.mark.slow
-def test_bad_input_is_a_short_error(tmp_path, args, needle):
-  done = _compare("--source=synthetic:order=1", "--steps=2", f"--out={tmp_path}", *args,
-                  timeout=300)
-  assert done.returncode != 0
-  assert needle in done.stderr
-  assert "Traceback" not in done.stderr
+def _bytes_by_hand(method, rank, density, fmt):
+  """Bytes of a baseline from the deployment accounting (SALAAD's own)."""
+  blocks = accounting.model_blocks(TINY)
+  total = 2 * blocks.rest
+  for m, n in blocks.shapes.values():
+    if method == "lost":
+      k = math.floor(density * n + 1e-9)
+      total += 2 * ((m + n) * rank + m * k) + 4 * k
+    else:
+      nnz = math.floor(density * m * n + 1e-9) if method == "sltrain" else 0
+      total += deploy_accounting.block_bytes(fmt or "coo", m, n, rank, nnz, 2)
+  return total
+
+
+@pytest.mark.parametrize("fmt", ["auto", "coo", "csr", "bitmap"])
+@pytest.mark.parametrize("fraction", [0.4, 0.5, 0.6, 0.9])
+def test_baselines_get_the_largest_rank_whose_bytes_fit(fmt, fraction):
+  dense_bytes = 2 * sum([accounting.model_blocks(TINY).rest,
+                         *(m * n for m, n in accounting.model_blocks(TINY).shapes.values())])
+  target = cb.target(TINY, fraction, "bytes")
+  assert target == math.floor(fraction * dense_bytes)
+  for method in cb.RANKED:
+    got = cb.match(method, TINY, target, "bytes", 0.03, fmt)
+    formats = [got.fmt] if fmt != "auto" or method != "sltrain" else ["coo", "csr", "bitmap"]
+    if method != "sltrain":
+      assert got.fmt is None
+    else:
+      assert got.fmt == (fmt if fmt != "auto" else got.fmt) and got.fmt in formats
+    # Its bytes are the accounting's, within the budget; one rank more does not fit
+    # in the chosen format, nor (auto) in any other.
+    assert got.bytes == _bytes_by_hand(method, got.rank, 0.03, got.fmt) <= target
+    for f in formats:
+      assert _bytes_by_hand(method, got.rank + 1, 0.03, f) > target
+    if method == "sltrain" and fmt == "auto":
+      fits = [f for f in formats if _bytes_by_hand(method, got.rank, 0.03, f) <= target]
+      assert got.bytes == min(_bytes_by_hand(method, got.rank, 0.03, f) for f in fits)
+
+
+def test_parameter_budgets_match_the_old_parameter_matching():
+  target = cb.target(TINY, 0.5, "params")
+  assert target == 65952
+  assert [cb.match(m, TINY, target, "params", 0.03, "coo").rank
+          for m in ("lowrank", "sltrain", "lost")] == [13, 12, 12]
+
+
+def test_salaad_rank_target_fills_the_largest_budget_in_bytes():
+  targets = [cb.target(TINY, f, "bytes") for f in (0.4, 0.6, 0.5)]
+  fmt = cb.salaad_format(TINY, 0.05, "auto")
+  blocks = accounting.model_blocks(TINY).shapes.values()
+  sparse = {f: sum(deploy_accounting.sparse_bytes(f, m, n, math.floor(0.05 * m * n), 2)
+                   for m, n in blocks) for f in ("coo", "csr", "bitmap")}
+  assert sparse[fmt] == min(sparse.values())
+  r_star = cb.salaad_rank_target(TINY, targets, "bytes", 0.05, "auto")
+  filled = (2 * accounting.model_blocks(TINY).rest + sparse[fmt]
+            + sum(2 * r_star * min(m, n) * (m + n) for m, n in blocks))
+  assert filled == pytest.approx(max(targets), rel=1e-12)
+  assert cb.salaad_rank_target(TINY, [65952], "params", 0.05, "coo") == pytest.approx(
+      match_rank_target(TINY, 65952, 0.05))
+
+
+def test_budget_below_the_rest_or_too_small_for_a_method_is_a_value_error():
+  with pytest.raises(ValueError, match="below the minimum representable"):
+    cb.target(TINY, 0.2, "bytes")
+  with pytest.raises(ValueError, match="smallest model of this method"):
+    cb.match("sltrain", TINY, cb.target(TINY, 0.26, "bytes"), "bytes", 0.03, "coo")
+
+
+# ---------------------------------------------------------------------------
+# Tables.
+# ---------------------------------------------------------------------------
+
+
+def _run(method, seed, ppl, budget="", params=10, size=20):
+  return {"method": method, "seed": seed, "budget": budget, "params": params, "bytes": size,
+          "perplexity": ppl}
+
+
+def test_summarize_pairs_salaad_with_each_method_at_the_same_budget():
+  runs = [
+      _run("dense", 0, 6.0), _run("dense", 1, 7.0), _run("dense", 2, 8.0),
+      _run("sltrain", 0, 6.5, "0.5"), _run("sltrain", 1, 7.0, "0.5"),
+      _run("sltrain", 2, 9.0, "0.5"),
+      _run("salaad", 0, 7.0, "0.5", 9, 18), _run("salaad", 1, 8.0, "0.5", 11, 22),
+      _run("salaad", 2, 8.5, "0.5", 10, 20),
+      _run("sltrain", 0, 9.0, "0.4"),  # one seed: a difference, no standard error
+      _run("salaad", 0, 10.0, "0.4"),
+      _run("salaad_trained", 1, 8.0),
+  ]
+  rows = tables.summarize(runs)
+  assert [(r["budget"], r["method"]) for r in rows] == [
+      ("", "dense"), ("", "salaad_trained"), ("0.4", "salaad"), ("0.4", "sltrain"),
+      ("0.5", "salaad"), ("0.5", "sltrain")]
+  by = {(r["budget"], r["method"]): r for r in rows}
+  sl, sa = by["0.5", "sltrain"], by["0.5", "salaad"]
+  # salaad - sltrain per seed: 0.5, 1.0, -0.5.
+  assert sl["vs_salaad"] == pytest.approx(1.0 / 3.0)
+  assert sl["vs_salaad_se"] == pytest.approx(np.std([0.5, 1.0, -0.5], ddof=1) / math.sqrt(3))
+  # each minus dense per seed: sltrain 0.5, 0, 1; salaad 1, 1, 0.5.
+  assert sl["delta"] == pytest.approx(0.5)
+  assert sl["delta_se"] == pytest.approx(0.5 / math.sqrt(3))
+  assert sa["delta"] == pytest.approx(2.5 / 3) and sa["vs_salaad"] is None
+  assert (sa["params"], sa["bytes"], sa["n"]) == (10, 20, 3)
+  one = by["0.4", "sltrain"]
+  assert one["vs_salaad"] == pytest.approx(1.0) and one["vs_salaad_se"] is None
+  assert tables.delta_cell(one, "vs_salaad") == "+1.000"
+  assert by["", "dense"]["delta"] is None and by["", "dense"]["vs_salaad"] is None
+  assert by["", "salaad_trained"]["vs_salaad"] is None
+  assert tables.paired_difference(runs[10:11], runs[:3]) == (4.0, None, 1)
+  assert tables.paired_difference(runs[:1], runs[11:]) == (None, None, 0)
 
 
 def test_aggregate_means_stds_and_paired_differences():
@@ -151,3 +187,143 @@ def test_aggregate_means_stds_and_paired_differences():
   assert tables.delta_cell(lr) == "+0.750 ± 0.250"
   one = tables.aggregate(runs[:1])[0]
   assert one["perplexity_std"] is None and tables.ppl_cell(one) == "10.000"
+
+
+def test_salaad_options_are_typed_trainconfig_fields():
+  got = parse_field_overrides(["k_alpha=0.2", "every_k=10", "alpha_init=zero",
+                               "include_head=true", "svt = exact"], "salaad_option")
+  assert got == {"k_alpha": 0.2, "every_k": 10, "alpha_init": "zero", "include_head": True,
+                 "svt": "exact"}
+  assert isinstance(got["k_alpha"], float) and isinstance(got["every_k"], int)
+  for item, needle in (("k_alpa=0.2", "'k_alpa' is not a TrainConfig field"),
+                       ("every_k=2.5", "every_k takes a int"),
+                       ("include_head=maybe", "include_head takes a bool"),
+                       ("method=dense", "'method' is not a TrainConfig field"),
+                       ("rho", "must be key=value")):
+    with pytest.raises(TrainError, match=needle):
+      parse_field_overrides([item], "salaad_option")
+
+
+# ---------------------------------------------------------------------------
+# The whole command, on a few steps over two seeds.
+# ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def compared(tmp_path_factory):
+  out = tmp_path_factory.mktemp("compare") / "cmp"
+  done = _compare(*COMMON, "--methods=dense,salaad,sltrain", "--seeds=0,1",
+                  "--budgets=0.6,0.4", "--unit=bytes", "--spectrum_budgets=0.5,1.0",
+                  "--salaad_option=k_beta=0.5", "--salaad_option=every_k=2", f"--out={out}",
+                  "--finetune_source=synthetic:order=1,seed=7", "--finetune_steps=3",
+                  "--finetune_methods=full,salr", timeout=1800)
+  assert done.returncode == 0, done.stderr[-3000:]
+  return out, _csv(out / "results.csv")
+
+
+def test_results_have_one_row_per_method_seed_and_budget(compared):
+  out, rows = compared
+  assert list(rows[0])[:6] == ["method", "seed", "budget", "unit", "format", "rank"]
+  assert {"bytes", "perplexity"} <= set(rows[0])
+  per_seed = [("dense", ""), ("salaad_trained", ""),
+              *((m, b) for b in ("0.4", "0.6") for m in ("salaad", "sltrain", "posthoc"))]
+  assert [(r["method"], r["budget"], r["seed"]) for r in rows] == [
+      (m, b, s) for s in ("0", "1") for m, b in per_seed]
+  dense = int(rows[0]["bytes"])
+  for r in rows:
+    if r["budget"]:
+      assert r["unit"] == "bytes"
+      assert int(r["bytes"]) <= math.floor(float(r["budget"]) * dense), r  # matched budget
+    if r["method"] in ("salaad", "posthoc", "sltrain"):
+      assert r["format"] in ("coo", "csr", "bitmap"), r
+  # A baseline row is its run at the matched rank; its bytes are the accounting's.
+  for r in rows:
+    if r["method"] == "sltrain":
+      got = cb.match(r["method"], TINY, cb.target(TINY, float(r["budget"]), "bytes"),
+                     "bytes", 0.03, "auto")
+      assert (int(r["rank"]), int(r["bytes"]), r["format"] or None) == (
+          got.rank, got.bytes, got.fmt)
+      s = read_summary(r["workdir"])
+      assert float(r["perplexity"]) == s["perplexity"]
+      assert r["workdir"].endswith(f"seed_{r['seed']}/{r['method']}_r{got.rank}")
+  # One SALAAD run per seed: every deployed row comes from it, larger budgets keep more.
+  for seed in ("0", "1"):
+    deployed = [r for r in rows if r["method"] == "salaad" and r["seed"] == seed]
+    assert {r["workdir"] for r in deployed} == {str(out / "runs" / f"seed_{seed}" / "salaad")}
+    assert int(deployed[0]["bytes"]) <= int(deployed[1]["bytes"])
+  # The seeds differ (initialisation and data order).
+  assert rows[0]["perplexity"] != rows[len(per_seed)]["perplexity"]
+
+
+def test_salaad_run_takes_its_options_and_fills_the_largest_budget(compared):
+  out, _ = compared
+  config = cfg_lib.read_config(str(out / "runs" / "seed_0" / "salaad"))
+  assert (config.k_beta, config.every_k, config.density_target) == (0.5, 2, 0.05)
+  assert config.rank_target == pytest.approx(cb.salaad_rank_target(
+      TINY, [cb.target(TINY, 0.6, "bytes")], "bytes", 0.05, "auto"))
+  # The baselines keep the shared settings.
+  assert cfg_lib.read_config(str(out / "runs" / "seed_0" / "dense")).every_k == 10
+
+
+def test_table_plot_spectrum_and_finetuning(compared):
+  out, rows = compared
+  table = (out / "results.md").read_text()
+  assert "2 seeds (0, 1)" in table and "salaad minus it" in table
+  numeric = ("params", "bytes", "perplexity", "x_perplexity", "wall_s", "kept_rank", "kept_nnz")
+  by_budget = tables.summarize([dict(r, **{k: float(r[k]) if r[k] else None for k in numeric})
+                                for r in rows])
+  sl = next(r for r in by_budget if (r["method"], r["budget"]) == ("sltrain", "0.4"))
+  assert f"| 0.4 | sltrain | {sl['rank']} |" in table
+  assert tables.delta_cell(sl, "vs_salaad") in table and tables.delta_cell(sl) in table
+  assert (out / "results.png").stat().st_size > 0
+  # The first seed's spectrum, the baselines as points in the same storage.
+  spectrum = json.loads((out / "spectrum" / "spectrum.json").read_text())
+  points = [r for r in spectrum if r["source"] == "baseline"]
+  assert sorted(r["series"] for r in points) == sorted(
+      f"{r['method']} r={r['rank']}" for r in rows
+      if r["seed"] == "0" and r["method"] in ("sltrain", "lowrank"))
+  assert {r["budget_fraction"] for r in spectrum if r["series"] == "salaad/global"} == {0.5, 1.0}
+
+  ft = _csv(out / "finetune.csv")
+  assert [(r["method"], r["seed"]) for r in ft] == [
+      (m, s) for s in ("0", "1") for m in ("pretrained (no fine-tuning)", "full", "salr")]
+  salr = read_summary(str(out / "finetune" / "seed_1" / "salr"))
+  assert float(ft[5]["perplexity"]) == salr["perplexity"]
+  assert int(ft[2]["trainable"]) < int(ft[1]["trainable"])
+  # Fine-tuning on the new chain improves on the pretrained model.
+  assert float(ft[1]["perplexity"]) < float(ft[0]["perplexity"])
+  for name in ("finetune.md", "finetune.png", "spectrum/spectrum.png"):
+    assert (out / name).stat().st_size > 0
+
+
+def test_rerun_resumes_without_training(compared):
+  out, rows = compared
+  metrics = out / "runs" / "seed_0" / "sltrain_r4" / "metrics.jsonl"
+  logged = metrics.read_text().count('"train"')
+  again = _compare(*COMMON, "--methods=dense,sltrain", "--seeds=0", "--budgets=0.4",
+                   f"--out={out}")
+  assert again.returncode == 0, again.stderr[-3000:]
+  assert metrics.read_text().count('"train"') == logged > 0
+  rerun = {(r["method"], r["budget"]): r["perplexity"] for r in _csv(out / "results.csv")}
+  first = {(r["method"], r["budget"]): r["perplexity"] for r in rows if r["seed"] == "0"}
+  assert rerun == {k: first[k] for k in (("dense", ""), ("sltrain", "0.4"))}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("args, needle", [
+    (["--budgets=0.1"], "--budgets: 0.1"),
+    (["--budgets=0.4,0.4"], "distinct"),
+    (["--budgets=0.4,1.5"], "fractions in (0, 1]"),
+    (["--budget_fraction=0.5", "--budgets=0.5"], "old form of --budgets=F --unit=params"),
+    (["--methods=dense,svd"], "unknown ['svd']"),
+    (["--methods=lowrank", "--finetune_source=synthetic"], "keep dense in --methods"),
+    (["--salaad_option=k_alpa=1"], "'k_alpa' is not a TrainConfig field"),
+    (["--salaad_option=rank_target=2"], "--rank_target=2.0 must lie in (0, 1)"),
+    (["--source=/no/such/file.txt"], "/no/such/file.txt"),
+])
+def test_bad_input_is_a_short_error(tmp_path, args, needle):
+  done = _compare("--source=synthetic:order=1", "--steps=2", f"--out={tmp_path}", *args,
+                  timeout=300)
+  assert done.returncode != 0
+  assert needle in done.stderr
+  assert "Traceback" not in done.stderr

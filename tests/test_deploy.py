@@ -563,3 +563,43 @@ def test_global_byte_budget_beats_every_hpa_that_fits(seed, n_blocks, frac, gamm
   assert (best is None) == (not fitting)
   if fitting:
     assert best.error == pytest.approx(min(a.error for a in fitting), rel=1e-12, abs=1e-12)
+
+
+@settings(max_examples=30, deadline=None)
+@given(seed=hst.integers(0, 2**31 - 1), n_blocks=hst.integers(1, 3),
+       frac=hst.floats(0.0, 1.0), method=hst.sampled_from(("global", "hpa_within_bytes")))
+def test_auto_format_is_the_smallest_error_of_the_three(seed, n_blocks, frac, method):
+  from salaad_jax.deploy import allocation as alloc_lib  # pylint: disable=import-outside-toplevel
+  params, _, blocks = _random_problem(seed, n_blocks)
+  full, least = 2 * blocks.total_params, 2 * blocks.rest_params
+  budget = least + int(round(frac * (full - least)))
+
+  def alloc(fmt):
+    if method == "global":
+      return deploy.allocate(blocks, budget, "global", unit="bytes", fmt=fmt)
+    return alloc_lib.hpa_within_bytes(blocks, budget, fmt=fmt)
+
+  each = {f: alloc(f) for f in ("coo", "csr", "bitmap")}
+  auto = alloc("auto")
+  fitting = {f: a for f, a in each.items() if a is not None}
+  assert (auto is None) == (not fitting)
+  if auto is None:
+    return
+  # Oracle: the explicit format of least error (ties: fewest bytes) is the one chosen.
+  assert auto.fmt in fitting
+  assert auto.error == min(a.error for a in fitting.values())
+  assert _allocation_key(auto) == _allocation_key(fitting[auto.fmt])
+  assert deploy.account(params, auto, auto.fmt)["bytes"] <= budget
+  ties = [f for f, a in fitting.items() if a.error == auto.error]
+  assert alloc_lib.allocation_bytes(auto, auto.fmt, "bfloat16") == min(
+      alloc_lib.allocation_bytes(fitting[f], f, "bfloat16") for f in ties)
+
+
+def _allocation_key(alloc):
+  return [(b.path, b.rank, b.nnz) for b in alloc.blocks]
+
+
+def test_auto_format_needs_a_byte_budget_for_hpa():
+  _, _, blocks = _random_problem(0, 2)
+  with pytest.raises(ValueError, match="method='hpa' allocates parameters"):
+    deploy.allocate(blocks, 0.8, "hpa", unit="bytes", fmt="auto")

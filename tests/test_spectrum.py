@@ -160,6 +160,14 @@ def test_post_hoc_of_the_runs_own_x_and_byte_budgets(runs, rows):
     nxt = deploy.allocate(blocks, alloc.budget + 1, "hpa")
     assert acc.account(None, alloc, "csr", "float32")["bytes"] == r["bytes"]
     assert acc.account(None, nxt, "csr", "float32")["bytes"] > r["budget_value"]
+  # fmt='auto': each row stored in the format whose allocation keeps the least error.
+  auto = sp.capacity_spectrum(salaad, [0.45], methods=("global",), unit="bytes", fmt="auto",
+                              posthoc=False, progress=None)[1]
+  each = {f: deploy.allocate(blocks, auto["budget_value"], unit="bytes", fmt=f)
+          for f in acc.SPARSE_FORMATS}
+  assert each[auto["fmt"]].error == min(a.error for a in each.values())
+  assert auto["bytes"] == acc.account(None, each[auto["fmt"]], auto["fmt"])["bytes"]
+  assert auto["bytes"] <= auto["budget_value"]
 
 
 @pytest.mark.parametrize("kwargs, match", [

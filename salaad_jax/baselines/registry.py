@@ -37,10 +37,19 @@ def make_method(name: str, **hparams) -> MethodSpec:
   return factory(**hparams)
 
 
-def match_rank(name: str, config: LlamaConfig, target_params: int,
-               **hparams) -> int:
+UNITS = ("params", "bytes")
+
+
+def _check_unit(unit: str) -> None:
+  if unit not in UNITS:
+    raise ValueError(f"budget unit must be one of {UNITS}, got {unit!r}.")
+
+
+def match_rank(name: str, config: LlamaConfig, target_params: int, *, unit: str = "params",
+               costs: accounting.ByteCosts = accounting.ByteCosts(), **hparams) -> int:
   """Largest global rank r at which method `name` (other hyperparameters
-  fixed) has at most `target_params` trained parameters.
+  fixed) has at most `target_params` trained parameters, or with
+  unit='bytes' at most that many deployment bytes stored with `costs`.
 
   Raises:
     ValueError: if the method has no rank, if its size does not depend on
@@ -49,34 +58,47 @@ def match_rank(name: str, config: LlamaConfig, target_params: int,
   if "rank" not in inspect.signature(PRETRAIN_METHODS.get(name, dense.method)
                                      ).parameters:
     raise ValueError(f"method {name!r} has no rank to match a budget with.")
+  _check_unit(unit)
   max_rank = accounting.model_blocks(config).min_dim
 
   def count(r):
-    return make_method(name, rank=r, **hparams).footprint(config).params
+    return getattr(make_method(name, rank=r, **hparams).footprint(config, costs), unit)
 
   if count(1) == count(max_rank):
-    raise ValueError(f"the parameter count of method {name!r} does not "
+    raise ValueError(f"the {unit} count of method {name!r} does not "
                      "depend on its rank; there is no rank to match.")
   return accounting.largest_rank_within(count, int(target_params), max_rank)
 
 
-def match_rank_target(config: LlamaConfig, target_params: int, density: float) -> float:
+def match_rank_target(config: LlamaConfig, target_params: int, density: float, *,
+                      unit: str = "params",
+                      costs: accounting.ByteCosts = accounting.ByteCosts()) -> float:
   """SALAAD's rank target r* at which its surrogate L + S, with every block at
   its targets (rank r_i = r* min(m_i, n_i), nnz_i = d* m_i n_i; SALAAD.md
   §6), has `target_params` parameters:
 
       P_rest + sum_i [ r* min(m_i, n_i) (m_i + n_i) + d* m_i n_i ] = target
 
-  over the default blocks of `Llama(config)`.
+  over the default blocks of `Llama(config)`; with unit='bytes', that many
+  deployment bytes stored with `costs` (b_w per value, the sparse parts of
+  nnz_i = floor(d* m_i n_i) entries in `costs.sparse_format`):
+
+      b_w P_rest + sum_i [ r* min(m_i, n_i) (m_i + n_i) b_w + sparse_bytes_i ] = target.
 
   Raises:
     ValueError: if no r* in (0, 1] meets the budget at density d*.
   """
+  _check_unit(unit)
   blocks = accounting.model_blocks(config)
-  lowrank_per_rate = sum(min(m, n) * (m + n) for m, n in blocks.shapes.values())
-  sparse = float(density) * sum(m * n for m, n in blocks.shapes.values())
-  rate = (int(target_params) - blocks.rest - sparse) / lowrank_per_rate
+  b_w = 1 if unit == "params" else costs.b_w
+  lowrank_per_rate = b_w * sum(min(m, n) * (m + n) for m, n in blocks.shapes.values())
+  if unit == "params":
+    sparse = float(density) * sum(m * n for m, n in blocks.shapes.values())
+  else:
+    sparse = sum(accounting.sparse_footprint(m, n, accounting.kept_count(m * n, density),
+                                             costs).bytes for m, n in blocks.shapes.values())
+  rate = (int(target_params) - b_w * blocks.rest - sparse) / lowrank_per_rate
   if not 0.0 < rate <= 1.0:
-    raise ValueError(f"no rank target in (0, 1] gives {int(target_params):,} parameters at "
+    raise ValueError(f"no rank target in (0, 1] gives {int(target_params):,} {unit} at "
                      f"density {density:g} (it would be {rate:.3f}).")
   return rate

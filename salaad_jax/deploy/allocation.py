@@ -28,6 +28,12 @@ a byte budget: at the largest parameter budget whose bytes fit) is feasible
 too, and the better of the two is returned (``solver`` says which), so the
 global error never exceeds HPA's.
 
+A byte budget is priced in one sparse format for every block ('coo', 'csr',
+'bitmap'), or with fmt='auto' in each of them in turn: the allocation of the
+smallest error wins (ties: fewer bytes) and its ``fmt`` says which format
+the whole deployment is stored in.  No validation data is involved: the
+choice depends only on the spectra and the budget.
+
 The error of an allocation is the separable squared error
 sum_i sum_{j > r_i} sigma~_ij^2 + sum_i sum_{k > nnz_i} s_(k)^2, weighted by
 calibration when the ``Blocks`` are.
@@ -49,6 +55,7 @@ from salaad_jax.deploy.spectra import Blocks
 
 METHODS = ("hpa", "global")
 UNITS = ("params", "bytes")
+AUTO_FORMAT = "auto"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -263,7 +270,11 @@ def hpa_within_bytes(blocks: Blocks, max_bytes: int, gamma: float = 0.5, *,
   """HPA(gamma) at the largest parameter budget whose allocation takes at
   most ``max_bytes`` in ``fmt``/``dtype`` (HPA's ranks and nnz grow with the
   parameter budget, so its bytes do: bisection); None when even the
-  smallest does not fit."""
+  smallest does not fit.  fmt='auto': the smallest-error result over the
+  sparse formats (``best_format``)."""
+  if fmt == AUTO_FORMAT:
+    return best_format(lambda f: hpa_within_bytes(blocks, max_bytes, gamma, fmt=f, dtype=dtype),
+                       dtype)
   bases = _hpa_bases(blocks, gamma, 0.999, 1e-8)
   lo, hi, best = blocks.rest_params, blocks.total_params, None
   while lo <= hi:
@@ -274,6 +285,16 @@ def hpa_within_bytes(blocks: Blocks, max_bytes: int, gamma: float = 0.5, *,
     else:
       hi = mid - 1
   return best
+
+
+def best_format(allocate_in, dtype) -> Optional[Allocation]:
+  """The allocation of the smallest error among ``allocate_in(fmt)`` for
+  every sparse format (ties: the fewest bytes; None results skipped), its
+  ``fmt`` set to the winning format; None when no format fits."""
+  found = [(a.error, allocation_bytes(a, f, dtype), i, dataclasses.replace(a, fmt=f))
+           for i, f in enumerate(acc.SPARSE_FORMATS)
+           if (a := allocate_in(f)) is not None]
+  return min(found)[-1] if found else None
 
 
 # --------------------------------------------------------------------------
@@ -405,7 +426,9 @@ def allocate(blocks: Blocks, budget, method: str = "global", *, gamma: float = 0
       reference uniform scaling; parameters only).
     gamma: HPA's share of the cut taken from the low-rank part.
     unit: 'params' or 'bytes'.
-    fmt, dtype: storage format and value dtype pricing a byte budget.
+    fmt, dtype: storage format and value dtype pricing a byte budget;
+      fmt='auto' (bytes only): the format whose allocation has the smallest
+      error (``best_format``), recorded in the result's ``fmt``.
 
   Raises:
     ValueError: unknown method/unit/format, or a budget above 100 % or below
@@ -415,6 +438,12 @@ def allocate(blocks: Blocks, budget, method: str = "global", *, gamma: float = 0
     raise ValueError(f"allocation method must be one of {METHODS}, got {method!r}")
   if unit not in UNITS:
     raise ValueError(f"budget unit must be one of {UNITS}, got {unit!r}")
+  if unit == "bytes" and fmt == AUTO_FORMAT:
+    if method == "hpa":
+      raise ValueError("method='hpa' allocates parameters (SALAAD.md §6); use "
+                       "unit='params' or method='global'")
+    return best_format(lambda f: allocate(blocks, budget, method, gamma=gamma, unit=unit,
+                                          fmt=f, dtype=dtype), dtype)
   if unit == "bytes":
     acc.check_format(fmt)
     if fmt == "dense":

@@ -12,7 +12,11 @@ count) and every allocation method (``hpa``, ``global``):
      X_hat_i = L_i,r + S_i,nnz (``dense_reconstruction``, in the run's
      parameter dtype) on the first ``eval_batches`` validation batches;
   3. its parameter count P and deployment bytes (``account``, stored as
-     ``fmt`` in ``dtype``) are recorded.
+     ``fmt`` in ``dtype``) are recorded.  fmt='auto' stores every
+     deployment in the one sparse format that suits it: for a byte budget
+     the format whose allocation keeps the smallest error
+     (``allocation.best_format``), for a parameter budget the format of
+     fewest bytes; the row's ``fmt`` says which.
 
 Rows of the same table:
 
@@ -44,6 +48,7 @@ The rows are written as tables and plotted by
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import re
@@ -72,7 +77,7 @@ Budget = Union[int, float]
 Progress = Optional[Callable[[str], Any]]
 
 COLUMNS = ("series", "source", "allocation", "budget", "unit", "budget_value", "budget_fraction",
-           "params", "params_fraction", "bytes", "bytes_fraction", "loss", "loss_se",
+           "fmt", "params", "params_fraction", "bytes", "bytes_fraction", "loss", "loss_se",
            "perplexity", "tokens", "rel_error", "kept_rank", "kept_nnz", "solver", "step",
            "workdir")
 DEFAULT_BUDGETS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
@@ -270,10 +275,15 @@ def hpa_within_bytes(blocks: Blocks, max_bytes: int, *, gamma: float = 0.5, fmt:
 def _allocate(blocks: Blocks, value: int, method: str, unit: str, gamma: float, fmt: str,
               dtype: str):
   if unit == "params":
-    return allocate(blocks, value, method, gamma=gamma)
+    alloc = allocate(blocks, value, method, gamma=gamma)
+    if fmt == allocation.AUTO_FORMAT:
+      fmt = min(acc.SPARSE_FORMATS, key=lambda f: allocation.allocation_bytes(alloc, f, dtype))
+    return dataclasses.replace(alloc, fmt=fmt)
   if method == "hpa":
-    return hpa_within_bytes(blocks, value, gamma=gamma, fmt=fmt, dtype=dtype)
-  return allocate(blocks, value, "global", gamma=gamma, unit="bytes", fmt=fmt, dtype=dtype)
+    alloc = hpa_within_bytes(blocks, value, gamma=gamma, fmt=fmt, dtype=dtype)
+  else:
+    alloc = allocate(blocks, value, "global", gamma=gamma, unit="bytes", fmt=fmt, dtype=dtype)
+  return alloc if alloc.fmt else dataclasses.replace(alloc, fmt=fmt)
 
 
 def _allocation_key(alloc) -> tuple:
@@ -320,7 +330,8 @@ def capacity_spectrum(run_or_workdir, budgets, *, methods: Sequence[str] = ("hpa
       (deployment bytes in ``fmt``/``dtype``, b_w P_model = 100 %; the
       global allocation is priced in bytes and HPA takes the largest
       parameter budget that fits, ``hpa_within_bytes``).
-    fmt: sparse storage priced in the bytes, 'coo' | 'csr' | 'bitmap'.
+    fmt: sparse storage priced in the bytes, 'coo' | 'csr' | 'bitmap', or
+      'auto' (per budget, see above).
     dtype: stored value dtype, 'bfloat16' or 'float32'.
     gamma: HPA's low-rank share of the cut (also the HPA candidate of global).
     step: checkpoint step of the run(s); default: the latest.
@@ -368,8 +379,8 @@ def capacity_spectrum(run_or_workdir, budgets, *, methods: Sequence[str] = ("hpa
       f"{len(evaluator.batches)} validation batches")
 
   rows: list[dict[str, Any]] = []
-  base = dict(budget=None, unit=None, budget_value=None, budget_fraction=None, rel_error=None,
-              kept_rank=None, kept_nnz=None, solver=None)
+  base = dict(budget=None, unit=None, budget_value=None, budget_fraction=None, fmt=None,
+              rel_error=None, kept_rank=None, kept_nnz=None, solver=None)
 
   def dense_row(series, owner, wd):
     t0 = time.time()
@@ -401,14 +412,15 @@ def capacity_spectrum(run_or_workdir, budgets, *, methods: Sequence[str] = ("hpa
         count += 1
         t0 = time.time()
         alloc = _allocate(blks, value, method, unit, gamma, fmt, dtype)
-        counts = acc.account(owner.params, alloc, fmt, dtype)
+        counts = acc.account(owner.params, alloc, alloc.fmt, dtype)
         key = _allocation_key(alloc)
         reused = key in cache
         if not reused:
           cache[key] = evaluator(owner.model, dense_reconstruction(owner.params, blks, alloc))
         r = dict(base, series=f"{label}/{method}", source=src, allocation=method,
                  budget=_budget_text(budget), unit=unit, budget_value=value,
-                 budget_fraction=value / (total * scale), params=counts["params"],
+                 budget_fraction=value / (total * scale), fmt=alloc.fmt,
+                 params=counts["params"],
                  params_fraction=counts["params_fraction"], bytes=counts["bytes"],
                  bytes_fraction=counts["bytes_fraction"], rel_error=alloc.relative_error,
                  kept_rank=sum(alloc.ranks.values()), kept_nnz=sum(alloc.nnz.values()),
@@ -436,9 +448,9 @@ def _check_args(methods, unit, fmt, dtype, gamma, eval_batches, posthoc_rank,
                         f"{list(methods)}")
   if unit not in ("params", "bytes"):
     raise SpectrumError(f"unit must be 'params' or 'bytes', got {unit!r}")
-  if fmt not in acc.SPARSE_FORMATS:
-    raise SpectrumError(f"fmt must be one of {list(acc.SPARSE_FORMATS)} (the storage the "
-                        f"bytes are priced in), got {fmt!r}")
+  if fmt not in (*acc.SPARSE_FORMATS, allocation.AUTO_FORMAT):
+    raise SpectrumError(f"fmt must be one of {[*acc.SPARSE_FORMATS, allocation.AUTO_FORMAT]} "
+                        f"(the storage the bytes are priced in), got {fmt!r}")
   try:
     dtype = acc.dtype_name(dtype)
   except ValueError as e:
@@ -476,7 +488,7 @@ def _baseline_row(base: dict, where: str, s: dict, total: int, b_w: int) -> dict
   dense_params = s.get("dense_params") or total
   s_bw = acc.value_bytes(s["dtype"]) if s.get("dtype") in ("bfloat16", "float32") else b_w
   loss = s["loss"] if s.get("loss") is not None else math.log(s["perplexity"])
-  return dict(base, series=s["label"], source="baseline", allocation=None,
+  return dict(base, series=s["label"], source="baseline", allocation=None, fmt=s.get("fmt"),
               params=s["params"], params_fraction=s["params"] / dense_params,
               bytes=s["bytes"], bytes_fraction=s["bytes"] / (dense_params * s_bw), loss=loss,
               loss_se=None, perplexity=s["perplexity"], tokens=None, step=s.get("step"),

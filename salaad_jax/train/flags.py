@@ -11,7 +11,7 @@ flag sets explicitly (see :mod:`salaad_jax.train.presets`).  The help of
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 from absl import flags
 
@@ -93,3 +93,44 @@ def config_from_flags(flag_values=flags.FLAGS) -> TrainConfig:
     if not flag_values[name].present:
       values[name] = value
   return TrainConfig(**values)
+
+
+def _convert(field: dataclasses.Field, text: str):
+  default = field.default
+  if isinstance(default, bool):
+    low = text.lower()
+    if low not in ("true", "false", "1", "0"):
+      raise ValueError("true or false")
+    return low in ("true", "1")
+  if isinstance(default, int):
+    return int(text)
+  if isinstance(default, float):
+    return float(text)
+  return text
+
+
+def parse_field_overrides(items, flag: str, exclude=("method", "method_options")
+                          ) -> dict[str, Any]:
+  """TrainConfig fields from ``key=value`` strings (the repeatable ``--<flag>``),
+  each value converted to its field's type (bool, int, float or string).
+
+  Raises:
+    TrainError naming ``--<flag>=<item>``: not key=value, not a TrainConfig
+    field (or one of ``exclude``), or a value of the wrong type.
+  """
+  fields = {f.name: f for f in dataclasses.fields(TrainConfig) if f.name not in exclude}
+  out = {}
+  for item in items:
+    key, eq, value = item.partition("=")
+    key, value = key.strip(), value.strip()
+    if not eq or not key:
+      raise TrainError(f"--{flag}={item!r} must be key=value")
+    if key not in fields:
+      raise TrainError(f"--{flag}={item!r}: {key!r} is not a TrainConfig field that can be "
+                       f"set here (known: {', '.join(sorted(fields))})")
+    try:
+      out[key] = _convert(fields[key], value)
+    except ValueError:
+      kind = type(fields[key].default).__name__
+      raise TrainError(f"--{flag}={item!r}: {key} takes a {kind}, got {value!r}") from None
+  return out
