@@ -79,6 +79,7 @@ from salaad_jax.deploy import spectrum_report as report
 from salaad_jax.deploy.summary import write_summary as write_point
 from salaad_jax.train import TrainConfig, TrainError
 from salaad_jax.train import config as config_lib
+from salaad_jax.train import presets
 from salaad_jax.train.flags import parse_field_overrides
 from salaad_jax.train.state import model_config
 
@@ -129,7 +130,8 @@ _SALAAD_RHO = flags.DEFINE_float("salaad_rho", None, "SALAAD's rho (blocks and e
                                  lower_bound=0.0)
 _SALAAD_OPTION = flags.DEFINE_multi_string(
     "salaad_option", [], "a TrainConfig field of SALAAD's pretraining run, key=value "
-    "(repeatable; applied after the --salaad_* flags), e.g. k_alpha=0.2")
+    "(repeatable; applied after the --salaad_* flags), e.g. k_alpha=0.2; "
+    "salaad_preset=recommended puts that preset's fields under the other settings")
 # SALAAD settings of experiments/configs/tiny.flags (tuned for a few hundred
 # steps of the tiny model on tinyshakespeare).
 SALAAD_SHORT_RUN = dict(every_k=5, rho=0.003, rho_embed=0.003, rank_target=0.15,
@@ -225,6 +227,10 @@ def pretrain_salaad_settings(mcfg, targets: list[int], unit: str) -> dict:
   r* matched to the largest budget unless set; checked like a run's config."""
   try:
     options = parse_field_overrides(_SALAAD_OPTION.value, "salaad_option")
+  except TrainError as e:
+    common.fail(str(e))
+  try:  # --salaad_option=salaad_preset=NAME: the preset's fields under the others
+    options = presets.with_preset(options, _MODEL.value)
   except TrainError as e:
     common.fail(str(e))
   settings = salaad_settings(**options)

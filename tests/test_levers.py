@@ -295,6 +295,15 @@ def test_reference_preset_is_the_papers_settings():
     presets.preset_fields("best", "tiny")
 
 
+def test_with_preset_expands_the_named_preset_under_explicit_fields():
+  got = presets.with_preset({"salaad_preset": "recommended", "rank_target": 0.3}, "tiny")
+  assert got["rank_target"] == 0.3 and got["salaad_preset"] == "recommended"
+  assert (got["consolidate_from"], got["density_target"], got["rho"]) == (0.5, 0.08, 1e-3)
+  assert presets.with_preset({"k_alpha": 1.0}, "tiny") == {"k_alpha": 1.0}
+  with pytest.raises(TrainError, match="is not a preset"):
+    presets.with_preset({"salaad_preset": "best"}, "tiny")
+
+
 def test_explicit_flags_win_over_the_preset(tmp_path):
   flagfile = tmp_path / "f.flags"
   flagfile.write_text("--every_k=3\n")

@@ -74,3 +74,10 @@ def config_with_preset(name: str, **fields) -> TrainConfig:
   TrainConfig default), overridden by ``fields``."""
   model = fields.get("model", TrainConfig.model)
   return TrainConfig(**{**preset_fields(name, model), **fields, "salaad_preset": name})
+
+
+def with_preset(fields: dict[str, Any], model: str) -> dict[str, Any]:
+  """``fields`` with the preset it names in ``salaad_preset`` (if any)
+  expanded underneath: the preset's fields for ``model``, then ``fields``
+  (which win)."""
+  return {**preset_fields(fields.get("salaad_preset", ""), model), **fields}
