@@ -61,7 +61,12 @@ def _pretrain(workdir: Path, method: str) -> None:
   cmd = [sys.executable, "-m", "experiments.pretrain", f"--flagfile={TINY}",
          f"--workdir={workdir}", f"--method={method}", f"--source={SOURCE}", "--steps=200",
          "--batch_size=8", "--seq_len=64", "--warmup_steps=20", "--log_every=100",
-         "--eval_every=0", f"--eval_batches={EVAL_BATCHES}", "--checkpoint_every=0"]
+         "--eval_every=0", f"--eval_batches={EVAL_BATCHES}", "--checkpoint_every=0",
+         # An ADMM-trained run with a fast controller (no consolidation): the
+         # spectrum properties below are about deploying its L + S at every budget.
+         "--consolidate_from=0", "--rank_target=0.15", "--density_target=0.05",
+         "--every_k=5", "--rho=0.003", "--rho_embed=0.003", "--k_alpha=1.0",
+         "--k_beta=0.3", "--alpha_init=sigma_k"]
   out = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=400)
   assert out.returncode == 0, out.stderr[-3000:]
 
