@@ -113,19 +113,25 @@ def _check_value(name: str, value, path: str, low, high, low_open=True):
     raise ValueError(f"{name} must be <= {high}, got {v}{where}")
 
 
-# Arguments that shape the computation (loop counts, factor shapes): they must
-# be Python numbers, so ``optax.inject_hyperparams`` takes them as static_args.
-STATIC_ARGS = ("svt_iters", "init_iters", "max_rank")
+# Arguments that shape the computation (loop counts, factor shapes, which
+# phases run): they must be Python numbers, so ``optax.inject_hyperparams``
+# takes them as static_args.
+STATIC_ARGS = ("svt_iters", "init_iters", "max_rank", "consolidate_from",
+               "consolidate_dropout")
 
 
-def _static_int(name: str, value) -> int:
+def _static_float(name: str, value) -> float:
   v = _concrete_float(value)
   if v is None:
     raise ValueError(
-        f"{name} is static (it fixes the SVT's loops and factor shapes) and cannot be "
-        "traced or injected; with optax.inject_hyperparams pass "
+        f"{name} is static (it fixes the computation's loops, shapes or phases) and "
+        "cannot be traced or injected; with optax.inject_hyperparams pass "
         "static_args=salaad_jax.STATIC_ARGS")
-  return int(v)
+  return v
+
+
+def _static_int(name: str, value) -> int:
+  return int(_static_float(name, value))
 
 
 class _BlockHparams(NamedTuple):
@@ -350,10 +356,6 @@ def _make(inner: Optional[optax.GradientTransformation], learning_rate, *,
           target_schedule=None, rho_schedule=None, consolidate_from=None,
           consolidate_structure="target", consolidate_dropout=0.0):
   ctl.check_mode(mode)
-  if consolidate_from is not None and int(consolidate_from) < 0:
-    raise ValueError(f"consolidate_from must be a step >= 0 or None, got {consolidate_from}")
-  _check_value("consolidate_dropout", consolidate_dropout, "", 0.0, 1.0, low_open=False)
-  consolidate_dropout = float(consolidate_dropout)
   if consolidate_structure not in cons.STRUCTURES:
     raise ValueError(f"consolidate_structure must be one of {cons.STRUCTURES}, "
                      f"got {consolidate_structure!r}")
@@ -381,6 +383,12 @@ def _make(inner: Optional[optax.GradientTransformation], learning_rate, *,
     max_rank = _static_int("max_rank", max_rank)
   if svt_iters < 1 or init_iters < 1:
     raise ValueError("svt_iters and init_iters must be >= 1")
+  if consolidate_from is not None:
+    consolidate_from = _static_int("consolidate_from", consolidate_from)
+    if consolidate_from < 0:
+      raise ValueError(f"consolidate_from must be a step >= 0 or None, got {consolidate_from}")
+  consolidate_dropout = _static_float("consolidate_dropout", consolidate_dropout)
+  _check_value("consolidate_dropout", consolidate_dropout, "", 0.0, 1.0, low_open=False)
   if spread_rounds and k_val is None:
     raise ValueError("spread_rounds needs a concrete every_k (not an injected hyperparameter)")
   if max_rank is not None and int(max_rank) < 1:

@@ -184,5 +184,5 @@ def test_incompatible_resume_is_refused_and_the_workdir_kept(tmp_path):
   files = {p: p.stat().st_mtime_ns for p in wd.rglob("*") if p.is_file()}
   out = pretrain(f"--workdir={wd}", "--steps=5", "--eval_every=0", "--warmup_steps=1",
                  "--rank_target=0.3", timeout=120)
-  _assert_one_line_error(out, "different configuration (rank_target: 0.15 -> 0.3)")
+  _assert_one_line_error(out, "different configuration (rank_target: 0.2 -> 0.3)")
   assert {p: p.stat().st_mtime_ns for p in wd.rglob("*") if p.is_file()} == files
