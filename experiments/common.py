@@ -5,6 +5,7 @@ processes of a multi-host job (``--distributed``) print and end."""
 from __future__ import annotations
 
 import functools
+import logging as std_logging
 import os
 import signal
 import sys
@@ -22,8 +23,9 @@ from salaad_jax.train.metrics import format_duration
 
 def _without_orbax_traceback(record) -> bool:
   """Drops the stack of Orbax's own error records (e.g. of a failed background
-  save, which the app reports as one ``error:`` line); keeps their message."""
-  if f"{os.sep}orbax{os.sep}" in (record.pathname or ""):
+  save, which the app reports as one ``error:`` line) and of asyncio's reports
+  of its write tasks' exceptions; keeps their message."""
+  if f"{os.sep}orbax{os.sep}" in (record.pathname or "") or record.name == "asyncio":
     record.exc_info, record.exc_text, record.stack_info = None, None, None
   return True
 
@@ -46,6 +48,7 @@ def quiet_logging() -> None:
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING if multihost.is_primary() else logging.ERROR)
     logging.get_absl_logger().addFilter(_without_orbax_traceback)
+    std_logging.getLogger("asyncio").addFilter(_without_orbax_traceback)
     # TensorStore reports them through sys.unraisablehook (sys.excepthook
     # when it prints the error itself).
     hook, unraisable_hook = sys.excepthook, sys.unraisablehook
