@@ -42,7 +42,7 @@ def _check_value(name: str, value, path: str, low, high, low_open=True):
 # phases run): they must be Python numbers, so ``optax.inject_hyperparams``
 # takes them as static_args.
 STATIC_ARGS = ("svt_iters", "init_iters", "max_rank", "consolidate_from",
-               "consolidate_dropout")
+               "consolidate_dropout", "sparse_capacity")
 
 
 def _static_float(name: str, value) -> float:

@@ -12,6 +12,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from salaad_jax import compact
 from salaad_jax import prox
 from salaad_jax import structure as st
 from salaad_jax.transform import SalaadState, is_placeholder
@@ -30,7 +31,9 @@ def find_state(opt_state: Any) -> SalaadState:
 
 
 def _blocks(state: SalaadState):
-  """[(path, index-free accessor dict)] for every block leaf."""
+  """[(path, index-free accessor dict)] for every block leaf; ``sparse`` is S
+  dense in the parameter's shape (the shape of the dual U) whichever way the
+  state stores it."""
   out = []
   fields = ("lr_u", "lr_s", "lr_v", "sparse", "dual", "alpha", "beta", "rank_rate", "density")
   flat_with_path, treedef = jax.tree_util.tree_flatten_with_path(state.lr_u)
@@ -38,7 +41,10 @@ def _blocks(state: SalaadState):
   for i, (path, u) in enumerate(flat_with_path):
     if is_placeholder(u):
       continue
-    out.append((st.path_str(path), {f: per_field[f][i] for f in fields}))
+    b = {f: per_field[f][i] for f in fields}
+    if isinstance(b["sparse"], compact.CompactSparse):
+      b["sparse"] = compact.densify(b["sparse"], b["dual"].shape, b["sparse"].values.dtype)
+    out.append((st.path_str(path), b))
   return out
 
 

@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from salaad_jax import compact
 from salaad_jax import consolidate as cons
 from salaad_jax import controller as ctl
 from salaad_jax.hparams import (_HPARAM_RULES, _BlockHparams, _block_hparams,
@@ -53,7 +54,9 @@ class SalaadState(NamedTuple):
     inner_state: the base optimiser's state (EmptyState when decoupled).
     lr_u, lr_s, lr_v: L_i = lr_u diag(lr_s) lr_v^T, shapes (m, r), (r,),
       (n, r), float32; lr_s is already thresholded (zeros beyond the rank).
-    sparse: S_i in the param's shape (``state_dtype``).
+    sparse: S_i, either ``compact.CompactSparse(values, index)`` at the
+      block's capacity (values in ``state_dtype``, int32 flat indices; the
+      default) or, with ``sparse_capacity=None``, dense in the param's shape.
     dual: the scaled dual U_i = Y_i / rho_i in the param's shape (``dual_dtype``).
     alpha, beta: the penalty weights (float32 scalars).
     rank_rate, density: gamma_L and d_S measured at the last round.
@@ -163,11 +166,18 @@ def _sparse_step(z, beta, hp: _BlockHparams, cfg: _Static):
 
 
 def _round_block(x, f: prox.Factors, s, dual, alpha, beta, rank_prev, dens_prev,
-                 num_rounds, hp: _BlockHparams, deriv_start, cfg: _Static, dual_scale=1.0):
+                 num_rounds, hp: _BlockHparams, deriv_start, cfg: _Static, dual_scale=1.0,
+                 cap: Optional[int] = None):
   """One ADMM round for one block (matrix view, float32), SALAAD.md §2.
 
   ``dual_scale`` = rho_now / rho_next rescales U in the dual step when rho
   moves (U <- U rho_now / rho_next + X - L - S, so Y = rho U is continuous).
+  With a capacity ``cap`` the S-step's result is projected onto
+  {nnz(S) <= cap} (``compact.compactify``: the cap largest |entries|; S
+  itself when nnz <= cap) and returned compact; the dual step and the next
+  round use that projected S.  The density d_S that drives the controller
+  (and is stored) is the prox result's, so d_S > cap / (m n) marks a round
+  whose S overflowed the capacity.
   """
   m, n = x.shape
   rho = jnp.asarray(hp.rho, _F32)
@@ -191,9 +201,13 @@ def _round_block(x, f: prox.Factors, s, dual, alpha, beta, rank_prev, dens_prev,
   else:
     beta = ctl.next_weight(cfg.mode, beta, dens, dens_prev, hp.density_target,
                            rho, hp.k_beta, hp.k_d, num_rounds, deriv_start)
+  stored = s
+  if cap is not None:
+    stored = compact.compactify(s, cap)
+    s = compact.densify(stored, s.shape)
   # 5. U <- U + (X - L - S)
   dual = dual * dual_scale + (x - l_dense - s)
-  return f, s, dual, alpha, beta, rank_rate, dens
+  return f, stored, dual, alpha, beta, rank_rate, dens
 
 
 # --------------------------------------------------------------------------
@@ -207,15 +221,33 @@ class _Layout(NamedTuple):
   infos: list  # BlockInfo or None per leaf
   hparams: list  # _BlockHparams or None per leaf
   ranks: list  # int or None per leaf
+  caps: list  # entries S may hold (int), or None (dense S / not a block), per leaf
 
 
 def _groups(layout: _Layout):
-  """Leaf indices of blocks grouped by (matrix shape, factor rank)."""
+  """Leaf indices of blocks grouped by (matrix shape, factor rank, S capacity)."""
   groups: dict[tuple, list[int]] = {}
   for i, info in enumerate(layout.infos):
     if info is not None:
-      groups.setdefault((info.matrix_shape, layout.ranks[i]), []).append(i)
+      groups.setdefault((info.matrix_shape, layout.ranks[i], layout.caps[i]), []).append(i)
   return list(groups.values())
+
+
+def _capacity_fraction(sparse_capacity, density_target, n_m, path: str) -> float:
+  """kappa_i, the fraction of block i's entries S_i may hold: the given
+  fraction, or for 'auto' min(1, 2 d*_i) (at least N/M for N:M sparsity)."""
+  if sparse_capacity != "auto":
+    return sparse_capacity
+  d = _concrete_float(density_target)
+  if d is None:
+    raise ValueError(
+        f"sparse_capacity='auto' sizes S's storage at 2 d* of each block's entries, but "
+        f"density_target (d*) of block '{path}' is traced or injected; pass "
+        "sparse_capacity=<fraction in (0, 1]> or sparse_capacity=None (S stored dense)")
+  frac = min(1.0, 2.0 * d)
+  if n_m is not None:
+    frac = max(frac, n_m[0] / n_m[1])
+  return frac
 
 
 def _holds_multisteps(tree) -> bool:
@@ -229,10 +261,11 @@ def _stack_hparams(hps: list[_BlockHparams]) -> _BlockHparams:
 
 
 def _penalty_term(x, l_u, l_s, l_v, s, dual, info, rho):
-  """rho (X - L - S + U) in float32, in the param's shape."""
+  """rho (X - L - S + U) in float32, in the param's shape (S stored either way)."""
   l_dense = st.from_matrix(prox.dense(prox.Factors(l_u, l_s, l_v)), info)
   return jnp.asarray(rho, _F32) * (
-      jnp.asarray(x, _F32) - l_dense - jnp.asarray(s, _F32) + jnp.asarray(dual, _F32))
+      jnp.asarray(x, _F32) - l_dense - compact.as_dense(s, info.shape)
+      + jnp.asarray(dual, _F32))
 
 
 def _make(inner: Optional[optax.GradientTransformation], learning_rate, *,
@@ -240,7 +273,7 @@ def _make(inner: Optional[optax.GradientTransformation], learning_rate, *,
           rank_target, density_target, k_alpha, k_beta, k_d, deriv_start,
           energy, mode, sparse_mode, svt, svt_iters, init_iters, max_rank,
           alpha_init, beta_init, state_dtype, dual_dtype, spread_rounds, seed,
-          target_schedule=None, rho_schedule=None, consolidate_from=None,
+          sparse_capacity="auto", target_schedule=None, rho_schedule=None, consolidate_from=None,
           consolidate_structure="target", consolidate_dropout=0.0):
   ctl.check_mode(mode)
   if consolidate_structure not in cons.STRUCTURES:
@@ -276,6 +309,13 @@ def _make(inner: Optional[optax.GradientTransformation], learning_rate, *,
       raise ValueError(f"consolidate_from must be a step >= 0 or None, got {consolidate_from}")
   consolidate_dropout = _static_float("consolidate_dropout", consolidate_dropout)
   _check_value("consolidate_dropout", consolidate_dropout, "", 0.0, 1.0, low_open=False)
+  if sparse_capacity is not None and not (isinstance(sparse_capacity, str)
+                                         and sparse_capacity == "auto"):
+    if isinstance(sparse_capacity, str):
+      raise ValueError(f"sparse_capacity must be 'auto', a fraction in (0, 1] or None, "
+                       f"got {sparse_capacity!r}")
+    sparse_capacity = _static_float("sparse_capacity", sparse_capacity)
+    _check_value("sparse_capacity", sparse_capacity, "", 0.0, 1.0)
   if spread_rounds and k_val is None:
     raise ValueError("spread_rounds needs a concrete every_k (not an injected hyperparameter)")
   if max_rank is not None and int(max_rank) < 1:
@@ -308,7 +348,10 @@ def _make(inner: Optional[optax.GradientTransformation], learning_rate, *,
              for h, i in zip(hps, infos)]
     ranks = [None if i is None else _rank_for(i, cfg, h.rank_target)
              for i, h in zip(infos, hps)]
-    return _Layout(treedef, paths, infos, hps, ranks)
+    caps = [None if i is None or sparse_capacity is None else compact.capacity(
+        i.size, _capacity_fraction(sparse_capacity, h.density_target, n_m, i.path))
+            for i, h in zip(infos, hps)]
+    return _Layout(treedef, paths, infos, hps, ranks, caps)
 
   def storage_dtype(x, dtype=state_dtype):
     return jnp.dtype(x.dtype) if dtype is None else jnp.dtype(dtype)
@@ -340,7 +383,9 @@ def _make(inner: Optional[optax.GradientTransformation], learning_rate, *,
       for j, i in enumerate(idx):
         fields["lr_u"][i], fields["lr_s"][i], fields["lr_v"][i] = f.u[j], f.s[j], f.v[j]
         dt = storage_dtype(leaves[i])
-        fields["sparse"][i] = jnp.zeros(layout.infos[i].shape, dt)
+        cap = layout.caps[i]
+        fields["sparse"][i] = (jnp.zeros(layout.infos[i].shape, dt) if cap is None
+                               else compact.empty(cap, dt))
         fields["dual"][i] = jnp.zeros(layout.infos[i].shape, storage_dtype(leaves[i], dual_dtype))
         fields["alpha"][i] = alpha0[j]
         fields["beta"][i] = jnp.asarray(beta_init, _F32)
@@ -397,8 +442,12 @@ def _make(inner: Optional[optax.GradientTransformation], learning_rate, *,
     """One ADMM round for the blocks ``idx`` (one shape), vmapped.  ``sub``
     maps each per-block field name to the list of those blocks' values."""
     infos = [layout.infos[i] for i in idx]
+    cap = layout.caps[idx[0]]  # one per work unit (part of the group key)
 
     def stack(name, as_mat=False):
+      if name == "sparse":
+        return jnp.stack([compact.as_dense(v, inf.matrix_shape)
+                          for v, inf in zip(sub[name], infos)])
       vals = [jnp.asarray(v, _F32) for v in sub[name]]
       if as_mat:
         vals = [st.as_matrix(v, inf) for v, inf in zip(vals, infos)]
@@ -409,25 +458,36 @@ def _make(inner: Optional[optax.GradientTransformation], learning_rate, *,
     f = prox.Factors(stack("lr_u"), stack("lr_s"), stack("lr_v"))
     hps, dual_scale = scheduled(_stack_hparams([layout.hparams[i] for i in idx]), num_rounds)
     one = lambda x, f_, s_, u_, a_, b_, rp, dp, h: _round_block(
-        x, f_, s_, u_, a_, b_, rp, dp, num_rounds, h, deriv_start, cfg, dual_scale)
+        x, f_, s_, u_, a_, b_, rp, dp, num_rounds, h, deriv_start, cfg, dual_scale, cap)
     f, s, dual, alpha, beta, rate, dens = jax.vmap(one)(
-        xs, f, stack("sparse", True), stack("dual", True), stack("alpha"),
+        xs, f, stack("sparse"), stack("dual", True), stack("alpha"),
         stack("beta"), stack("rank_rate"), stack("density"), hps)
     out = {k: list(v) for k, v in sub.items()}
     for j, inf in enumerate(infos):
       out["lr_u"][j], out["lr_s"][j], out["lr_v"][j] = f.u[j], f.s[j], f.v[j]
-      out["sparse"][j] = st.from_matrix(s[j], inf).astype(sub["sparse"][j].dtype)
+      out["sparse"][j] = store_sparse(jax.tree.map(lambda a, j=j: a[j], s), inf,
+                                      sub["sparse"][j])
       out["dual"][j] = st.from_matrix(dual[j], inf).astype(sub["dual"][j].dtype)
       out["alpha"][j], out["beta"][j] = alpha[j], beta[j]
       out["rank_rate"][j], out["density"][j] = rate[j], dens[j]
     return out
 
+  def store_sparse(s, info, old):
+    """S_i as stored: compact (``s`` already a ``CompactSparse``) or dense in
+    the param's shape, in the storage dtype of ``old``."""
+    if isinstance(old, compact.CompactSparse):
+      return compact.CompactSparse(s.values.astype(old.values.dtype), s.index)
+    return st.from_matrix(s, info).astype(old.dtype)
+
   def consolidate_unit(idx, new_x_leaves, u_leaves, sub, first, drop, layout: _Layout):
     """The consolidation projection (``consolidate.project_block``) of the
     blocks ``idx``; returns their fields and X_next - X_new per block (X_next:
-    L + S, or with nested dropout its truncation ``consolidate.truncated``)."""
+    L + S, or with nested dropout its truncation ``consolidate.truncated``).
+    With a capacity, S is projected onto it (``compact.compactify``) and X_next
+    uses that S."""
     infos = [layout.infos[i] for i in idx]
-    mat = lambda vals: jnp.stack([st.as_matrix(jnp.asarray(v, _F32), inf)
+    cap = layout.caps[idx[0]]
+    mat = lambda vals: jnp.stack([compact.as_dense(v, inf.matrix_shape)
                                   for v, inf in zip(vals, infos)])
     xs = mat([new_x_leaves[i] for i in idx])
     f = prox.Factors(*(jnp.stack([jnp.asarray(v, _F32) for v in sub[k]])
@@ -441,16 +501,24 @@ def _make(inner: Optional[optax.GradientTransformation], learning_rate, *,
         x, f_, s_, first, rt, dt, consolidate_structure, cfg.svt_iters, cfg.svt == "exact")
     f, s, x_proj = jax.vmap(one)(z, f, mat(sub["sparse"]), hps.rank_target,
                                  hps.density_target)
+    dens = jax.vmap(prox.density)(s)  # before the capacity: > cap / (m n) marks an overflow
+    stored = s
+    if cap is not None:
+      stored = jax.vmap(compact.compactify, in_axes=(0, None))(s, cap)
+      s_cap = jax.vmap(compact.densify, in_axes=(0, None))(stored, s.shape[1:])
+      x_proj = x_proj + (s_cap - s)  # exactly x_proj when the capacity does not bind
+      s = s_cap
     if consolidate_dropout:
       x_proj = jax.vmap(cons.truncated, in_axes=(0, 0, None))(f, s, drop)
     out = {k: list(v) for k, v in sub.items()}
     deltas = []
     for j, inf in enumerate(infos):
       out["lr_u"][j], out["lr_s"][j], out["lr_v"][j] = f.u[j], f.s[j], f.v[j]
-      out["sparse"][j] = st.from_matrix(s[j], inf).astype(sub["sparse"][j].dtype)
+      out["sparse"][j] = store_sparse(jax.tree.map(lambda a, j=j: a[j], stored), inf,
+                                      sub["sparse"][j])
       out["dual"][j] = jnp.zeros_like(sub["dual"][j])
       out["rank_rate"][j] = jnp.sum(f.s[j] > 0).astype(_F32) / min(inf.matrix_shape)
-      out["density"][j] = prox.density(s[j])
+      out["density"][j] = dens[j]
       deltas.append(st.from_matrix(x_proj[j] - xs[j], inf))
     return out, deltas
 
@@ -579,6 +647,13 @@ _DOC_ARGS = """
       dtype).  The factors of L stay float32, and every round computes in
       float32 whatever the storage.  bfloat16 S and U halve their memory
       (benchmarks/RESULTS.md: state memory and its quality cost).
+    sparse_capacity: how S is stored.  'auto' (default): compactly, as
+      values and int32 flat indices of at most ceil(kappa m n) entries per
+      block, kappa = min(1, 2 d*) (at least N/M for 'N:M'); needs a concrete
+      density_target.  A fraction kappa in (0, 1]: that capacity.  None: S
+      dense in the param's shape.  When a round's S has more nonzeros than
+      the capacity, the largest |entries| are kept (a projection; the block's
+      ``density`` stat, measured before it, then exceeds kappa).  Static.
     spread_rounds: spread the blocks' rounds over the K steps (each shape
       group, chunked, runs at its own phase) instead of running all blocks
       every K-th step: the same work, no step-time spike, less transient
@@ -616,7 +691,8 @@ def salaad(inner: optax.GradientTransformation, *, structure=None,
            sparse_mode: str = "soft", svt: str = "fast", svt_iters: int = 2,
            init_iters: int = 4, max_rank: Optional[int] = None,
            alpha_init: Union[str, float] = "zero", beta_init: float = 0.0,
-           state_dtype="float32", dual_dtype="float32", spread_rounds: bool = False,
+           state_dtype="float32", dual_dtype="float32",
+           sparse_capacity: Union[str, float, None] = "auto", spread_rounds: bool = False,
            seed: int = 0, target_schedule=None, rho_schedule=None,
            consolidate_from: Optional[int] = None,
            consolidate_structure: str = "target",
@@ -643,6 +719,7 @@ def salaad_decoupled(learning_rate, *, structure=None,
                      init_iters: int = 4, max_rank: Optional[int] = None,
                      alpha_init: Union[str, float] = "zero", beta_init: float = 0.0,
                      state_dtype="float32", dual_dtype="float32",
+                     sparse_capacity: Union[str, float, None] = "auto",
                      spread_rounds: bool = False,
                      seed: int = 0, target_schedule=None, rho_schedule=None,
                      consolidate_from: Optional[int] = None,

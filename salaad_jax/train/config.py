@@ -103,6 +103,9 @@ class TrainConfig:
   state_dtype: str = _f("float32", "storage dtype of S", choices=("float32", "bfloat16"))
   dual_dtype: str = _f("float32", "storage dtype of the scaled dual U",
                        choices=("float32", "bfloat16"))
+  sparse_capacity: str = _f("auto", "storage of S: 'auto' (values + int32 indices of at "
+                            "most 2 d* of each block's entries), a fraction in (0, 1] "
+                            "(that capacity) or 'none' (dense in the param's shape)")
   coupling: str = _f("coupled", "coupled (penalty gradient before AdamW) or decoupled",
                      choices=("coupled", "decoupled"))
   salaad_preset: str = _f("", "named SALAAD settings applied before the explicit flags "
@@ -220,6 +223,14 @@ def validate(config: TrainConfig) -> TrainConfig:
     except ValueError:
       raise TrainError(f"--alpha_init={config.alpha_init!r} must be 'zero', "
                        "'sigma_k' or a number") from None
+  if config.sparse_capacity not in ("auto", "none"):
+    try:
+      ok = 0.0 < float(config.sparse_capacity) <= 1.0
+    except ValueError:
+      ok = False
+    if not ok:
+      raise TrainError(f"--sparse_capacity={config.sparse_capacity!r} must be 'auto', "
+                       "'none' or a fraction in (0, 1]")
   for name in ("target_schedule_end", "consolidate_from", "rho_ramp_center",
                "consolidate_dropout"):
     if getattr(config, name) >= 1.0:
@@ -229,6 +240,16 @@ def validate(config: TrainConfig) -> TrainConfig:
   if not isinstance(config.method_options, dict):
     raise TrainError("method_options must be a dict")
   return config
+
+
+def sparse_capacity_value(config: TrainConfig):
+  """``sparse_capacity`` as the transform takes it: 'auto', a float or None."""
+  value = config.sparse_capacity
+  if value == "auto":
+    return value
+  if value == "none":
+    return None
+  return float(value)
 
 
 def alpha_init_value(config: TrainConfig):

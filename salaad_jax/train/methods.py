@@ -23,7 +23,8 @@ import optax
 
 import salaad_jax as sj
 from salaad_jax import structure
-from salaad_jax.train.config import TrainConfig, TrainError, alpha_init_value
+from salaad_jax.train.config import (TrainConfig, TrainError, alpha_init_value,
+                                     sparse_capacity_value)
 from salaad_jax.train.optim import base_optimizer
 
 Params = Any
@@ -204,7 +205,8 @@ def salaad_kwargs(config: TrainConfig) -> dict[str, Any]:
       max_rank=config.max_rank or None, alpha_init=alpha_init_value(config),
       beta_init=config.beta_init, include_embedding=config.include_embedding,
       include_head=config.include_head, state_dtype=config.state_dtype,
-      dual_dtype=config.dual_dtype, seed=config.seed)
+      dual_dtype=config.dual_dtype, sparse_capacity=sparse_capacity_value(config),
+      seed=config.seed)
 
 
 def salaad_optimizer(config: TrainConfig, schedule) -> optax.GradientTransformation:
