@@ -13,7 +13,8 @@ Every ``every_k`` steps, on the new X = params + update, each block runs one
 ADMM round in float32 (L-step by singular value thresholding, controller on
 alpha, S-step by a sparse prox, controller on beta, dual ascent on the scaled
 dual U = Y / rho).  The round runs under ``lax.cond`` and is vmapped over the
-blocks that share a matrix shape.  L is kept factored at a bounded rank.
+blocks that share a matrix shape.  L is kept factored at a bounded rank, and
+S compactly at a bounded number of entries (``compact``; ``sparse_capacity``).
 """
 
 from __future__ import annotations
@@ -233,21 +234,26 @@ def _groups(layout: _Layout):
   return list(groups.values())
 
 
-def _capacity_fraction(sparse_capacity, density_target, n_m, path: str) -> float:
-  """kappa_i, the fraction of block i's entries S_i may hold: the given
-  fraction, or for 'auto' min(1, 2 d*_i) (at least N/M for N:M sparsity)."""
+def _capacity(sparse_capacity, info: st.BlockInfo, density_target, cfg: _Static):
+  """c_i = ceil(kappa_i m n), the entries S_i may hold (None: S stored dense).
+  kappa_i is the given fraction, or for 'auto' min(1, 2 d*_i) (at least N/M
+  for N:M sparsity); 'auto' stores the group-sparse modes ('rows', 'cols')
+  dense, since keeping the largest entries would cut their groups."""
+  if sparse_capacity is None or (sparse_capacity == "auto"
+                                 and cfg.sparse_mode in ("rows", "cols")):
+    return None
   if sparse_capacity != "auto":
-    return sparse_capacity
+    return compact.capacity(info.size, sparse_capacity)
   d = _concrete_float(density_target)
   if d is None:
     raise ValueError(
         f"sparse_capacity='auto' sizes S's storage at 2 d* of each block's entries, but "
-        f"density_target (d*) of block '{path}' is traced or injected; pass "
+        f"density_target (d*) of block '{info.path}' is traced or injected; pass "
         "sparse_capacity=<fraction in (0, 1]> or sparse_capacity=None (S stored dense)")
   frac = min(1.0, 2.0 * d)
-  if n_m is not None:
-    frac = max(frac, n_m[0] / n_m[1])
-  return frac
+  if cfg.n_m is not None:
+    frac = max(frac, cfg.n_m[0] / cfg.n_m[1])
+  return compact.capacity(info.size, frac)
 
 
 def _holds_multisteps(tree) -> bool:
@@ -331,7 +337,10 @@ def _make(inner: Optional[optax.GradientTransformation], learning_rate, *,
       _check_value(name, jax.tree.leaves(value)[0], "", *_HPARAM_RULES[name])
   inner = None if inner is None else optax.with_extra_args_support(inner)
 
-  def layout_of(params) -> _Layout:
+  def layout_of(params, sparse=None) -> _Layout:
+    """Blocks, hyperparameters, factor ranks and S capacities of ``params``;
+    with ``sparse`` (the state's S) the capacities are read off its storage,
+    so an update needs no concrete d* (only init sizes S)."""
     leaves_with_path, treedef = jax.tree_util.tree_flatten_with_path(params)
     paths = [st.path_str(p) for p, _ in leaves_with_path]
     # The default selection may find no block (vectors, scalars): then the
@@ -348,9 +357,12 @@ def _make(inner: Optional[optax.GradientTransformation], learning_rate, *,
              for h, i in zip(hps, infos)]
     ranks = [None if i is None else _rank_for(i, cfg, h.rank_target)
              for i, h in zip(infos, hps)]
-    caps = [None if i is None or sparse_capacity is None else compact.capacity(
-        i.size, _capacity_fraction(sparse_capacity, h.density_target, n_m, i.path))
-            for i, h in zip(infos, hps)]
+    if sparse is not None:
+      caps = [c.values.shape[0] if isinstance(c, compact.CompactSparse) else None
+              for c in treedef.flatten_up_to(sparse)]
+    else:
+      caps = [None if i is None else _capacity(sparse_capacity, i, h.density_target, cfg)
+              for i, h in zip(infos, hps)]
     return _Layout(treedef, paths, infos, hps, ranks, caps)
 
   def storage_dtype(x, dtype=state_dtype):
@@ -576,7 +588,7 @@ def _make(inner: Optional[optax.GradientTransformation], learning_rate, *,
 
   def update_coupled(updates, state, params=None, **extra_args):
     check_params(params)
-    layout = layout_of(params)
+    layout = layout_of(params, state.sparse)
     pen = penalties(params, state, layout)
     g = layout.treedef.flatten_up_to(updates)
     g = [gi if p is None else (jnp.asarray(gi, _F32) + p).astype(gi.dtype)
@@ -592,7 +604,7 @@ def _make(inner: Optional[optax.GradientTransformation], learning_rate, *,
   def update_decoupled(updates, state, params=None, **extra_args):
     del extra_args
     check_params(params)
-    layout = layout_of(params)
+    layout = layout_of(params, state.sparse)
     pen = penalties(params, state, layout)
     lr = learning_rate(state.count) if callable(learning_rate) else learning_rate
     lr = jnp.asarray(lr, _F32)
@@ -653,7 +665,8 @@ _DOC_ARGS = """
       density_target.  A fraction kappa in (0, 1]: that capacity.  None: S
       dense in the param's shape.  When a round's S has more nonzeros than
       the capacity, the largest |entries| are kept (a projection; the block's
-      ``density`` stat, measured before it, then exceeds kappa).  Static.
+      ``density`` stat, measured before it, then exceeds kappa).  'auto'
+      keeps the group-sparse modes ('rows', 'cols') dense.  Static.
     spread_rounds: spread the blocks' rounds over the K steps (each shape
       group, chunked, runs at its own phase) instead of running all blocks
       every K-th step: the same work, no step-time spike, less transient

@@ -106,7 +106,7 @@ def test_state_shapes_and_dtypes_stable_under_lax_cond(dtype):
     params, new_state = step(params, state)
     chex.assert_trees_all_equal_shapes_and_dtypes(new_state, state)
     state = new_state
-  assert state.sparse["dense"]["kernel"].dtype == dtype
+  assert state.sparse["dense"]["kernel"].values.dtype == dtype  # S's values, compact
 
 
 def test_tree_map_params_on_state():
@@ -119,9 +119,15 @@ def test_tree_map_params_on_state():
   adam_state = mapped.inner_state[0]
   assert float(adam_state.mu["dense"]["kernel"][0, 0]) == 7
   assert int(mapped.count) == 0
-  # The SALAAD per-block fields mirror the params' tree and are mapped too.
-  assert float(mapped.sparse["dense"]["kernel"][0, 0]) == 7
+  # The SALAAD per-block fields mirror the params' tree and are mapped too;
+  # a compact S is a (values, index) pair under its block's path, both mapped.
+  assert float(mapped.dual["dense"]["kernel"][0, 0]) == 7
+  assert np.all(np.asarray(mapped.sparse["dense"]["kernel"].values) == 7)
   specs = optax.tree.map_params(opt, lambda p: "P", state, transform_non_params=lambda _: None)
+  assert specs.sparse["proj"]["kernel"] == sj.CompactSparse("P", "P")
+  dense_s = sj.salaad(optax.adam(1e-2), sparse_capacity=None)
+  specs = optax.tree.map_params(dense_s, lambda p: "P", dense_s.init(params),
+                                transform_non_params=lambda _: None)
   assert specs.sparse["proj"]["kernel"] == "P"
 
 

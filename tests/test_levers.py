@@ -42,6 +42,11 @@ def _leaf(tree, name):
   return np.asarray(tree[name]["kernel"], np.float64)
 
 
+def _s_leaf(state, name):
+  """S of block ``name`` in the param's shape, whichever way the state stores it."""
+  return np.asarray(sj.sparse_parts(state)[f"{name}/kernel"], np.float64)
+
+
 # ----------------------------------------------------------------------------
 # Schedules.
 # ----------------------------------------------------------------------------
@@ -92,7 +97,7 @@ def test_rho_change_rescales_the_scaled_dual():
     (_, s1), (p2, s2) = hist
     for name in ("a", "b"):
       l2 = np.asarray(prox.dense(sj.low_rank_factors(s2)[f"{name}/kernel"]))
-      resid = _leaf(p2, name) - l2 - _leaf(s2.sparse, name)
+      resid = _leaf(p2, name) - l2 - _s_leaf(s2, name)
       np.testing.assert_allclose(_leaf(s2.dual, name), ratio * _leaf(s1.dual, name) + resid,
                                  atol=1e-5)
     assert np.abs(_leaf(s1.dual, "a")).max() > 1e-3  # the check is not vacuous
@@ -148,7 +153,7 @@ def test_consolidation_trains_the_surrogate_at_the_target_structure(consolidated
     for name, (m, n) in (("a", (24, 16)), ("b", (16, 40))):
       f = sj.low_rank_factors(s)[f"{name}/kernel"]
       l = np.asarray(prox.dense(f))
-      sp = _leaf(s.sparse, name)
+      sp = _s_leaf(s, name)
       np.testing.assert_allclose(_leaf(p, name), l + sp, atol=1e-5)  # X = L + S
       assert np.abs(_leaf(s.dual, name)).max() == 0.0
       r = int(np.sum(np.asarray(f.s) > 0))
@@ -159,7 +164,7 @@ def test_consolidation_trains_the_surrogate_at_the_target_structure(consolidated
       np.testing.assert_allclose(u.T @ u, np.eye(r), atol=1e-4)  # L stays an SVD
       np.testing.assert_allclose(v.T @ v, np.eye(r), atol=1e-4)
       assert np.all(np.diff(np.asarray(f.s)[kept]) <= 1e-6)
-    now = {name: _leaf(s.sparse, name) != 0 for name in ("a", "b")}
+    now = {name: _s_leaf(s, name) != 0 for name in ("a", "b")}
     if masks is not None:  # the support is fixed after the first projection
       for name in now:
         np.testing.assert_array_equal(now[name], masks[name])
@@ -167,7 +172,7 @@ def test_consolidation_trains_the_surrogate_at_the_target_structure(consolidated
   # Before consolidation X is not yet L + S.
   p3, s3 = hist[3]
   l3 = np.asarray(prox.dense(sj.low_rank_factors(s3)["a/kernel"]))
-  assert np.abs(_leaf(p3, "a") - l3 - _leaf(s3.sparse, "a")).max() > 1e-3
+  assert np.abs(_leaf(p3, "a") - l3 - _s_leaf(s3, "a")).max() > 1e-3
 
 
 def test_first_projection_is_the_truncated_svd_and_top_residual():
@@ -196,8 +201,8 @@ def test_consolidation_keeps_the_current_structure():
     r0 = int(np.sum(np.asarray(sj.low_rank_factors(before)[f"{name}/kernel"].s) > 0))
     for _, s in after[3:]:
       assert int(np.sum(np.asarray(sj.low_rank_factors(s)[f"{name}/kernel"].s) > 0)) == r0
-      np.testing.assert_array_equal(_leaf(s.sparse, name) != 0,
-                                    _leaf(before.sparse, name) != 0)
+      np.testing.assert_array_equal(_s_leaf(s, name) != 0,
+                                    _s_leaf(before, name) != 0)
 
 
 def test_truncation_drops_trailing_triplets_and_smallest_entries():
@@ -223,18 +228,18 @@ def test_nested_dropout_trains_the_full_surrogate_through_truncations():
   gaps = []
   for p, s in hist[3:]:
     f = sj.low_rank_factors(s)["b/kernel"]
-    full = np.asarray(prox.dense(f)) + _leaf(s.sparse, "b")
+    full = np.asarray(prox.dense(f)) + _s_leaf(s, "b")
     x = _leaf(p, "b")
     gaps.append(np.abs(x - full).max())
     # the params are the truncation at some drop share q in [0, 0.5)
     assert int(np.sum(np.asarray(f.s) > 0)) == 4
-    sp = jnp.asarray(_leaf(s.sparse, "b"), jnp.float32)
+    sp = jnp.asarray(_s_leaf(s, "b"), jnp.float32)
     err = min(np.abs(x - np.asarray(cons.truncated(f, sp, q))).max()
               for q in np.linspace(0.0, 0.5, 51))
     assert err < 1e-4
   assert max(gaps) > 1e-3  # some steps train a strictly smaller model
   loss = lambda p, s: np.sum((np.asarray(prox.dense(sj.low_rank_factors(s)["b/kernel"]))
-                              + _leaf(s.sparse, "b") - 0.5) ** 2)
+                              + _s_leaf(s, "b") - 0.5) ** 2)
   assert loss(*hist[-1]) < loss(*hist[2])  # and the full surrogate improves
 
 

@@ -64,7 +64,7 @@ def test_pmap_matches_jit():
   p0 = jax.tree.map(lambda x: x[0], p)
   s0 = jax.tree.map(lambda x: x[0], s)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), p0, ref_p)
-  np.testing.assert_allclose(s0.sparse["a"]["kernel"], ref_s.sparse["a"]["kernel"],
+  np.testing.assert_allclose(sj.sparse_parts(s0)["a/kernel"], sj.sparse_parts(ref_s)["a/kernel"],
                              rtol=1e-4, atol=1e-5)
   assert int(s0.num_rounds) == 2
 

@@ -121,7 +121,7 @@ def test_init_low_rank_at_target_and_sigma_k_alpha():
     np.testing.assert_allclose(np.asarray(f.s[:5]), sig[:5], rtol=2e-3)
     alpha = float(sj.block_metrics(state)["a/kernel"]["alpha"])
     np.testing.assert_allclose(alpha, rho * sig[4], rtol=2e-3)  # k = ceil(0.25*20) = 5
-    assert np.all(np.asarray(state.sparse["a"]["kernel"]) == 0)
+    assert np.all(np.asarray(sj.sparse_parts(state)["a/kernel"]) == 0)
 
 
 def _structured(m, n, r, d, noise, rng):
@@ -242,7 +242,7 @@ def test_higher_rank_kernels_are_viewed_as_matrices():
   assert state.lr_u["o"]["kernel"].shape[0] == 16
   g = jax.tree.map(jnp.ones_like, params)
   u, state = tx.update(g, state, params)
-  assert state.sparse["q"]["kernel"].shape == (16, 4, 4)
+  assert sj.sparse_parts(state)["q/kernel"].shape == (16, 4, 4)
   assert sj.surrogate_params(params, state)["o"]["kernel"].shape == (4, 4, 16)
 
 
