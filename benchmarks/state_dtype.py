@@ -30,6 +30,7 @@ import numpy as np
 from benchmarks import compare
 from benchmarks import compare_tables as tables
 from experiments import common
+from salaad_jax import compact
 from salaad_jax.baselines import harness, match_rank_target
 from salaad_jax.deploy import spectrum as sp
 from salaad_jax.train import config as config_lib
@@ -70,7 +71,8 @@ def overflow_rounds(workdir: str, capacity: str, density_target: float) -> str:
   fraction ('' for dense S)."""
   if capacity == "none":
     return ""
-  frac = min(1.0, 2.0 * density_target) if capacity == "auto" else float(capacity)
+  frac = (min(1.0, compact.AUTO_FACTOR * density_target) if capacity == "auto"
+          else float(capacity))
   records = [r for r in metrics_lib.read_records(os.path.join(workdir, metrics_lib.METRICS_FILE))
              if r.get("kind") == "train"]
   over = [max((v for k, v in r.items() if k.endswith("/density")), default=0.0) > frac + 1e-6

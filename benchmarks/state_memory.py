@@ -6,7 +6,7 @@ The state is built abstractly (``jax.eval_shape`` of ``tx.init``: shapes and
 dtypes only, nothing allocated), so the bytes are exact and the same on every
 device, and a 350M model costs nothing to measure.  For each model, each
 storage variant ``<S>:<dual Y>`` (``state_dtype``:``dual_dtype``) and each S
-capacity (``sparse_capacity``: 'auto' = values + int32 indices of 2 d* of a
+capacity (``sparse_capacity``: 'auto' = values + int32 indices of 3 d* of a
 block's entries, a fraction, or 'none' = S dense in the param's shape) it
 prints the bytes of the SALAAD state beyond the inner AdamW's, over the
 parameter bytes, split into S, the dual Y, the factors of L (bounded rank

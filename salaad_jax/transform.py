@@ -236,7 +236,7 @@ def _groups(layout: _Layout):
 
 def _capacity(sparse_capacity, info: st.BlockInfo, density_target, cfg: _Static):
   """c_i = ceil(kappa_i m n), the entries S_i may hold (None: S stored dense).
-  kappa_i is the given fraction, or for 'auto' min(1, 2 d*_i) (at least N/M
+  kappa_i is the given fraction, or for 'auto' min(1, 3 d*_i) (at least N/M
   for N:M sparsity); 'auto' stores the group-sparse modes ('rows', 'cols')
   dense, since keeping the largest entries would cut their groups."""
   if sparse_capacity is None or (sparse_capacity == "auto"
@@ -247,10 +247,10 @@ def _capacity(sparse_capacity, info: st.BlockInfo, density_target, cfg: _Static)
   d = _concrete_float(density_target)
   if d is None:
     raise ValueError(
-        f"sparse_capacity='auto' sizes S's storage at 2 d* of each block's entries, but "
+        f"sparse_capacity='auto' sizes S's storage at 3 d* of each block's entries, but "
         f"density_target (d*) of block '{info.path}' is traced or injected; pass "
         "sparse_capacity=<fraction in (0, 1]> or sparse_capacity=None (S stored dense)")
-  frac = min(1.0, 2.0 * d)
+  frac = min(1.0, compact.AUTO_FACTOR * d)
   if cfg.n_m is not None:
     frac = max(frac, cfg.n_m[0] / cfg.n_m[1])
   return compact.capacity(info.size, frac)
@@ -661,7 +661,7 @@ _DOC_ARGS = """
       (benchmarks/RESULTS.md: state memory and its quality cost).
     sparse_capacity: how S is stored.  'auto' (default): compactly, as
       values and int32 flat indices of at most ceil(kappa m n) entries per
-      block, kappa = min(1, 2 d*) (at least N/M for 'N:M'); needs a concrete
+      block, kappa = min(1, 3 d*) (at least N/M for 'N:M'); needs a concrete
       density_target.  A fraction kappa in (0, 1]: that capacity.  None: S
       dense in the param's shape.  When a round's S has more nonzeros than
       the capacity, the largest |entries| are kept (a projection; the block's

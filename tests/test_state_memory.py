@@ -42,10 +42,10 @@ def test_state_bytes_match_the_block_shapes():
   assert s_bf16["dual_over_params"] == f32["dual_over_params"]
   assert state_memory.DEFAULT_DTYPES == "float32:float32"
   assert state_memory.DEFAULT_CAPACITY == "auto"
-  # Compact S (the default): float32 values + int32 indices of ceil(2 d* m n) entries.
+  # Compact S (the default): float32 values + int32 indices of ceil(3 d* m n) entries.
   comp = state_memory.state_row("tiny", "exact", "float32")
   assert comp["sparse_over_params"] == pytest.approx(
-      8 * sum(math.ceil(0.1 * m * n) for m, n in blocks) / param_bytes)
+      8 * sum(math.ceil(0.15 * m * n) for m, n in blocks) / param_bytes)
   assert comp["dual_over_params"] == f32["dual_over_params"]
   frac = state_memory.state_row("tiny", "exact", "bfloat16", capacity="0.2")
   assert frac["sparse_over_params"] == pytest.approx(

@@ -104,7 +104,7 @@ class TrainConfig:
   dual_dtype: str = _f("float32", "storage dtype of the scaled dual U",
                        choices=("float32", "bfloat16"))
   sparse_capacity: str = _f("auto", "storage of S: 'auto' (values + int32 indices of at "
-                            "most 2 d* of each block's entries), a fraction in (0, 1] "
+                            "most 3 d* of each block's entries), a fraction in (0, 1] "
                             "(that capacity) or 'none' (dense in the param's shape)")
   coupling: str = _f("coupled", "coupled (penalty gradient before AdamW) or decoupled",
                      choices=("coupled", "decoupled"))
