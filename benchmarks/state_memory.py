@@ -48,6 +48,7 @@ def _default(name: str) -> str:
 # The storage salaad() uses when given none.
 DEFAULT_DTYPES = f"{_default('state_dtype')}:{_default('dual_dtype')}"
 DEFAULT_CAPACITY = inspect.signature(sj.salaad).parameters["sparse_capacity"].default
+DEFAULT_SVT = inspect.signature(sj.salaad).parameters["svt"].default
 
 
 def _capacity(text: str):
@@ -94,7 +95,8 @@ def main(argv):
         "factors of L | other |")
   print("|---|---:|---|---|---|---:|---:|---:|---:|---:|---:|")
   for r in rows:
-    default = r["dtypes"] == DEFAULT_DTYPES and _capacity(r["capacity"]) == DEFAULT_CAPACITY
+    default = (r["dtypes"] == DEFAULT_DTYPES and _capacity(r["capacity"]) == DEFAULT_CAPACITY
+               and r["svt"] == DEFAULT_SVT)
     print(f"| {r['model']} | {r['params'] / 1e6:.1f}M | {r['svt']} | {r['capacity']} | "
           f"{r['dtypes']}{' (default)' if default else ''} | "
           f"{r['adamw_over_params']:.2f} | **{r['extra_over_params']:.3f}** | "
