@@ -1,6 +1,7 @@
 """S stored compactly (values + flat indices at a bounded capacity) against
 the dense layout (``sparse_capacity=None``) and a NumPy oracle."""
 
+import json
 import math
 
 import chex
@@ -13,7 +14,8 @@ import pytest
 
 import salaad_jax as sj
 from salaad_jax import compact, prox
-from salaad_jax.train.config import TrainConfig, TrainError, sparse_capacity_value, validate
+from salaad_jax.train.config import (TrainConfig, TrainError, read_config,
+                                     sparse_capacity_value, validate)
 
 SHAPE = (24, 16)
 
@@ -140,12 +142,26 @@ def test_auto_capacity_needs_a_concrete_density_target():
   tx = make(optax.sgd(1e-2), density_target=0.05, sparse_capacity=0.2)
   state = jax.eval_shape(tx.init, params)
   assert state.inner_state.sparse["a"]["kernel"].values.shape == (math.ceil(0.2 * 384),)
+  # An eager init sees a concrete d*; the jitted update reads the capacity off the state.
+  tx = make(optax.sgd(1e-2), density_target=0.05)
+  state = tx.init(params)
+  _, state = jax.jit(tx.update)(jax.tree.map(jnp.ones_like, params), state, params)
+  assert state.inner_state.sparse["a"]["kernel"].values.shape == (math.ceil(0.15 * 384),)
 
 
 @pytest.mark.parametrize("bad", [0.0, 1.5, "big", float("nan")])
 def test_bad_capacity_is_one_clear_error(bad):
   with pytest.raises(ValueError, match="sparse_capacity"):
     sj.salaad(optax.sgd(1e-2), sparse_capacity=bad)
+
+
+def test_runs_saved_before_compact_s_read_back_with_dense_s(tmp_path):
+  saved = json.loads(TrainConfig(sparse_capacity="0.5").to_json())
+  (tmp_path / "config.json").write_text(json.dumps(saved))
+  assert read_config(str(tmp_path)).sparse_capacity == "0.5"
+  del saved["sparse_capacity"]
+  (tmp_path / "config.json").write_text(json.dumps(saved))
+  assert read_config(str(tmp_path)).sparse_capacity == "none"
 
 
 def test_train_config_flag():

@@ -270,7 +270,10 @@ def read_config(workdir: str) -> TrainConfig:
     raise TrainError(f"{workdir!r} holds no run: {path} does not exist")
   try:
     with open(path) as fh:
-      return TrainConfig.from_json(fh.read())
+      saved = json.loads(fh.read())
+    if isinstance(saved, dict):  # written before S could be stored compactly: S is dense
+      saved.setdefault("sparse_capacity", "none")
+    return TrainConfig.from_dict(saved)
   except (json.JSONDecodeError, TypeError) as e:
     raise TrainError(f"{path} is not a valid TrainConfig: {e}") from None
 
