@@ -4,6 +4,9 @@ FSDP-style sharding of params and optimizer state over the 'fsdp' axis.
 Mesh axes are ('data', 'fsdp'); a batch is split over both.  Every array of
 the training state (params, AdamW moments, the SALAAD state) is sharded on
 its largest axis that divides evenly by the 'fsdp' size, else replicated.
+A compactly stored S (1-D values and indices per block) is thus split along
+its capacity when that divides evenly; it is scattered into the dense S
+where a round or the penalty needs it.
 """
 
 from __future__ import annotations
