@@ -46,7 +46,8 @@ SVT_METHODS = ("fast", "exact")
 
 class SalaadState(NamedTuple):
   """Optimizer state.  Every field but the counters and ``inner_state`` is a
-  pytree mirroring the params; non-block leaves hold a (0,)-shaped float32
+  pytree mirroring the params (a compact S holds a (values, index) pair at
+  each block's place); non-block leaves hold a (0,)-shaped float32
   placeholder.
 
   Attributes:
@@ -279,8 +280,8 @@ def _make(inner: Optional[optax.GradientTransformation], learning_rate, *,
           rank_target, density_target, k_alpha, k_beta, k_d, deriv_start,
           energy, mode, sparse_mode, svt, svt_iters, init_iters, max_rank,
           alpha_init, beta_init, state_dtype, dual_dtype, spread_rounds, seed,
-          sparse_capacity="auto", target_schedule=None, rho_schedule=None, consolidate_from=None,
-          consolidate_structure="target", consolidate_dropout=0.0):
+          sparse_capacity="auto", target_schedule=None, rho_schedule=None,
+          consolidate_from=None, consolidate_structure="target", consolidate_dropout=0.0):
   ctl.check_mode(mode)
   if consolidate_structure not in cons.STRUCTURES:
     raise ValueError(f"consolidate_structure must be one of {cons.STRUCTURES}, "
