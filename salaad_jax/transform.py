@@ -619,7 +619,10 @@ def _make(inner: Optional[optax.GradientTransformation], learning_rate, *,
     return finish(new_updates, new_x, state.inner_state, state, layout)
 
   update = update_coupled if inner is not None else update_decoupled
-  return optax.GradientTransformationExtraArgs(init_fn, update)
+  # init is compiled as one program: run eagerly, each of its operations (the
+  # initial SVD's, every leaf's zeros) would be dispatched and compiled on its
+  # own, which takes many times longer on the first call for a given model.
+  return optax.GradientTransformationExtraArgs(jax.jit(init_fn), update)
 
 
 _DOC_ARGS = """

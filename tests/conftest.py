@@ -12,17 +12,21 @@ Speed conventions (the suite has to fit in a few minutes on 2 CPU cores):
 
 * ``@pytest.mark.slow`` marks a test that trains for more than a few seconds
   or starts subprocesses.  ``pytest -q`` runs everything; ``pytest -q -m "not
-  slow"`` is the fast lane for development.  Slow tests are handed to the
-  xdist workers first, so the long ones do not all end up last on one worker.
+  slow"`` is the fast lane for development.
 * ``cached_dir(tmp_path_factory, key, build)`` builds a directory once per test session
   (across xdist workers: the first worker to take its lock builds it, the
-  others wait and reuse it).  Use it for any trained run that more than one
-  test reads; ``shakespeare_runs`` below is one.  A test that requests a
-  fixture listed in ``TRAINED_FIXTURES`` is marked slow and put in that
-  fixture's xdist group automatically.
-* ``@pytest.mark.xdist_group("name")`` (the suite runs with ``--dist
-  loadgroup``) keeps tests that share an expensive module- or session-scoped
-  fixture on one worker, so it is computed once.
+  others wait and reuse it).  Use it for any trained run that tests in more
+  than one module read (``shakespeare_runs`` below), or whose tests copy it
+  (``reference`` in test_fault_tolerance.py); within one module a
+  module-scoped fixture is computed once (next point).  Tests that read such a
+  directory must not change it (copy it first).  A test that requests a fixture listed in ``TRAINED_FIXTURES`` is
+  marked slow automatically.
+* The suite runs with ``--dist loadfile``: each module's tests run on one
+  worker, so a module-scoped fixture is computed once.  (pytest-xdist's
+  ``--dist loadgroup`` does not group under pytest 9: it renames
+  ``item._nodeid``, which pytest 9 no longer reads.)  Modules holding slow
+  tests are handed out first, so the long ones do not end up last.
+* OpenBLAS, MKL and OpenMP get one thread per process (below).
 """
 
 import atexit
@@ -42,6 +46,14 @@ _FLAG = "--xla_force_host_platform_device_count=8"
 if _FLAG not in os.environ.get("XLA_FLAGS", ""):
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _FLAG).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# One BLAS/LAPACK thread per process.  The suite runs one xdist worker per core
+# (and the apps they start on top), so OpenBLAS's own threads only contend: on
+# 2 busy cores, threaded OpenBLAS (NumPy's, and jaxlib's CPU SVD/eigh/QR, which
+# call the same library) spends ~100x longer in an SVD of a small block than one
+# thread does (8 blocks of 172 x 64: 1.1 s against 0.01 s).  OpenBLAS reads this
+# when it is loaded, so it is set before anything imports NumPy.
+for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+  os.environ.setdefault(_var, "1")
 # XLA:CPU sizes its thread pool from NPROC; with one thread per core, batched
 # LAPACK calls on a 2-core machine have been seen to wait on each other.
 os.environ.setdefault("NPROC", "8")
@@ -66,22 +78,19 @@ SHAKESPEARE = ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"
 # ---------------------------------------------------------------------------
 
 
-# Session fixtures that train: a test requesting one is slow, and joins the
-# fixture's xdist group so that the tests reading the run share a worker.
-TRAINED_FIXTURES = {"shakespeare_runs": "shakespeare_runs", "compared": "compare"}
+# Session fixtures that train (through ``cached_dir``): a test requesting one is slow.
+TRAINED_FIXTURES = ("shakespeare_runs", "compared")
 
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config, items):
-  """Marks the tests of ``TRAINED_FIXTURES``, then moves the modules holding
-  slow tests to the front (each module's tests stay together and in order),
-  so that xdist starts the long tests first."""
+  """Marks the tests of ``TRAINED_FIXTURES`` slow, then moves the modules
+  holding slow tests to the front (each module's tests stay together and in
+  order), so that xdist starts the long tests first."""
   del config
   for item in items:
-    for fixture, group in TRAINED_FIXTURES.items():
-      if fixture in getattr(item, "fixturenames", ()):
-        item.add_marker(pytest.mark.slow)
-        item.add_marker(pytest.mark.xdist_group(group))
+    if any(f in getattr(item, "fixturenames", ()) for f in TRAINED_FIXTURES):
+      item.add_marker(pytest.mark.slow)
   module = lambda item: getattr(getattr(item, "module", None), "__name__", None)
   slow_modules = {module(item) for item in items if item.get_closest_marker("slow")}
   items.sort(key=lambda item: module(item) not in slow_modules)  # stable

@@ -8,12 +8,14 @@ import csv
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import cached_dir
 
 from benchmarks import compare_budgets as cb
 from benchmarks import compare_tables as tables
@@ -209,15 +211,20 @@ def test_salaad_options_are_typed_trainconfig_fields():
 # ---------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def compared(tmp_path_factory):
-  out = tmp_path_factory.mktemp("compare") / "cmp"
-  done = _compare(*COMMON, "--methods=dense,salaad,sltrain", "--seeds=0,1",
-                  "--budgets=0.6,0.4", "--unit=bytes", "--spectrum_budgets=0.5,1.0",
-                  "--salaad_option=k_beta=0.5", "--salaad_option=every_k=2", f"--out={out}",
-                  "--finetune_source=synthetic:order=1,seed=7", "--finetune_steps=3",
-                  "--finetune_methods=full,salr", timeout=1800)
-  assert done.returncode == 0, done.stderr[-3000:]
+  """The command run once per test session (whichever xdist worker asks first
+  runs it; the others wait for it and read its output)."""
+
+  def build(path):
+    done = _compare(*COMMON, "--methods=dense,salaad,sltrain", "--seeds=0,1",
+                    "--budgets=0.6,0.4", "--unit=bytes", "--spectrum_budgets=0.5,1.0",
+                    "--salaad_option=k_beta=0.5", "--salaad_option=every_k=2",
+                    f"--out={path / 'cmp'}", "--finetune_source=synthetic:order=1,seed=7",
+                    "--finetune_steps=3", "--finetune_methods=full,salr", timeout=1800)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+  out = cached_dir(tmp_path_factory, "compared", build) / "cmp"
   return out, _csv(out / "results.csv")
 
 
@@ -296,8 +303,10 @@ def test_table_plot_spectrum_and_finetuning(compared):
     assert (out / name).stat().st_size > 0
 
 
-def test_rerun_resumes_without_training(compared):
-  out, rows = compared
+def test_rerun_resumes_without_training(compared, tmp_path):
+  shared, rows = compared
+  out = tmp_path / "cmp"  # a copy: the other tests read the shared output
+  shutil.copytree(shared, out)
   metrics = out / "runs" / "seed_0" / "sltrain_r4" / "metrics.jsonl"
   logged = metrics.read_text().count('"train"')
   again = _compare(*COMMON, "--methods=dense,sltrain", "--seeds=0", "--budgets=0.4",

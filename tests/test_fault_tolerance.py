@@ -21,6 +21,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import cached_dir
 import tensorstore as ts
 
 from experiments import common
@@ -98,11 +99,16 @@ def checkpoints(workdir: Path) -> list[str]:
   return sorted(os.listdir(workdir / "checkpoints"))
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def reference(tmp_path_factory) -> Path:
-  wd = tmp_path_factory.mktemp("reference") / "run"
-  out = pretrain(wd)
-  assert out.returncode == 0, out.stderr[-2000:]
+  """The uninterrupted run, trained once per session (``cached_dir``); tests
+  read it or work on a ``copy_of`` it."""
+
+  def build(path: Path) -> None:
+    out = pretrain(path / "run")
+    assert out.returncode == 0, out.stderr[-2000:]
+
+  wd = cached_dir(tmp_path_factory, "fault_tolerance_reference", build) / "run"
   assert checkpoints(wd) == [str(STEPS - 1), str(STEPS)]
   return wd
 
