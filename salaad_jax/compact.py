@@ -75,6 +75,13 @@ def densify(c: CompactSparse, shape, dtype=_F32) -> jax.Array:
   return out.reshape(shape)
 
 
+def project(s: jax.Array, cap: int) -> tuple[CompactSparse, jax.Array]:
+  """S projected onto the capacity: (its compact storage, the same S dense in
+  ``s``'s shape)."""
+  stored = compactify(s, cap)
+  return stored, densify(stored, s.shape, s.dtype)
+
+
 def as_dense(stored, shape, dtype=_F32) -> jax.Array:
   """S in ``shape`` from either storage: ``CompactSparse`` or a dense array."""
   if isinstance(stored, CompactSparse):
