@@ -192,8 +192,11 @@ def test_harness_grad_accum_equals_multisteps():
     return {"inputs": tokens[:, :-1], "targets": tokens[:, 1:],
             "mask": jnp.ones((8, 8), jnp.float32)}
 
-  tx = salaad_adamw()
-  ms = optax.MultiSteps(salaad_adamw(), every_k_schedule=k)
+  # alpha_0 = sigma_k: L has rank below the block's, so the residual S sees is
+  # weight, not rounding noise (at full rank its near-zero entries, and so the
+  # density and beta, flip with the summation order).
+  tx = salaad_adamw(alpha_init="sigma_k")
+  ms = optax.MultiSteps(salaad_adamw(alpha_init="sigma_k"), every_k_schedule=k)
   accum = jax.jit(lambda s, b: train_step(model, tx, s, b, grad_accum=k))
   micro = jax.jit(lambda s, b: train_step(model, ms, s, b))
   a = TrainState(jnp.zeros([], jnp.int32), params, jax.jit(tx.init)(params))
