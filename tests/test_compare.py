@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import cached_dir
+from conftest import app_env, cached_dir
 
 from benchmarks import compare_budgets as cb
 from benchmarks import compare_tables as tables
@@ -28,8 +28,7 @@ from salaad_jax.train.flags import parse_field_overrides
 from salaad_jax.train.state import model_config
 
 ROOT = Path(__file__).resolve().parents[1]
-ENV = dict(os.environ, JAX_PLATFORMS="cpu", NPROC="8",
-           XLA_FLAGS="--xla_force_host_platform_device_count=1")
+ENV = app_env(1)
 TINY = model_config(TrainConfig(model="tiny", vocab_size=256))
 COMMON = ["--source=synthetic:order=1", "--steps=4", "--batch_size=4", "--seq_len=16",
           "--eval_batches=2"]

@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import cached_dir
+from conftest import app_env, cached_dir
 import tensorstore as ts
 
 from experiments import common
@@ -40,8 +40,7 @@ ARGS = ("--method=dense", f"--steps={STEPS}", "--batch_size=8", "--seq_len=32",
 
 
 def _env() -> dict:
-  return dict(os.environ, JAX_PLATFORMS="cpu", NPROC="8", PYTHONUNBUFFERED="1",
-              XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  return app_env(1)
 
 
 def _cmd(workdir, *extra) -> list:

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import app_env
 
 from salaad_jax.baselines import finetune, harness, lora
 from salaad_jax.deploy.summary import read_summary
@@ -190,9 +191,7 @@ def test_finetune_footprint_of_losa_counts_kept_entries():
 
 
 def _app(module, *args, timeout=300):
-  env = dict(os.environ, JAX_PLATFORMS="cpu", NPROC="8", PYTHONUNBUFFERED="1",
-             XLA_FLAGS="--xla_force_host_platform_device_count=1")
-  return subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, env=env,
+  return subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, env=app_env(1),
                         capture_output=True, text=True, timeout=timeout)
 
 
