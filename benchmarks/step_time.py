@@ -21,7 +21,6 @@ compiled step needs (XLA memory analysis: arguments + outputs + temporaries
 from __future__ import annotations
 
 import json
-import os
 import statistics
 import time
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-from typing import Any, Callable, Optional, Union
+from typing import Any, Callable, Union
 
 import jax
 

@@ -7,7 +7,6 @@ table."""
 import csv
 import json
 import math
-import os
 import shutil
 import subprocess
 import sys

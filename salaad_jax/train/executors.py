@@ -17,7 +17,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P, SingleDeviceSharding
 
 from salaad_jax.train import sharding as shd
 from salaad_jax.train.config import TrainConfig, TrainError
-from salaad_jax.train.state import TrainState, init_state
+from salaad_jax.train.state import TrainState, init_state, seed_key_data
 from salaad_jax.train.steps import train_step
 
 
@@ -41,7 +41,7 @@ class JitExecutor:
     shd.check_batch_divisible("batch_size", config.batch_size, n, config.grad_accum)
     shd.check_batch_divisible("eval_batch_size", eval_batch_size(config), n)
     init_fn = functools.partial(init_state, config, model, method, tx)
-    self._initial = initial
+    self._initial, self._key_data = initial, seed_key_data(config)
     abstract = jax.eval_shape(init_fn, initial)
     self.shardings = shd.state_shardings(abstract, self.mesh)
     self.abstract = shd.with_shardings(abstract, self.shardings)
@@ -60,7 +60,7 @@ class JitExecutor:
     initial, self._initial = self._initial, None  # not kept alive after step 0
     if initial is not None:  # e.g. on the first device: spread over the mesh first
       initial = jax.device_put(initial, self.shardings.params)
-    return self._init(initial)
+    return self._init(initial, self._key_data)
 
   def from_global(self, state: TrainState) -> TrainState:
     return state
@@ -89,7 +89,7 @@ class PmapExecutor:
     n = len(self.devices)
     shd.check_batch_divisible("batch_size", config.batch_size, n, config.grad_accum)
     init_fn = functools.partial(init_state, config, model, method, tx)
-    self._initial = initial
+    self._initial, self._key_data = initial, seed_key_data(config)
     first = SingleDeviceSharding(self.devices[0])
     abstract = jax.eval_shape(init_fn, initial)
     self.abstract = shd.with_shardings(abstract, jax.tree.map(lambda _: first, abstract))
@@ -104,7 +104,7 @@ class PmapExecutor:
 
   def init(self) -> TrainState:
     initial, self._initial = self._initial, None
-    return self.from_global(self._init(initial))
+    return self.from_global(self._init(initial, self._key_data))
 
   def from_global(self, state: TrainState) -> TrainState:
     """One replica per device (through host memory; pmap scatters it)."""

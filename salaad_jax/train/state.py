@@ -7,6 +7,7 @@ from typing import Any, Callable, Mapping, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from salaad_jax.models import Llama, LlamaConfig, get_config
@@ -112,18 +113,30 @@ def build_model(config: TrainConfig, method: Method) -> tuple[LlamaConfig, Any]:
   return mcfg, Reparameterized(llama, method.model_variables(config))
 
 
+def seed_key_data(config: TrainConfig) -> np.ndarray:
+  """The raw data of ``jax.random.key(config.seed)``, as a host array: pass
+  it to a jitted :func:`init_state` as ``key_data``, so that the compiled
+  initialisation takes the seed as an input and is the same program for every
+  seed (the persistent compilation cache then serves a seed sweep's later
+  runs)."""
+  return np.asarray(jax.random.key_data(jax.random.key(config.seed)))
+
+
 def init_state(config: TrainConfig, model: Llama, method: Method,
-               tx: optax.GradientTransformation, initial: Optional[Any] = None) -> TrainState:
-  """Step 0: params from the model's initialiser (seeded by ``config.seed``),
-  then the method's param transform, then ``tx.init`` (of the trainable
-  params only); the method's constant collections join the params.  With
-  ``initial`` (a ``TrainState.params`` tree, e.g. from a pretrained run), the
-  params are ``initial`` instead.  Traceable, so it can be jitted with output
-  shardings or run under ``jax.eval_shape``."""
+               tx: optax.GradientTransformation, initial: Optional[Any] = None,
+               key_data: Optional[Any] = None) -> TrainState:
+  """Step 0: params from the model's initialiser (seeded by ``config.seed``,
+  or by ``key_data``: :func:`seed_key_data` of it, as an argument), then the
+  method's param transform, then ``tx.init`` (of the trainable params only);
+  the method's constant collections join the params.  With ``initial`` (a
+  ``TrainState.params`` tree, e.g. from a pretrained run), the params are
+  ``initial`` instead.  Traceable, so it can be jitted with output shardings
+  or run under ``jax.eval_shape``."""
   if initial is not None:
     trainable, _ = split_constants(initial)
     return TrainState(jnp.zeros((), jnp.int32), initial, tx.init(trainable))
-  rng = jax.random.key(config.seed)
+  rng = (jax.random.key(config.seed) if key_data is None
+         else jax.random.wrap_key_data(key_data))
   init_rng, transform_rng = jax.random.split(rng)
   tokens = jnp.zeros((1, min(config.seq_len, 8)), jnp.int32)
   variables = model.init(init_rng, tokens)
