@@ -28,10 +28,13 @@ deployment the one whose allocation keeps the smallest error (a property
 of the spectra, not of validation data).  SALAAD's rank target r* is the one
 at which its surrogate fills the largest budget
 (``compare_budgets.salaad_rank_target``) unless ``--salaad_rank_target`` or
-``--salaad_option=rank_target=...`` sets it; its other settings are the
-tiny model's short-run settings (``SALAAD_SHORT_RUN``), the ``--salaad_*``
-flags, then ``--salaad_option key=value`` (any TrainConfig field, SALAAD's
-pretraining run only).
+``--salaad_option=rank_target=...`` sets it; its other settings are
+``--salaad_preset``'s (default ``recommended``, the project's measured best:
+the authors' slow controller, then the surrogate itself trained for the
+second half; ``reference`` the authors' settings; ``short`` this command's
+earlier settings, ``SALAAD_SHORT_RUN``), the ``--salaad_*`` flags, then
+``--salaad_option key=value`` (any TrainConfig field, SALAAD's pretraining
+run only).
 
 Outputs in ``--out``:
 
@@ -123,11 +126,17 @@ _SPECTRUM = flags.DEFINE_list("spectrum_budgets", [],
 _SALAAD_RANK = flags.DEFINE_float("salaad_rank_target", None,
                                   "SALAAD's r*; unset: the r* at which its surrogate fills "
                                   "the largest budget", lower_bound=0.0, upper_bound=1.0)
-_SALAAD_DENSITY = flags.DEFINE_float("salaad_density_target", 0.05, "SALAAD's d*",
+_SALAAD_PRESET = flags.DEFINE_enum(
+    "salaad_preset", "recommended", [*presets.PRESETS, "short"],
+    "SALAAD's settings under the --salaad_* flags and --salaad_option: a preset of "
+    "salaad_jax/train/presets.py ('recommended': the measured best, 'reference': the "
+    "authors'), or 'short' (SALAAD_SHORT_RUN, this command's settings before the presets: "
+    "the tiny model's fast controller)")
+_SALAAD_DENSITY = flags.DEFINE_float("salaad_density_target", None,
+                                     "SALAAD's d*; unset: the preset's (0.05 with 'short')",
                                      lower_bound=0.0, upper_bound=1.0)
 _SALAAD_RHO = flags.DEFINE_float("salaad_rho", None, "SALAAD's rho (blocks and embedding); "
-                                 "unset: 0.003 for the tiny model, the reference otherwise",
-                                 lower_bound=0.0)
+                                 "unset: the preset's", lower_bound=0.0)
 _SALAAD_OPTION = flags.DEFINE_multi_string(
     "salaad_option", [], "a TrainConfig field of SALAAD's pretraining run, key=value "
     "(repeatable; applied after the --salaad_* flags), e.g. k_alpha=0.2; "
@@ -210,10 +219,16 @@ def _workdir(kind: str, seed: int, name: str) -> str:
 
 
 def salaad_settings(**overrides) -> dict:
-  """SALAAD's TrainConfig fields: the tiny-model settings for ``tiny``, the
+  """SALAAD's TrainConfig fields: --salaad_preset's (for --model), the
   --salaad_* flags, then ``overrides``."""
-  settings = dict(SALAAD_SHORT_RUN) if _MODEL.value == "tiny" else {}
-  settings["density_target"] = _SALAAD_DENSITY.value
+  if _SALAAD_PRESET.value == "short":
+    settings = dict(SALAAD_SHORT_RUN) if _MODEL.value == "tiny" else {}
+    settings.setdefault("density_target", 0.05)
+  else:
+    settings = presets.preset_fields(_SALAAD_PRESET.value, _MODEL.value)
+    settings["salaad_preset"] = _SALAAD_PRESET.value
+  if _SALAAD_DENSITY.value is not None:
+    settings["density_target"] = _SALAAD_DENSITY.value
   if _SALAAD_RHO.value is not None:
     settings.update(rho=_SALAAD_RHO.value, rho_embed=_SALAAD_RHO.value)
   if _SALAAD_RANK.value is not None:

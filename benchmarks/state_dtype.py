@@ -119,7 +119,7 @@ def main(argv):
   target = int(_fraction() * dense_params)
   try:
     rank_target = compare._SALAAD_RANK.value or match_rank_target(
-        mcfg, target, compare._SALAAD_DENSITY.value)
+        mcfg, target, compare.salaad_settings()["density_target"])
   except ValueError as e:
     common.fail(f"--budget_fraction={_fraction():g}: {e}")
   os.makedirs(compare._OUT.value, exist_ok=True)

@@ -23,6 +23,7 @@ from salaad_jax.deploy import accounting as deploy_accounting
 from salaad_jax.deploy.summary import read_summary
 from salaad_jax.train import TrainConfig, TrainError
 from salaad_jax.train import config as cfg_lib
+from salaad_jax.train import presets
 from salaad_jax.train.flags import parse_field_overrides
 from salaad_jax.train.state import model_config
 
@@ -263,9 +264,15 @@ def test_results_have_one_row_per_method_seed_and_budget(compared):
 def test_salaad_run_takes_its_options_and_fills_the_largest_budget(compared):
   out, _ = compared
   config = cfg_lib.read_config(str(out / "runs" / "seed_0" / "salaad"))
-  assert (config.k_beta, config.every_k, config.density_target) == (0.5, 2, 0.05)
+  assert (config.k_beta, config.every_k) == (0.5, 2)
+  # Under the options, the default preset (recommended): its d*, its
+  # consolidation, the authors' gains.
+  assert config.salaad_preset == "recommended"
+  rec = presets.preset_fields("recommended", "tiny")
+  assert (config.density_target, config.consolidate_from, config.k_alpha, config.rho) == (
+      rec["density_target"], rec["consolidate_from"], rec["k_alpha"], rec["rho"])
   assert config.rank_target == pytest.approx(cb.salaad_rank_target(
-      TINY, [cb.target(TINY, 0.6, "bytes")], "bytes", 0.05, "auto"))
+      TINY, [cb.target(TINY, 0.6, "bytes")], "bytes", rec["density_target"], "auto"))
   # The baselines keep the shared settings.
   assert cfg_lib.read_config(str(out / "runs" / "seed_0" / "dense")).every_k == 10
 

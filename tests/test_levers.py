@@ -292,6 +292,10 @@ def test_reference_preset_is_the_papers_settings():
       0.2, 0.002, 10, 1e-6, 3e-7)
   assert (ref.alpha_init, ref.beta_init, ref.energy, ref.svt) == ("zero", 0.0, 0.999, "exact")
   assert (ref.rank_target, ref.density_target, ref.deriv_start) == (0.15, 0.05, 1500)
+  # S dense, as the authors store it: with their slow gains its density stays
+  # far above the default capacity (3 d*) for most of training.
+  assert ref.sparse_capacity == "none"
+  assert presets.config_with_preset("recommended", model="tiny").sparse_capacity == "none"
   big = presets.config_with_preset("reference", model="350m")
   assert (big.k_beta, big.rho, big.every_k) == (0.0013, 1e-8, 25)
   assert presets.config_with_preset("reference", model="1b").every_k == 5

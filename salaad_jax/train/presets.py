@@ -10,7 +10,11 @@ and programmatically by :func:`config_with_preset`.
   k_d 0.01 (1.0 on embedding/head), n_d 1500, alpha_0 = beta_0 = 0, e = 0.999,
   r* 0.15, d* 0.05, fixed rho 1e-6 / 3e-7 (embedding, head) up to 60M and
   1e-8 / 3e-7 from 130M, K 10 (25 at 350M, 5 at 1B), no schedules, no
-  consolidation.
+  consolidation, S stored dense (``sparse_capacity='none'``: with these slow
+  gains S's density stays far above d* for most of training, 0.28-0.32 after
+  1000 tiny-model steps, so the default capacity of 3 d* would cut S to its
+  largest entries all along; on the tiny model that took the deployment at
+  60 % of the dense bytes from 7.22 to 9.16, benchmarks/RESULTS.md).
 * ``recommended`` — this project's measured best on the tiny model
   (benchmarks/RESULTS.md, "Levers"): the reference's slow controller (gains,
   K, alpha_0 = 0) with the fast SVT for the first half of training, then
@@ -30,7 +34,7 @@ _REFERENCE = dict(
     k_alpha=0.2, k_beta=0.002, k_d=0.01, k_d_embed=1.0, deriv_start=1500, energy=0.999,
     salaad_mode="adaptive", sparse_mode="soft", svt="exact", max_rank=0,
     alpha_init="zero", beta_init=0.0, coupling="coupled", rho_mode="fixed",
-    target_schedule_end=0.0, consolidate_from=0.0)
+    target_schedule_end=0.0, consolidate_from=0.0, sparse_capacity="none")
 
 PRESETS: dict[str, dict[str, Any]] = {
     "reference": _REFERENCE,
