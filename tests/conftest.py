@@ -31,6 +31,7 @@ Speed conventions (the suite has to fit in a few minutes on 2 CPU cores):
 
 import atexit
 import fcntl
+import json
 import os
 import shutil
 import subprocess
@@ -158,6 +159,22 @@ def app_env(devices: int = 1) -> dict:
            if not f.startswith("--xla_force_host_platform_device_count")]
   env["XLA_FLAGS"] = " ".join(flags + [f"--xla_force_host_platform_device_count={devices}"])
   return env
+
+
+def run_app_cases(module: str, cases: list, devices: int = 1,
+                  timeout: float = 300) -> list[subprocess.CompletedProcess]:
+  """``python -m module *args`` for every ``args`` of ``cases``, each as a
+  fresh process would run it but forked from one that imported JAX and the
+  package once (tests/app_batch.py): for input an app refuses before it
+  trains, where the imports are most of the cost.  One CompletedProcess per
+  case, in order."""
+  cmd = [sys.executable, str(ROOT / "tests" / "app_batch.py"), module]
+  done = subprocess.run(cmd, cwd=ROOT, env=app_env(devices), input=json.dumps(cases),
+                        capture_output=True, text=True, timeout=timeout)
+  assert done.returncode == 0, done.stderr[-3000:]
+  return [subprocess.CompletedProcess([sys.executable, "-m", module, *args], r["returncode"],
+                                      r["stdout"], r["stderr"])
+          for args, r in zip(cases, json.loads(done.stdout))]
 
 
 def pretrain_app(*args, devices: int = 1, timeout: float = 240) -> subprocess.CompletedProcess:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import app_env, cached_dir
+from conftest import app_env, cached_dir, run_app_cases
 
 from benchmarks import compare_budgets as cb
 from benchmarks import compare_tables as tables
@@ -323,8 +323,7 @@ def test_rerun_resumes_without_training(compared, tmp_path):
   assert rerun == {k: first[k] for k in (("dense", ""), ("sltrain", "0.4"))}
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("args, needle", [
+BAD_INPUT = [
     (["--budgets=0.1"], "--budgets: 0.1"),
     (["--budgets=0.4,0.4"], "distinct"),
     (["--budgets=0.4,1.5"], "fractions in (0, 1]"),
@@ -334,10 +333,26 @@ def test_rerun_resumes_without_training(compared, tmp_path):
     (["--salaad_option=k_alpa=1"], "'k_alpa' is not a TrainConfig field"),
     (["--salaad_option=rank_target=2"], "--rank_target=2.0 must lie in (0, 1)"),
     (["--source=/no/such/file.txt"], "/no/such/file.txt"),
-])
-def test_bad_input_is_a_short_error(tmp_path, args, needle):
-  done = _compare("--source=synthetic:order=1", "--steps=2", f"--out={tmp_path}", *args,
-                  timeout=300)
+]
+
+
+@pytest.fixture(scope="module")
+def refused(tmp_path_factory):
+  """Every BAD_INPUT case run by the command (forked from one process that
+  imported the package once: conftest.run_app_cases), each with its own --out."""
+  base = tmp_path_factory.mktemp("bad_input")
+  cases = [["--source=synthetic:order=1", "--steps=2", f"--out={base / str(i)}", *args]
+           for i, (args, _) in enumerate(BAD_INPUT)]
+  return base, run_app_cases("benchmarks.compare", cases)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", range(len(BAD_INPUT)),
+                         ids=[needle for _, needle in BAD_INPUT])
+def test_bad_input_is_a_short_error(refused, case):
+  base, results = refused
+  done, needle = results[case], BAD_INPUT[case][1]
   assert done.returncode != 0
   assert needle in done.stderr
   assert "Traceback" not in done.stderr
+  assert not (base / str(case) / "results.csv").exists()

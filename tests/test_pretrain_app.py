@@ -17,7 +17,7 @@ import salaad_jax as sj
 from salaad_jax.train import load_run, make_eval_dataset, evaluate
 from salaad_jax.train.metrics import read_records
 
-from conftest import app_env as _env, pretrain_app as pretrain
+from conftest import app_env as _env, pretrain_app as pretrain, run_app_cases
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "experiments" / "configs" / "tiny.flags")
@@ -139,16 +139,30 @@ def _assert_one_line_error(out, needle):
   assert err and err[-1].startswith("error: ") and needle in err[-1], out.stderr[-3000:]
 
 
-@pytest.mark.parametrize("args, needle", [
+BAD_INPUT = [
     (["--source=tfds:no_such_dataset_xyz"], "Unknown TFDS dataset 'no_such_dataset_xyz'"),
     (["--source=/no/such/file.txt"], "--source=/no/such/file.txt"),
     (["--method=nope"], "--method='nope' is not a registered method"),
     (["--tokenizer=/no/such/spiece.model"], "--tokenizer=/no/such/spiece.model"),
-])
-def test_bad_input_is_one_clear_line(tmp_path, args, needle):
-  out = pretrain(f"--workdir={tmp_path / 'run'}", *args, timeout=120)
-  _assert_one_line_error(out, needle)
-  assert not (tmp_path / "run").exists()
+]
+
+
+@pytest.fixture(scope="module")
+def refused(tmp_path_factory):
+  """Every BAD_INPUT case run by the app on the tiny flag file (forked from
+  one process that imported the package once: conftest.run_app_cases)."""
+  base = tmp_path_factory.mktemp("bad_input")
+  cases = [[f"--flagfile={TINY}", f"--workdir={base / str(i)}", *args]
+           for i, (args, _) in enumerate(BAD_INPUT)]
+  return base, run_app_cases("experiments.pretrain", cases, timeout=240)
+
+
+@pytest.mark.parametrize("case", range(len(BAD_INPUT)),
+                         ids=[needle for _, needle in BAD_INPUT])
+def test_bad_input_is_one_clear_line(refused, case):
+  base, results = refused
+  _assert_one_line_error(results[case], BAD_INPUT[case][1])
+  assert not (base / str(case)).exists()
 
 
 @pytest.mark.parametrize("app, methods", [

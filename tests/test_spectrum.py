@@ -37,7 +37,7 @@ from salaad_jax.deploy import spectrum_report as report
 from salaad_jax.deploy import summary as sm
 from salaad_jax.train import load_run
 
-from conftest import SHAKESPEARE, SHAKESPEARE_EVAL_BATCHES, app_env
+from conftest import SHAKESPEARE, SHAKESPEARE_EVAL_BATCHES, app_env, run_app_cases
 
 ROOT = Path(__file__).resolve().parents[1]
 NEEDS_TEXT = pytest.mark.skipif(not SHAKESPEARE.exists(), reason=f"{SHAKESPEARE} is absent")
@@ -229,7 +229,7 @@ def test_app_writes_table_csv_plot_and_reads_baselines(runs, tmp_path):
   assert not [p for p in os.listdir(out_dir) if ".tmp" in p]
 
 
-@pytest.mark.parametrize("which, args, needle", [
+BAD_INPUT = [
     ("salaad", ["--budgets=0.1,0.5"], "error: budget 13190 params (10.00%) is below the "
      "minimum representable"),
     ("salaad", ["--budgets=0.5,200000"], "error: budget 200000 params is above the dense "
@@ -237,13 +237,28 @@ def test_app_writes_table_csv_plot_and_reads_baselines(runs, tmp_path):
     ("salaad", ["--budgets=0.5,1.2"], "flag --budgets=0.5,1.2: budget '1.2' is not a "
      "fraction in (0, 1]"),
     ("dense", ["--budgets=0.5"], "is a 'dense' run and holds no SALAAD state"),
-])
-def test_app_bad_input_is_one_line_and_writes_nothing(runs, tmp_path, which, args, needle):
-  workdir = runs[0] if which == "salaad" else runs[1]
-  out = app(f"--workdir={workdir}", f"--out_dir={tmp_path / 'out'}", *args, timeout=120)
-  _one_line_error(out, needle)
-  assert not (tmp_path / "out").exists()
-  assert not (Path(workdir) / "spectrum").exists()
+]
+
+
+@pytest.fixture(scope="module")
+def refused(runs, tmp_path_factory):
+  """Every BAD_INPUT case run by the app (forked from one process that
+  imported the package once: conftest.run_app_cases), each with its own
+  --out_dir."""
+  base = tmp_path_factory.mktemp("bad_input")
+  cases = [[f"--workdir={runs[0] if which == 'salaad' else runs[1]}",
+            f"--out_dir={base / str(i)}", *args] for i, (which, args, _) in enumerate(BAD_INPUT)]
+  return base, run_app_cases("experiments.spectrum", cases, timeout=240)
+
+
+@pytest.mark.parametrize("case", range(len(BAD_INPUT)),
+                         ids=[f"{which}-{needle[:40]}" for which, _, needle in BAD_INPUT])
+def test_app_bad_input_is_one_line_and_writes_nothing(runs, refused, case):
+  base, results = refused
+  which, _, needle = BAD_INPUT[case]
+  _one_line_error(results[case], needle)
+  assert not (base / str(case)).exists()
+  assert not (Path(runs[0] if which == "salaad" else runs[1]) / "spectrum").exists()
 
 
 def test_a_killed_app_leaves_the_previous_table_whole(runs, tmp_path):
