@@ -8,7 +8,8 @@ from salaad_jax.stats import (block_metrics, block_paths, find_state, low_rank_f
                               surrogate_params)
 from salaad_jax.structure import BlockInfo, select_blocks
 from salaad_jax.hparams import STATIC_ARGS
-from salaad_jax.transform import SalaadState, salaad, salaad_decoupled
+from salaad_jax.opt_state import SalaadState
+from salaad_jax.transform import salaad, salaad_decoupled
 
 __version__ = "0.1.0"
 

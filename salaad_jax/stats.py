@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from salaad_jax import compact
 from salaad_jax import prox
 from salaad_jax import structure as st
-from salaad_jax.transform import SalaadState, is_placeholder
+from salaad_jax.opt_state import SalaadState, is_placeholder
 
 _F32 = jnp.float32
 

@@ -35,6 +35,7 @@ from salaad_jax.hparams import (_HPARAM_RULES, _BlockHparams, _block_hparams,
                                  _check_value, _concrete_float, _parse_sparse_mode,
                                  _static_float, _static_int)
 from salaad_jax import prox
+from salaad_jax.opt_state import PER_BLOCK_FIELDS, SalaadState, placeholder
 from salaad_jax import schedules as sched
 from salaad_jax import structure as st
 
@@ -42,52 +43,6 @@ _F32 = jnp.float32
 ScalarOrPerBlock = Union[float, jax.Array, Any, Callable[[str], float]]
 
 SVT_METHODS = ("fast", "exact")
-
-
-class SalaadState(NamedTuple):
-  """Optimizer state.  Every field but the counters and ``inner_state`` is a
-  pytree mirroring the params (a compact S holds a (values, index) pair at
-  each block's place); non-block leaves hold a (0,)-shaped float32
-  placeholder.
-
-  Attributes:
-    count: optimisation steps taken (int32).
-    num_rounds: ADMM rounds / controller updates taken, n (int32).
-    inner_state: the base optimiser's state (EmptyState when decoupled).
-    lr_u, lr_s, lr_v: L_i = lr_u diag(lr_s) lr_v^T, shapes (m, r), (r,),
-      (n, r), float32; lr_s is already thresholded (zeros beyond the rank).
-    sparse: S_i, either ``compact.CompactSparse(values, index)`` at the
-      block's capacity (values in ``state_dtype``, int32 flat indices; the
-      default) or, with ``sparse_capacity=None``, dense in the param's shape.
-    dual: the scaled dual U_i = Y_i / rho_i in the param's shape (``dual_dtype``).
-    alpha, beta: the penalty weights (float32 scalars).
-    rank_rate, density: gamma_L and d_S measured at the last round.
-  """
-
-  count: jax.Array
-  num_rounds: jax.Array
-  inner_state: Any
-  lr_u: Any
-  lr_s: Any
-  lr_v: Any
-  sparse: Any
-  dual: Any
-  alpha: Any
-  beta: Any
-  rank_rate: Any
-  density: Any
-
-
-_PER_BLOCK_FIELDS = ("lr_u", "lr_s", "lr_v", "sparse", "dual", "alpha", "beta",
-                     "rank_rate", "density")
-
-
-def _placeholder():
-  return jnp.zeros((0,), _F32)
-
-
-def is_placeholder(x) -> bool:
-  return getattr(x, "shape", None) == (0,)
 
 
 # --------------------------------------------------------------------------
@@ -240,7 +195,7 @@ def _make(inner: Optional[optax.GradientTransformation], learning_rate, *,
           "'kernel' leaves); the transform passes through (coupled: the inner "
           "optimiser alone, decoupled: the identity). Paths: %s",
           layout.paths[:8])
-    fields = {k: [_placeholder() for _ in leaves] for k in _PER_BLOCK_FIELDS}
+    fields = {k: [placeholder() for _ in leaves] for k in PER_BLOCK_FIELDS}
     key = jax.random.key(seed)
     for idx in _groups(layout):
       xs = jnp.stack([st.as_matrix(jnp.asarray(leaves[i], _F32), layout.infos[i])
@@ -399,14 +354,14 @@ def _make(inner: Optional[optax.GradientTransformation], learning_rate, *,
     drop = consolidate_dropout * jax.random.uniform(
         jax.random.fold_in(jax.random.key(seed + 1), count))
     for idx, _ in work_units(layout):
-      sub = {f: [flat[f][i] for i in idx] for f in _PER_BLOCK_FIELDS}
+      sub = {f: [flat[f][i] for i in idx] for f in PER_BLOCK_FIELDS}
       zeros = [jnp.zeros(layout.infos[i].shape, _F32) for i in idx]
       sub, deltas = jax.lax.cond(
           active, lambda s_, idx=idx: consolidate_unit(idx, new_x_leaves, u_leaves, s_, first,
                                                        drop, layout),
           lambda s_, z=zeros: (s_, z), sub)
       for j, i in enumerate(idx):
-        for f in _PER_BLOCK_FIELDS:
+        for f in PER_BLOCK_FIELDS:
           flat[f][i] = sub[f][j]
         u_leaves[i] = (jnp.asarray(u_leaves[i], _F32) + deltas[j]).astype(u_leaves[i].dtype)
     return jax.tree_util.tree_unflatten(layout.treedef, u_leaves)
@@ -418,17 +373,17 @@ def _make(inner: Optional[optax.GradientTransformation], learning_rate, *,
     count = optax.safe_increment(state.count)
     k = jnp.asarray(every_k, jnp.int32)
     flat = {f: list(layout.treedef.flatten_up_to(getattr(state, f)))
-            for f in _PER_BLOCK_FIELDS}
+            for f in PER_BLOCK_FIELDS}
     for idx, phase in work_units(layout):
       due = ((count + phase) % k) == 0
       if consolidate_from is not None:
         due = due & (count <= consolidate_from)
       num_rounds = (count + phase) // k - 1  # rounds this unit has done before
-      sub = {f: [flat[f][i] for i in idx] for f in _PER_BLOCK_FIELDS}
+      sub = {f: [flat[f][i] for i in idx] for f in PER_BLOCK_FIELDS}
       sub = jax.lax.cond(
           due, lambda s_, idx=idx, n=num_rounds: round_unit(idx, new_x_leaves, s_, n, layout),
           lambda s_: s_, sub)
-      for f in _PER_BLOCK_FIELDS:
+      for f in PER_BLOCK_FIELDS:
         for j, i in enumerate(idx):
           flat[f][i] = sub[f][j]
     if consolidate_from is not None:
