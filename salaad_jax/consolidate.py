@@ -18,6 +18,18 @@ descending singular values), so the elastic deployment (SALAAD.md §6) still
 truncates triplets and entries.  This is projected gradient descent onto
 {rank <= r} + {supp in Omega}, the same family of structured models SLTrain
 (low rank + fixed random support) trains directly.
+
+With ``params='factors'`` the structure is chosen the same way, once, and
+then trained in its own coordinates, as SLTrain trains its model: with
+L_i = B_i A_i^T (balanced at the start, B = U diag(sqrt s), A = V diag(sqrt s))
+and the dense gradient G_i = dloss/dX_i, the inner optimiser steps
+
+    B_i  on  G_i A_i,      A_i  on  G_i^T B_i,      S_i  on  P_Omega_i(G_i)
+
+(the chain rule through X_i = B_i A_i^T + S_i), with its own moments for the
+factors.  The SVD form of L_i is recomputed exactly from the factors after
+every step (:func:`svd_of_product`), so the state always holds L as
+orthonormal factors with descending singular values.
 """
 
 from __future__ import annotations
@@ -29,6 +41,7 @@ from salaad_jax import prox
 
 _F32 = jnp.float32
 STRUCTURES = ("target", "current")
+PARAMETERISATIONS = ("projection", "factors")
 
 
 def target_rank(rank_target, k: int) -> jax.Array:
@@ -90,3 +103,22 @@ def truncated(f: prox.Factors, s, drop):
   tau = prox.topk_threshold(s, keep * nnz / s.size)
   s_b = jnp.where(jnp.abs(s) >= tau, s, 0.0)
   return prox.dense(prox.Factors(f.u, sig, f.v)) + s_b
+
+
+def balanced(f: prox.Factors, width: int) -> tuple[jax.Array, jax.Array]:
+  """(B, A) with B A^T = L: the first ``width`` triplets of ``f`` as
+  B = U diag(sqrt s) (m, width) and A = V diag(sqrt s) (n, width)."""
+  root = jnp.sqrt(jnp.maximum(f.s[:width], 0.0))
+  return f.u[:, :width] * root, f.v[:, :width] * root
+
+
+def svd_of_product(b, a, r_max: int) -> prox.Factors:
+  """The exact SVD of B A^T, B (m, w), A (n, w), w <= min(m, n), as
+  ``Factors`` of width ``r_max`` >= w (zero beyond w): thin QR of both
+  factors, then the SVD of the w x w core R_B R_A^T."""
+  qb, rb = jnp.linalg.qr(b)
+  qa, ra = jnp.linalg.qr(a)
+  w, sig, zt = jnp.linalg.svd(rb @ ra.T)
+  pad = r_max - sig.shape[0]
+  widen = lambda m: jnp.pad(m, ((0, 0), (0, pad)))
+  return prox.Factors(widen(qb @ w), jnp.pad(sig, (0, pad)), widen(qa @ zt.T))

@@ -29,6 +29,8 @@ class SalaadState(NamedTuple):
     dual: the scaled dual U_i = Y_i / rho_i in the param's shape (``dual_dtype``).
     alpha, beta: the penalty weights (float32 scalars).
     rank_rate, density: gamma_L and d_S measured at the last round.
+    factored: with consolidation in factors (``consolidate_params='factors'``)
+      a :class:`FactorState`; otherwise ``()``.
   """
 
   count: jax.Array
@@ -43,6 +45,22 @@ class SalaadState(NamedTuple):
   beta: Any
   rank_rate: Any
   density: Any
+  factored: Any = ()
+
+
+class FactorState(NamedTuple):
+  """The trained factors of consolidation in factors, and their optimiser.
+
+  Attributes:
+    factors: a pytree mirroring the params: ``(B, A)`` at each block
+      (L_i = B A^T, B (m, w), A (n, w), w the consolidated rank), the
+      placeholder elsewhere; zero until consolidation starts.
+    inner_state: the inner optimiser's state for ``factors``.  It steps on
+      zero gradients before consolidation, so its step counts (and with them
+      its learning-rate schedule) match the main inner state's.
+  """
+  factors: Any
+  inner_state: Any
 
 
 PER_BLOCK_FIELDS = ("lr_u", "lr_s", "lr_v", "sparse", "dual", "alpha", "beta",
@@ -57,3 +75,22 @@ def placeholder():
 def is_placeholder(x) -> bool:
   """Whether ``x`` is a :func:`placeholder`."""
   return getattr(x, "shape", None) == (0,)
+
+
+# The state as checkpoints written before ``factored`` existed hold it.
+_SalaadStateV1 = NamedTuple("SalaadState", [(f, Any) for f in SalaadState._fields
+                                            if f != "factored"])
+
+
+def as_v1(tree):
+  """``tree`` with every SalaadState whose ``factored`` is empty in the
+  field layout of earlier checkpoints (no ``factored``), for restoring them."""
+  is_state = lambda x: isinstance(x, SalaadState)
+  return jax.tree.map(lambda x: _SalaadStateV1(*x[:-1]) if is_state(x) and x.factored == ()
+                      else x, tree, is_leaf=is_state)
+
+
+def from_v1(tree):
+  """The inverse of :func:`as_v1`."""
+  is_old = lambda x: isinstance(x, _SalaadStateV1)
+  return jax.tree.map(lambda x: SalaadState(*x) if is_old(x) else x, tree, is_leaf=is_old)

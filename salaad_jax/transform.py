@@ -35,7 +35,7 @@ from salaad_jax.hparams import (_HPARAM_RULES, _BlockHparams, _block_hparams,
                                  _check_value, _concrete_float, _parse_sparse_mode,
                                  _static_float, _static_int)
 from salaad_jax import prox
-from salaad_jax.opt_state import PER_BLOCK_FIELDS, SalaadState, placeholder
+from salaad_jax.opt_state import FactorState, PER_BLOCK_FIELDS, SalaadState, placeholder
 from salaad_jax import schedules as sched
 from salaad_jax import structure as st
 
@@ -92,11 +92,15 @@ def _make(inner: Optional[optax.GradientTransformation], learning_rate, *,
           energy, mode, sparse_mode, svt, svt_iters, init_iters, max_rank,
           alpha_init, beta_init, state_dtype, dual_dtype, spread_rounds, seed,
           sparse_capacity="auto", target_schedule=None, rho_schedule=None,
-          consolidate_from=None, consolidate_structure="target", consolidate_dropout=0.0):
+          consolidate_from=None, consolidate_structure="target", consolidate_dropout=0.0,
+          consolidate_params="projection"):
   ctl.check_mode(mode)
   if consolidate_structure not in cons.STRUCTURES:
     raise ValueError(f"consolidate_structure must be one of {cons.STRUCTURES}, "
                      f"got {consolidate_structure!r}")
+  if consolidate_params not in cons.PARAMETERISATIONS:
+    raise ValueError(f"consolidate_params must be one of {cons.PARAMETERISATIONS}, "
+                     f"got {consolidate_params!r}")
   for name, fn in (("target_schedule", target_schedule), ("rho_schedule", rho_schedule)):
     if fn is not None and not callable(fn):
       raise ValueError(f"{name} must be a callable of the round count or None, got {fn!r}")
@@ -127,6 +131,11 @@ def _make(inner: Optional[optax.GradientTransformation], learning_rate, *,
       raise ValueError(f"consolidate_from must be a step >= 0 or None, got {consolidate_from}")
   consolidate_dropout = _static_float("consolidate_dropout", consolidate_dropout)
   _check_value("consolidate_dropout", consolidate_dropout, "", 0.0, 1.0, low_open=False)
+  factored = consolidate_params == "factors"
+  if factored and (inner is None or consolidate_from is None or consolidate_dropout):
+    raise ValueError(
+        "consolidate_params='factors' trains the factors with the inner optimiser: it needs "
+        "the coupled salaad(inner, ...), a consolidate_from step and no consolidate_dropout")
   if sparse_capacity is not None and not (isinstance(sparse_capacity, str)
                                          and sparse_capacity == "auto"):
     if isinstance(sparse_capacity, str):
@@ -217,7 +226,33 @@ def _make(inner: Optional[optax.GradientTransformation], learning_rate, *,
         fields["density"][i] = jnp.zeros((), _F32)
     trees = {k: jax.tree_util.tree_unflatten(layout.treedef, v) for k, v in fields.items()}
     return SalaadState(count=jnp.zeros([], jnp.int32), num_rounds=jnp.zeros([], jnp.int32),
-                       inner_state=inner_state, **trees)
+                       inner_state=inner_state, factored=init_factored(layout), **trees)
+
+  def factor_width(layout: _Layout, i: int) -> int:
+    """w, the consolidated rank block ``i``'s factors are sized for: the
+    target rank ceil(r* min(m, n)) (structure 'target') or the factor rank
+    (structure 'current', whose rank is the controller's), at most the latter."""
+    if consolidate_structure == "current":
+      return layout.ranks[i]
+    r_t = _concrete_float(layout.hparams[i].rank_target)
+    if r_t is None:
+      raise ValueError("consolidate_params='factors' needs a concrete rank_target")
+    return min(layout.ranks[i], max(1, math.ceil(r_t * min(layout.infos[i].matrix_shape) - 1e-6)))
+
+  def init_factored(layout: _Layout):
+    """``()``, or with consolidation in factors zero factors (B, A) per block
+    and the inner optimiser's state for them."""
+    if not factored:
+      return ()
+    leaves = []
+    for i, info in enumerate(layout.infos):
+      if info is None:
+        leaves.append(placeholder())
+      else:
+        (m, n), w = info.matrix_shape, factor_width(layout, i)
+        leaves.append((jnp.zeros((m, w), _F32), jnp.zeros((n, w), _F32)))
+    factors = jax.tree_util.tree_unflatten(layout.treedef, leaves)
+    return FactorState(factors, inner.init(factors))
 
   def penalties(params, state, layout):
     """Per-leaf float32 rho (X - L - S + U) for blocks, None otherwise."""
@@ -399,6 +434,83 @@ def _make(inner: Optional[optax.GradientTransformation], learning_rate, *,
 
   def update_coupled(updates, state, params=None, **extra_args):
     check_params(params)
+    if not factored:
+      return admm_coupled(updates, state, params, extra_args)
+    return jax.lax.cond(state.count > consolidate_from,
+                        lambda: factor_step(updates, state, params, extra_args),
+                        lambda: admm_with_factors(updates, state, params, extra_args))
+
+  def admm_with_factors(updates, state, params, extra_args):
+    """The ADMM step (to and including the first consolidation projection)
+    with consolidation in factors: the factors' optimiser steps on zero
+    gradients, so its counts keep pace, and the projection's L becomes the
+    balanced factors (B, A)."""
+    new_updates, new_state = admm_coupled(updates, state, params, extra_args)
+    fac = state.factored
+    zeros = jax.tree.map(jnp.zeros_like, fac.factors)
+    _, f_inner = inner.update(zeros, fac.inner_state, fac.factors, **extra_args)
+    layout = layout_of(params, state.sparse)
+
+    def from_projection():
+      flat = {k: layout.treedef.flatten_up_to(getattr(new_state, k))
+              for k in ("lr_u", "lr_s", "lr_v")}
+      leaves = [placeholder() if info is None else
+                cons.balanced(prox.Factors(flat["lr_u"][i], flat["lr_s"][i], flat["lr_v"][i]),
+                              factor_width(layout, i))
+                for i, info in enumerate(layout.infos)]
+      return jax.tree_util.tree_unflatten(layout.treedef, leaves)
+
+    factors = jax.lax.cond(new_state.count == consolidate_from + 1, from_projection,
+                           lambda: fac.factors)
+    return new_updates, new_state._replace(factored=FactorState(factors, f_inner))
+
+  def factor_step(updates, state, params, extra_args):
+    """A consolidation step in factors (``consolidate`` module docstring):
+    the inner optimiser steps S_i on P_Omega(G_i) (in the main inner state,
+    whose params are then S at the blocks) and (B_i, A_i) on (G_i A_i,
+    G_i^T B_i) (in the factors' own state); the update is B' A'^T + S' - X."""
+    layout = layout_of(params, state.sparse)
+    tdef = layout.treedef
+    unflat = lambda leaves: jax.tree_util.tree_unflatten(tdef, leaves)
+    g, x = tdef.flatten_up_to(updates), tdef.flatten_up_to(params)
+    fac = tdef.flatten_up_to(state.factored.factors)
+    flat = {f: list(tdef.flatten_up_to(getattr(state, f))) for f in PER_BLOCK_FIELDS}
+    g_in, p_in, g_fac, sparse = list(g), list(x), list(fac), {}
+    for i, info in enumerate(layout.infos):
+      if info is None:
+        continue
+      grad = st.as_matrix(jnp.asarray(g[i], _F32), info)
+      s_mat = compact.as_dense(flat["sparse"][i], info.matrix_shape).astype(_F32)
+      b, a = fac[i]
+      sparse[i] = s_mat
+      g_fac[i] = (grad @ a, grad.T @ b)
+      g_in[i] = st.from_matrix(jnp.where(s_mat != 0, grad, 0.0), info).astype(g[i].dtype)
+      p_in[i] = st.from_matrix(s_mat, info).astype(x[i].dtype)
+    u, inner_state = inner.update(unflat(g_in), state.inner_state, unflat(p_in), **extra_args)
+    fu, f_inner = inner.update(unflat(g_fac), state.factored.inner_state,
+                               state.factored.factors, **extra_args)
+    u, fu = list(tdef.flatten_up_to(u)), tdef.flatten_up_to(fu)
+    for i, s_mat in sparse.items():
+      info = layout.infos[i]
+      b, a = (f + d for f, d in zip(fac[i], fu[i]))
+      s_new = jnp.where(s_mat != 0, s_mat + st.as_matrix(jnp.asarray(u[i], _F32), info), 0.0)
+      u[i] = (st.from_matrix(b @ a.T + s_new, info) - jnp.asarray(x[i], _F32)).astype(u[i].dtype)
+      fac[i] = (b, a)
+      f = cons.svd_of_product(b, a, layout.ranks[i])
+      flat["lr_u"][i], flat["lr_s"][i], flat["lr_v"][i] = f.u, f.s, f.v
+      cap = layout.caps[i]
+      stored = s_new if cap is None else compact.project(s_new, cap)[0]
+      flat["sparse"][i] = store_sparse(stored, info, flat["sparse"][i])
+      flat["rank_rate"][i] = jnp.sum(f.s > 0).astype(_F32) / min(info.matrix_shape)
+      flat["density"][i] = prox.density(s_new)
+    count = optax.safe_increment(state.count)
+    trees = {f: unflat(v) for f, v in flat.items()}
+    state = state._replace(count=count, num_rounds=count // jnp.asarray(every_k, jnp.int32),
+                           inner_state=inner_state,
+                           factored=FactorState(unflat(fac), f_inner), **trees)
+    return unflat(u), state
+
+  def admm_coupled(updates, state, params, extra_args):
     layout = layout_of(params, state.sparse)
     pen = penalties(params, state, layout)
     g = layout.treedef.flatten_up_to(updates)
@@ -505,6 +617,12 @@ _DOC_ARGS = """
       triplets and smallest S entries removed (nested dropout), while the
       state keeps the full L and S, so smaller deployments train too.  The
       surrogate (``surrogate_params``) is the full model.
+    consolidate_params: how consolidation trains the surrogate: 'projection'
+      (the dense step, then the projection onto the structure) or 'factors'
+      (the structure chosen by the first projection, then L's factors
+      B, A (L = B A^T) and S's values on its support trained by ``inner``
+      through the chain rule, with their own optimiser state; coupled
+      ``salaad`` only, no ``consolidate_dropout``; ``consolidate`` module).
 """
 
 def salaad(inner: optax.GradientTransformation, *, structure=None,
@@ -523,7 +641,8 @@ def salaad(inner: optax.GradientTransformation, *, structure=None,
            seed: int = 0, target_schedule=None, rho_schedule=None,
            consolidate_from: Optional[int] = None,
            consolidate_structure: str = "target",
-           consolidate_dropout: float = 0.0) -> optax.GradientTransformationExtraArgs:
+           consolidate_dropout: float = 0.0,
+           consolidate_params: str = "projection") -> optax.GradientTransformationExtraArgs:
   """Coupled SALAAD: g_i + rho_i (X_i - L_i - S_i + U_i) feeds ``inner``.
 
   ``inner`` is any optax transformation (e.g. clip + AdamW); extra keyword
@@ -551,7 +670,8 @@ def salaad_decoupled(learning_rate, *, structure=None,
                      seed: int = 0, target_schedule=None, rho_schedule=None,
                      consolidate_from: Optional[int] = None,
                      consolidate_structure: str = "target",
-                     consolidate_dropout: float = 0.0
+                     consolidate_dropout: float = 0.0,
+                     consolidate_params: str = "projection"
                      ) -> optax.GradientTransformationExtraArgs:
   """Decoupled SALAAD, appended after a base chain:
   u_i <- u_i - lr * rho_i (X_i - L_i - S_i + U_i).

@@ -92,7 +92,8 @@ def test_binding_capacity_keeps_the_largest_entries():
   make = lambda c: sj.salaad(optax.sgd(1e-2), every_k=1, rho=0.05, sparse_capacity=c)
   (_, dense), = _train(make(None), 1)
   (_, comp), = _train(make(kappa), 1)
-  chex.assert_trees_all_equal(comp.lr_s, dense.lr_s)  # the same L-step (S_0 = 0)
+  # the same L-step (S_0 = 0), up to the rounding of two compiled programs
+  chex.assert_trees_all_close(comp.lr_s, dense.lr_s, rtol=1e-5, atol=1e-6)
   cap = math.ceil(kappa * SHAPE[0] * SHAPE[1])
   for path, s_full in sj.sparse_parts(dense).items():
     s_full = np.asarray(s_full)
@@ -101,7 +102,8 @@ def test_binding_capacity_keeps_the_largest_entries():
     expect = np.zeros(s_full.size, np.float32)
     expect[order[:cap]] = s_full.reshape(-1)[order[:cap]]
     got = np.asarray(sj.sparse_parts(comp)[path])
-    np.testing.assert_array_equal(got, expect.reshape(s_full.shape))
+    np.testing.assert_array_equal(got != 0, expect.reshape(s_full.shape) != 0)
+    np.testing.assert_allclose(got, expect.reshape(s_full.shape), rtol=1e-5, atol=1e-5)
     # The density stat is the prox result's: above kappa marks the overflow.
     assert float(sj.block_metrics(comp)[path]["density"]) > kappa
     # The dual step used the projected S: U = X - L - S, so U_c - U_d = S_d - S_c.

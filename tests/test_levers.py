@@ -243,6 +243,87 @@ def test_nested_dropout_trains_the_full_surrogate_through_truncations():
   assert loss(*hist[-1]) < loss(*hist[2])  # and the full surrogate improves
 
 
+# Consolidation in factors.
+
+
+def _factors(state, name):
+  return tuple(np.asarray(v, np.float64)
+               for v in sj.find_state(state).factored.factors[name]["kernel"])
+
+
+@pytest.mark.parametrize("capacity", [None, "auto"])
+def test_factor_consolidation_steps_the_factors_by_the_chain_rule(capacity):
+  # SGD on a count-dependent learning rate: the oracle below also checks
+  # that the factors' optimiser counts in step with the main one.
+  lr = lambda count: 0.01 * (1.0 + count)
+  tx = sj.salaad(optax.sgd(lr), every_k=2, rho=0.2, rank_target=0.25, density_target=0.1,
+                 consolidate_from=3, consolidate_params="factors", svt="exact",
+                 sparse_capacity=capacity)
+  params = _params(5)
+  hist = _run(tx, params, 7, lr_target=0.5)
+  for t in range(3, 6):  # hist[t]: after step t (0-based); step 3 projects
+    (p, s), (p_next, s_next) = hist[t], hist[t + 1]
+    for name, (m, n) in (("a", (24, 16)), ("b", (16, 40))):
+      b, a = _factors(s, name)
+      sp = _s_leaf(s, name)
+      x = _leaf(p, name)
+      np.testing.assert_allclose(x, b @ a.T + sp, atol=1e-5)  # X = B A^T + S
+      assert b.shape == (m, int(np.ceil(0.25 * min(m, n))))
+      grad = 2.0 * (x - 0.5)
+      step = lr(t + 1)  # the update of step t + 1 sees count t + 1
+      b2, a2 = b - step * grad @ a, a - step * grad.T @ b
+      s2 = np.where(sp != 0, sp - step * grad, 0.0)
+      np.testing.assert_allclose(_leaf(p_next, name), b2 @ a2.T + s2, rtol=1e-4, atol=1e-4)
+      nb, na = _factors(s_next, name)
+      np.testing.assert_allclose(nb, b2, rtol=1e-4, atol=1e-5)
+      np.testing.assert_allclose(na, a2, rtol=1e-4, atol=1e-5)
+      np.testing.assert_array_equal(_s_leaf(s_next, name) != 0, sp != 0)  # fixed support
+      # L in the state is the exact SVD of B' A'^T: orthonormal, descending.
+      f = sj.low_rank_factors(s_next)[f"{name}/kernel"]
+      kept = np.asarray(f.s) > 0
+      u, v = np.asarray(f.u)[:, kept], np.asarray(f.v)[:, kept]
+      np.testing.assert_allclose(u.T @ u, np.eye(u.shape[1]), atol=1e-4)
+      np.testing.assert_allclose(v.T @ v, np.eye(v.shape[1]), atol=1e-4)
+      assert np.all(np.diff(np.asarray(f.s)[kept]) <= 1e-5)
+      np.testing.assert_allclose(np.asarray(prox.dense(f)), b2 @ a2.T, atol=1e-4)
+      np.testing.assert_allclose(np.linalg.svd(b2 @ a2.T, compute_uv=False)[:kept.sum()],
+                                 np.asarray(f.s)[kept], rtol=1e-4, atol=1e-5)
+  # Before consolidation the factors are untouched zeros.
+  assert not np.any(_factors(hist[2][1], "a")[0])
+
+
+def test_factor_consolidation_starts_from_the_projection():
+  kw = dict(every_k=2, rho=0.2, rank_target=0.25, density_target=0.1, consolidate_from=3,
+            svt="exact")
+  params = _params(6)
+  proj = _run(sj.salaad(optax.adam(1e-2), **kw), params, 4)
+  fac = _run(sj.salaad(optax.adam(1e-2), consolidate_params="factors", **kw), params, 4)
+  # Through the first projection the two are the same run; B, A are its
+  # balanced factors.
+  for (p1, s1), (p2, s2) in zip(proj, fac):
+    np.testing.assert_allclose(_leaf(p1, "b"), _leaf(p2, "b"), atol=1e-4)
+  b, a = _factors(fac[-1][1], "b")
+  f = sj.low_rank_factors(fac[-1][1])["b/kernel"]
+  sig = np.asarray(f.s)[:b.shape[1]]
+  np.testing.assert_allclose(b, np.asarray(f.u)[:, :b.shape[1]] * np.sqrt(sig), atol=1e-5)
+  np.testing.assert_allclose(b.T @ b, a.T @ a, atol=1e-4)  # balanced
+  # and the factors' adam moments are still zero: no gradient reached them yet
+  moments = [x for x in jax.tree.leaves(sj.find_state(fac[-1][1]).factored.inner_state)
+             if np.ndim(x) == 2]
+  assert moments and all(not np.any(np.asarray(x)) for x in moments)
+
+
+def test_product_svd_matches_numpy():
+  rng = np.random.default_rng(7)
+  b, a = rng.normal(size=(12, 3)), rng.normal(size=(9, 3))
+  f = cons.svd_of_product(jnp.asarray(b, jnp.float32), jnp.asarray(a, jnp.float32), 5)
+  assert f.u.shape == (12, 5) and f.s.shape == (5,) and f.v.shape == (9, 5)
+  np.testing.assert_allclose(np.asarray(f.s)[:3], np.linalg.svd(b @ a.T, compute_uv=False)[:3],
+                             rtol=1e-5)
+  assert not np.any(np.asarray(f.s)[3:])
+  np.testing.assert_allclose(np.asarray(prox.dense(f)), b @ a.T, atol=1e-4)
+
+
 def test_lever_errors_name_the_option():
   with pytest.raises(ValueError, match="consolidate_structure"):
     sj.salaad(optax.sgd(1.0), consolidate_structure="best")
@@ -252,6 +333,13 @@ def test_lever_errors_name_the_option():
     sj.salaad(optax.sgd(1.0), target_schedule=0.5)
   with pytest.raises(ValueError, match="consolidate_dropout"):
     sj.salaad(optax.sgd(1.0), consolidate_dropout=1.5)
+  with pytest.raises(ValueError, match="consolidate_params must be one of"):
+    sj.salaad(optax.sgd(1.0), consolidate_from=3, consolidate_params="svd")
+  for bad in (dict(), dict(consolidate_from=3, consolidate_dropout=0.2)):
+    with pytest.raises(ValueError, match="consolidate_params='factors'"):
+      sj.salaad(optax.sgd(1.0), consolidate_params="factors", **bad)
+  with pytest.raises(ValueError, match="consolidate_params='factors'"):
+    sj.salaad_decoupled(1.0, consolidate_from=3, consolidate_params="factors")
 
 
 # ----------------------------------------------------------------------------
@@ -280,6 +368,9 @@ def test_config_fields_become_transform_options():
     (dict(consolidate_dropout=1.0), "--consolidate_dropout=1.0 must lie in"),
     (dict(target_schedule_end=2.0), "--target_schedule_end=2.0"),
     (dict(rho_mode="tanh", rho_ramp_width=0.0), "--rho_mode=tanh needs"),
+    (dict(consolidate_params="factors"), "--consolidate_params=factors needs"),
+    (dict(consolidate_params="factors", consolidate_from=0.5, coupling="decoupled"),
+     "--consolidate_params=factors needs"),
 ])
 def test_lever_flags_are_validated(change, message):
   with pytest.raises(TrainError, match=message):

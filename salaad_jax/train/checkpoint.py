@@ -35,6 +35,7 @@ from absl import logging
 from etils import epath  # orbax's path type (orbax-checkpoint depends on etils[epath])
 from jax.experimental import multihost_utils
 
+from salaad_jax import opt_state
 from salaad_jax.train.config import TrainError
 
 CHECKPOINT_DIR = "checkpoints"  # under a run's workdir
@@ -196,10 +197,23 @@ class Checkpointer:
 
   # -- restoring ---------------------------------------------------------------
   def _restore(self, abstract_state, step: int) -> tuple[Any, dict]:
-    args = ocp.args.Composite(state=ocp.args.StandardRestore(_encode_abstract(abstract_state)),
-                              data=ocp.args.JsonRestore())
-    restored = self._manager.restore(step, args=args)
-    return _decode(restored.state, abstract_state), dict(restored.data or {})
+    def read(abstract):
+      args = ocp.args.Composite(state=ocp.args.StandardRestore(_encode_abstract(abstract)),
+                                data=ocp.args.JsonRestore())
+      return self._manager.restore(step, args=args)
+
+    try:
+      restored = read(abstract_state)
+      state = restored.state
+    except ValueError as e:
+      # Checkpoints written before SalaadState had its ``factored`` field.
+      legacy = opt_state.as_v1(abstract_state)
+      if ("tree structures do not match" not in str(e)
+          or jax.tree.structure(legacy) == jax.tree.structure(abstract_state)):
+        raise
+      restored = read(legacy)
+      state = opt_state.from_v1(restored.state)
+    return _decode(state, abstract_state), dict(restored.data or {})
 
   def restore(self, abstract_state, step: Optional[int] = None) -> tuple[Any, dict]:
     """(state, data_state) of ``step`` (default: the latest), without falling

@@ -130,6 +130,11 @@ class TrainConfig:
   consolidate_structure: str = _f("target", "consolidated structure: target (rank "
                                   "ceil(r* min(m,n)), the d* largest entries) or current "
                                   "(the controller's)", choices=("target", "current"))
+  consolidate_params: str = _f("projection", "how consolidation trains L + S: projection (a "
+                               "dense AdamW step, then the projection onto the structure) "
+                               "or factors (L's factors and S's values trained directly, "
+                               "with their own AdamW moments; coupled only)",
+                               choices=("projection", "factors"))
 
   # --- devices -----------------------------------------------------------------
   parallelism: str = _f("jit", "jit (NamedSharding over a mesh) or pmap",
@@ -235,6 +240,11 @@ def validate(config: TrainConfig) -> TrainConfig:
                "consolidate_dropout"):
     if getattr(config, name) >= 1.0:
       raise TrainError(f"--{name}={getattr(config, name)} must lie in [0, 1)")
+  if config.consolidate_params == "factors" and (
+      config.consolidate_from <= 0 or config.coupling != "coupled"
+      or config.consolidate_dropout > 0):
+    raise TrainError("--consolidate_params=factors needs --consolidate_from > 0, "
+                     "--coupling=coupled and --consolidate_dropout=0")
   if config.rho_mode == "tanh" and not (config.rho_ramp_width > 0 and config.rho_ramp_factor > 0):
     raise TrainError("--rho_mode=tanh needs --rho_ramp_width > 0 and --rho_ramp_factor > 0")
   if not isinstance(config.method_options, dict):

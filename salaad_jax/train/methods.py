@@ -196,6 +196,7 @@ def salaad_kwargs(config: TrainConfig) -> dict[str, Any]:
       target_schedule=target_schedule, rho_schedule=rho_schedule,
       consolidate_from=consolidate_from, consolidate_structure=config.consolidate_structure,
       consolidate_dropout=config.consolidate_dropout,
+      consolidate_params=config.consolidate_params,
       every_k=config.every_k, rho=rho,
       rank_target=config.rank_target, density_target=config.density_target,
       k_alpha=config.k_alpha, k_beta=config.k_beta,
