@@ -57,6 +57,10 @@ _DTYPE = flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"], "stored
 _GAMMA = flags.DEFINE_float("gamma", 0.5, "HPA's low-rank share of the cut", lower_bound=0.0,
                             upper_bound=1.0)
 _STEP = flags.DEFINE_integer("step", None, "checkpoint step; unset: the latest", lower_bound=0)
+_CALIBRATION = flags.DEFINE_integer(
+    "calibration_batches", 0, "training batches on which the models' input second moments "
+    "weight the allocation (output error instead of weight error); 0: unweighted",
+    lower_bound=0)
 _OUT_DIR = flags.DEFINE_string("out_dir", "", "output directory; '': <workdir>/spectrum")
 train_flags.define_distributed_flags()
 
@@ -104,7 +108,7 @@ def main(argv):
         posthoc_density=_POSTHOC_DENSITY.value, baseline_workdirs=_BASELINES.value,
         eval_batches=_EVAL_BATCHES.value or None, eval_split=_EVAL_SPLIT.value or None,
         unit=_UNIT.value, fmt=_FMT.value, dtype=_DTYPE.value, gamma=_GAMMA.value,
-        step=_STEP.value, progress=common.say)
+        step=_STEP.value, calibration_batches=_CALIBRATION.value, progress=common.say)
   except sp.SpectrumError as e:
     common.fail(str(e))
   if not multihost.is_primary():

@@ -170,7 +170,28 @@ def test_post_hoc_of_the_runs_own_x_and_byte_budgets(runs, rows):
   assert auto["bytes"] <= auto["budget_value"]
 
 
+@NEEDS_TEXT
+def test_calibrated_allocation_weights_by_training_batches(runs):
+  salaad = load_run(str(runs[0]))
+  got = sp.capacity_spectrum(salaad, [0.4], methods=("global",), posthoc=False,
+                             calibration_batches=2, progress=None)[1]
+  # The oracle: input moments on the first two calibration batches (the
+  # training split in another order), then the weighted global allocation.
+  from salaad_jax.train.inputs import calibration_dataset
+  ds = calibration_dataset(salaad.config)
+  batches = [next(ds)["inputs"] for _ in range(2)]
+  weights = deploy.activation_weights(salaad.model, salaad.params, batches)
+  blocks = deploy.spectra(salaad.params, salaad.opt_state, row_weights=weights)
+  want = deploy.allocate(blocks, got["budget_value"], "global")
+  assert (got["kept_rank"], got["kept_nnz"]) == (sum(want.ranks.values()), sum(want.nnz.values()))
+  assert got["rel_error"] == pytest.approx(want.relative_error)
+  plain = sp.capacity_spectrum(salaad, [0.4], methods=("global",), posthoc=False,
+                               progress=None)[1]
+  assert (plain["kept_rank"], plain["kept_nnz"]) != (got["kept_rank"], got["kept_nnz"])
+
+
 @pytest.mark.parametrize("kwargs, match", [
+    (dict(budgets=[0.5], calibration_batches=-1), "calibration_batches must be"),
     (dict(budgets=[0.1]), "below the minimum representable"),
     (dict(budgets=[10**9]), "above the dense model"),
     (dict(budgets=[1.5]), r"not a fraction in \(0, 1\]"),

@@ -64,6 +64,7 @@ from salaad_jax import structure as st
 from salaad_jax.deploy import accounting as acc
 from salaad_jax.deploy import allocation
 from salaad_jax.deploy.allocation import METHODS, allocate, resolve_budget
+from salaad_jax.deploy.calibration import activation_weights
 from salaad_jax.deploy.compress import dense_reconstruction
 from salaad_jax.deploy.posthoc import posthoc_factors
 from salaad_jax.deploy.spectra import Blocks, spectra
@@ -306,7 +307,7 @@ def capacity_spectrum(run_or_workdir, budgets, *, methods: Sequence[str] = ("hpa
                       baseline_workdirs: Sequence[str] = (), eval_batches: Optional[int] = None,
                       eval_split: Optional[str] = None, unit: str = "params",
                       fmt: str = "coo", dtype="bfloat16", gamma: float = 0.5,
-                      step: Optional[int] = None,
+                      step: Optional[int] = None, calibration_batches: int = 0,
                       progress: Progress = print) -> list[dict[str, Any]]:
   """Validation loss/perplexity, parameters and bytes of a run at every budget.
 
@@ -335,6 +336,13 @@ def capacity_spectrum(run_or_workdir, budgets, *, methods: Sequence[str] = ("hpa
     dtype: stored value dtype, 'bfloat16' or 'float32'.
     gamma: HPA's low-rank share of the cut (also the HPA candidate of global).
     step: checkpoint step of the run(s); default: the latest.
+    calibration_batches: 0 (allocate by the Frobenius error of L and S), or
+      the number of *training* batches (``train.calibration_dataset``: the
+      training text in another order; never the evaluated split) on which
+      each model's input second moments are measured: every allocation then
+      ranks triplets and entries by the output error they cause
+      (``calibration.activation_weights``, ``spectra(row_weights=...)``);
+      the post-hoc rows take the dense model's own moments.
     progress: called with one line per evaluation (None: silent).
 
   Returns:
@@ -351,6 +359,8 @@ def capacity_spectrum(run_or_workdir, budgets, *, methods: Sequence[str] = ("hpa
   methods, dtype = _check_args(methods, unit, fmt, dtype, gamma, eval_batches, posthoc_rank,
                                posthoc_density)
   wanted = parse_budgets(budgets)
+  if not isinstance(calibration_batches, int) or calibration_batches < 0:
+    raise SpectrumError(f"calibration_batches must be an integer >= 0, got {calibration_batches!r}")
 
   # Runs, budgets and summaries are all checked before anything is evaluated.
   if isinstance(run_or_workdir, (str, os.PathLike)):
@@ -359,8 +369,10 @@ def capacity_spectrum(run_or_workdir, budgets, *, methods: Sequence[str] = ("hpa
     run = _load(workdir, step, f"workdir {workdir!r}")
   else:
     run, workdir = run_or_workdir, ""
+  calibrate = _calibrator(run.config, calibration_batches, say)
   blocks = spectra(run.params, _salaad_source(run, f"workdir {workdir!r}" if workdir
-                                              else "the run"))
+                                              else "the run"),
+                   row_weights=calibrate(run))
   total, rest = blocks.total_params, blocks.rest_params
   b_w = acc.value_bytes(dtype)
   scale = 1 if unit == "params" else b_w
@@ -402,7 +414,8 @@ def capacity_spectrum(run_or_workdir, budgets, *, methods: Sequence[str] = ("hpa
         f"residual) of {'the dense run' if dense_run is not None else 'the SALAAD run X'}")
     dec = _posthoc_source(of.params, blocks, rank, density)
     label = "posthoc[dense]" if dense_run is not None else "posthoc[own X]"
-    series_list.append((label, "posthoc", of, of_dir, spectra(of.params, dec)))
+    series_list.append((label, "posthoc", of, of_dir,
+                        spectra(of.params, dec, row_weights=calibrate(of))))
 
   count, n_eval = 0, len(series_list) * len(methods) * len(targets)
   for label, src, owner, wd, blks in series_list:
@@ -480,6 +493,23 @@ def _evaluator(config, split: str, num_batches: int) -> BatchEvaluator:
     return BatchEvaluator(ds.eval_batches(num_batches))
   except TrainError as e:
     raise SpectrumError(str(e)) from None
+
+
+def _calibrator(config, num_batches: int, say: Progress):
+  """run -> its calibration row weights (None without calibration); the
+  batches are read once, from the training split in calibration order."""
+  if not num_batches:
+    return lambda run: None
+  from salaad_jax.train import TrainError  # pylint: disable=import-outside-toplevel
+  from salaad_jax.train.inputs import calibration_dataset  # pylint: disable=import-outside-toplevel
+  try:
+    ds = calibration_dataset(config)
+    batches = [next(ds)["inputs"] for _ in range(num_batches)]
+  except TrainError as e:
+    raise SpectrumError(f"calibration: {e}") from None
+  say(f"calibration: input second moments on {num_batches} training batches "
+      f"({sum(b.size for b in batches)} tokens)")
+  return lambda run: activation_weights(run.model, run.params, batches)
 
 
 def _baseline_row(base: dict, where: str, s: dict, total: int, b_w: int) -> dict[str, Any]:
