@@ -26,12 +26,13 @@ Sparse storage (``--sparse_format``): one format for a whole model.  'auto'
 baseline the one admitting the largest rank, a SALAAD or post-hoc
 deployment the one whose allocation keeps the smallest error (a property
 of the spectra, not of validation data).  SALAAD's rank target r* is the one
-at which its surrogate fills the largest budget
-(``compare_budgets.salaad_rank_target``) unless ``--salaad_rank_target`` or
+at which its surrogate fills one of the budgets (``--salaad_fill``: the
+middle one with the recommended preset, the largest otherwise;
+``compare_budgets.salaad_rank_target``) unless ``--salaad_rank_target`` or
 ``--salaad_option=rank_target=...`` sets it; its other settings are
 ``--salaad_preset``'s (default ``recommended``, the project's measured best:
 the authors' slow controller, then the surrogate itself trained for the
-second half; ``reference`` the authors' settings; ``short`` this command's
+last fifth; ``reference`` the authors' settings; ``short`` this command's
 earlier settings, ``SALAAD_SHORT_RUN``), the ``--salaad_*`` flags, then
 ``--salaad_option key=value`` (any TrainConfig field, SALAAD's pretraining
 run only).
@@ -125,7 +126,14 @@ _SPECTRUM = flags.DEFINE_list("spectrum_budgets", [],
                               "are left out")
 _SALAAD_RANK = flags.DEFINE_float("salaad_rank_target", None,
                                   "SALAAD's r*; unset: the r* at which its surrogate fills "
-                                  "the largest budget", lower_bound=0.0, upper_bound=1.0)
+                                  "the budget of --salaad_fill", lower_bound=0.0, upper_bound=1.0)
+_SALAAD_FILL = flags.DEFINE_enum(
+    "salaad_fill", None, list(budgets_lib.FILLS),
+    "which of --budgets SALAAD's trained structure (r* at its d*) fills: 'largest', or "
+    "'middle' (the median; the lower one of an even count). A consolidated structure is cut "
+    "for the budgets below it and cannot use those above, and filling the middle one "
+    "measured best with the recommended preset (benchmarks/RESULTS.md); unset: 'middle' "
+    "for --salaad_preset=recommended, 'largest' otherwise")
 _SALAAD_PRESET = flags.DEFINE_enum(
     "salaad_preset", "recommended", [*presets.PRESETS, "short"],
     "SALAAD's settings under the --salaad_* flags and --salaad_option: a preset of "
@@ -214,6 +222,13 @@ def base_config(method: str, seed: int, **overrides) -> TrainConfig:
   return TrainConfig(**base)
 
 
+def salaad_fill() -> str:
+  """--salaad_fill, or its default for --salaad_preset."""
+  if _SALAAD_FILL.value:
+    return _SALAAD_FILL.value
+  return "middle" if _SALAAD_PRESET.value == "recommended" else "largest"
+
+
 def _workdir(kind: str, seed: int, name: str) -> str:
   return os.path.join(_OUT.value, kind, f"seed_{seed}", name)
 
@@ -239,7 +254,8 @@ def salaad_settings(**overrides) -> dict:
 
 def pretrain_salaad_settings(mcfg, targets: list[int], unit: str) -> dict:
   """SALAAD's pretraining settings: ``salaad_settings`` and --salaad_option,
-  r* matched to the largest budget unless set; checked like a run's config."""
+  r* matched to the budget of --salaad_fill unless set; checked like a run's
+  config."""
   try:
     options = parse_field_overrides(_SALAAD_OPTION.value, "salaad_option")
   except TrainError as e:
@@ -252,7 +268,8 @@ def pretrain_salaad_settings(mcfg, targets: list[int], unit: str) -> dict:
   if _SALAAD_RANK.value is None and "rank_target" not in options:
     try:
       settings["rank_target"] = budgets_lib.salaad_rank_target(
-          mcfg, targets, unit, settings["density_target"], _FORMAT.value)
+          mcfg, [budgets_lib.fill_target(targets, salaad_fill())], unit, settings["density_target"],
+          _FORMAT.value)
     except ValueError as e:
       common.fail(f"--budgets={','.join(_BUDGETS.value)}: SALAAD's rank target: {e}")
   try:

@@ -121,6 +121,18 @@ def salaad_format(mcfg: LlamaConfig, density: float, fmt: str) -> str:
   return min(deploy_accounting.SPARSE_FORMATS, key=cost)
 
 
+FILLS = ("largest", "middle")
+
+
+def fill_target(targets: Sequence[int], fill: str) -> int:
+  """The budget SALAAD's structure fills: the largest of ``targets`` or the
+  middle one (the lower median)."""
+  if fill not in FILLS:
+    raise ValueError(f"fill must be one of {FILLS}, got {fill!r}")
+  ordered = sorted(targets)
+  return ordered[-1] if fill == "largest" else ordered[(len(ordered) - 1) // 2]
+
+
 def salaad_rank_target(mcfg: LlamaConfig, budgets: Sequence[int], unit: str, density: float,
                        fmt: str) -> float:
   """r* at which SALAAD's surrogate fills the largest of ``budgets``."""

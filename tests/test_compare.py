@@ -88,6 +88,15 @@ def test_baselines_get_the_largest_rank_whose_bytes_fit(fmt, fraction):
       assert got.bytes == min(_bytes_by_hand(method, got.rank, 0.03, f) for f in fits)
 
 
+def test_fill_target_is_the_largest_or_the_lower_median():
+  assert cb.fill_target([5, 1, 3], "middle") == 3
+  assert cb.fill_target([5, 1, 3, 4], "middle") == 3
+  assert cb.fill_target([5, 1, 3], "largest") == 5
+  assert cb.fill_target([2], "middle") == 2
+  with pytest.raises(ValueError, match="fill must be one of"):
+    cb.fill_target([1], "smallest")
+
+
 def test_parameter_budgets_match_the_old_parameter_matching():
   target = cb.target(TINY, 0.5, "params")
   assert target == 65952
@@ -261,7 +270,7 @@ def test_results_have_one_row_per_method_seed_and_budget(compared):
   assert rows[0]["perplexity"] != rows[len(per_seed)]["perplexity"]
 
 
-def test_salaad_run_takes_its_options_and_fills_the_largest_budget(compared):
+def test_salaad_run_takes_its_options_and_fills_the_middle_budget(compared):
   out, _ = compared
   config = cfg_lib.read_config(str(out / "runs" / "seed_0" / "salaad"))
   assert (config.k_beta, config.every_k) == (0.5, 2)
@@ -271,8 +280,10 @@ def test_salaad_run_takes_its_options_and_fills_the_largest_budget(compared):
   rec = presets.preset_fields("recommended", "tiny")
   assert (config.density_target, config.consolidate_from, config.k_alpha, config.rho) == (
       rec["density_target"], rec["consolidate_from"], rec["k_alpha"], rec["rho"])
+  # --budgets=0.6,0.4: the recommended preset's structure fills the middle
+  # budget, the lower of the two.
   assert config.rank_target == pytest.approx(cb.salaad_rank_target(
-      TINY, [cb.target(TINY, 0.6, "bytes")], "bytes", rec["density_target"], "auto"))
+      TINY, [cb.target(TINY, 0.4, "bytes")], "bytes", rec["density_target"], "auto"))
   # The baselines keep the shared settings.
   assert cfg_lib.read_config(str(out / "runs" / "seed_0" / "dense")).every_k == 10
 

@@ -398,7 +398,10 @@ def test_reference_preset_is_the_papers_settings():
 def test_with_preset_expands_the_named_preset_under_explicit_fields():
   got = presets.with_preset({"salaad_preset": "recommended", "rank_target": 0.3}, "tiny")
   assert got["rank_target"] == 0.3 and got["salaad_preset"] == "recommended"
-  assert (got["consolidate_from"], got["density_target"], got["rho"]) == (0.5, 0.08, 1e-3)
+  assert (got["consolidate_from"], got["density_target"], got["rho"]) == (0.8, 0.08, 1e-3)
+  # The tiny model's structure is sized for half its dense bytes; others keep 0.2.
+  assert presets.with_preset({"salaad_preset": "recommended"}, "tiny")["rank_target"] == 0.12
+  assert presets.with_preset({"salaad_preset": "recommended"}, "60m")["rank_target"] == 0.2
   assert presets.with_preset({"k_alpha": 1.0}, "tiny") == {"k_alpha": 1.0}
   with pytest.raises(TrainError, match="is not a preset"):
     presets.with_preset({"salaad_preset": "best"}, "tiny")
