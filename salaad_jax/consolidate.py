@@ -34,6 +34,8 @@ orthonormal factors with descending singular values.
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 
@@ -103,6 +105,29 @@ def truncated(f: prox.Factors, s, drop):
   tau = prox.topk_threshold(s, keep * nnz / s.size)
   s_b = jnp.where(jnp.abs(s) >= tau, s, 0.0)
   return prox.dense(prox.Factors(f.u, sig, f.v)) + s_b
+
+
+def factor_width(structure: str, factor_rank: int, rank_target: float, shape) -> int:
+  """w, the rank a block's trained factors are sized for: ceil(r* min(m, n))
+  for structure 'target', the factor rank for 'current' (the controller's
+  rank), at most the factor rank (a Python int: it sizes the state)."""
+  if structure == "current":
+    return factor_rank
+  return min(factor_rank, max(1, math.ceil(rank_target * min(shape) - 1e-6)))
+
+
+def factor_grads(grad, b, a, s):
+  """The gradients of B, A and S's values (on supp S, dense-shaped) from the
+  dense gradient G of X = B A^T + S: (G A, G^T B, P_Omega(G))."""
+  return grad @ a, grad.T @ b, jnp.where(s != 0, grad, 0.0)
+
+
+def factor_apply(b, a, s, db, da, ds):
+  """(B', A', S', X') after the optimiser's steps db, da, ds (S stepped on
+  its support only); X' = B' A'^T + S'."""
+  b, a = b + db, a + da
+  s_new = jnp.where(s != 0, s + ds, 0.0)
+  return b, a, s_new, b @ a.T + s_new
 
 
 def balanced(f: prox.Factors, width: int) -> tuple[jax.Array, jax.Array]:

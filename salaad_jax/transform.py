@@ -229,15 +229,12 @@ def _make(inner: Optional[optax.GradientTransformation], learning_rate, *,
                        inner_state=inner_state, factored=init_factored(layout), **trees)
 
   def factor_width(layout: _Layout, i: int) -> int:
-    """w, the consolidated rank block ``i``'s factors are sized for: the
-    target rank ceil(r* min(m, n)) (structure 'target') or the factor rank
-    (structure 'current', whose rank is the controller's), at most the latter."""
-    if consolidate_structure == "current":
-      return layout.ranks[i]
+    """``consolidate.factor_width`` of block ``i``."""
     r_t = _concrete_float(layout.hparams[i].rank_target)
-    if r_t is None:
+    if r_t is None and consolidate_structure == "target":
       raise ValueError("consolidate_params='factors' needs a concrete rank_target")
-    return min(layout.ranks[i], max(1, math.ceil(r_t * min(layout.infos[i].matrix_shape) - 1e-6)))
+    return cons.factor_width(consolidate_structure, layout.ranks[i], r_t,
+                             layout.infos[i].matrix_shape)
 
   def init_factored(layout: _Layout):
     """``()``, or with consolidation in factors zero factors (B, A) per block
@@ -480,11 +477,10 @@ def _make(inner: Optional[optax.GradientTransformation], learning_rate, *,
       if info is None:
         continue
       grad = st.as_matrix(jnp.asarray(g[i], _F32), info)
-      s_mat = compact.as_dense(flat["sparse"][i], info.matrix_shape).astype(_F32)
-      b, a = fac[i]
-      sparse[i] = s_mat
-      g_fac[i] = (grad @ a, grad.T @ b)
-      g_in[i] = st.from_matrix(jnp.where(s_mat != 0, grad, 0.0), info).astype(g[i].dtype)
+      sparse[i] = s_mat = compact.as_dense(flat["sparse"][i], info.matrix_shape).astype(_F32)
+      gb, ga, gs = cons.factor_grads(grad, *fac[i], s_mat)
+      g_fac[i] = (gb, ga)
+      g_in[i] = st.from_matrix(gs, info).astype(g[i].dtype)
       p_in[i] = st.from_matrix(s_mat, info).astype(x[i].dtype)
     u, inner_state = inner.update(unflat(g_in), state.inner_state, unflat(p_in), **extra_args)
     fu, f_inner = inner.update(unflat(g_fac), state.factored.inner_state,
@@ -492,9 +488,9 @@ def _make(inner: Optional[optax.GradientTransformation], learning_rate, *,
     u, fu = list(tdef.flatten_up_to(u)), tdef.flatten_up_to(fu)
     for i, s_mat in sparse.items():
       info = layout.infos[i]
-      b, a = (f + d for f, d in zip(fac[i], fu[i]))
-      s_new = jnp.where(s_mat != 0, s_mat + st.as_matrix(jnp.asarray(u[i], _F32), info), 0.0)
-      u[i] = (st.from_matrix(b @ a.T + s_new, info) - jnp.asarray(x[i], _F32)).astype(u[i].dtype)
+      b, a, s_new, x_new = cons.factor_apply(*fac[i], s_mat, *fu[i],
+                                             st.as_matrix(jnp.asarray(u[i], _F32), info))
+      u[i] = (st.from_matrix(x_new, info) - jnp.asarray(x[i], _F32)).astype(u[i].dtype)
       fac[i] = (b, a)
       f = cons.svd_of_product(b, a, layout.ranks[i])
       flat["lr_u"][i], flat["lr_s"][i], flat["lr_v"][i] = f.u, f.s, f.v
