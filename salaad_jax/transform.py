@@ -93,7 +93,7 @@ def _make(inner: Optional[optax.GradientTransformation], learning_rate, *,
           alpha_init, beta_init, state_dtype, dual_dtype, spread_rounds, seed,
           sparse_capacity="auto", target_schedule=None, rho_schedule=None,
           consolidate_from=None, consolidate_structure="target", consolidate_dropout=0.0,
-          consolidate_params="projection"):
+          consolidate_params="projection", consolidate_factor_lr=1.0):
   ctl.check_mode(mode)
   if consolidate_structure not in cons.STRUCTURES:
     raise ValueError(f"consolidate_structure must be one of {cons.STRUCTURES}, "
@@ -136,6 +136,11 @@ def _make(inner: Optional[optax.GradientTransformation], learning_rate, *,
     raise ValueError(
         "consolidate_params='factors' trains the factors with the inner optimiser: it needs "
         "the coupled salaad(inner, ...), a consolidate_from step and no consolidate_dropout")
+  consolidate_factor_lr = _static_float("consolidate_factor_lr", consolidate_factor_lr)
+  _check_value("consolidate_factor_lr", consolidate_factor_lr, "", 0.0, None)
+  if consolidate_factor_lr != 1.0 and not factored:
+    raise ValueError("consolidate_factor_lr scales the factors' steps: it needs "
+                     "consolidate_params='factors'")
   if sparse_capacity is not None and not (isinstance(sparse_capacity, str)
                                          and sparse_capacity == "auto"):
     if isinstance(sparse_capacity, str):
@@ -485,6 +490,8 @@ def _make(inner: Optional[optax.GradientTransformation], learning_rate, *,
     u, inner_state = inner.update(unflat(g_in), state.inner_state, unflat(p_in), **extra_args)
     fu, f_inner = inner.update(unflat(g_fac), state.factored.inner_state,
                                state.factored.factors, **extra_args)
+    if consolidate_factor_lr != 1.0:
+      fu = jax.tree.map(lambda t: t * consolidate_factor_lr, fu)
     u, fu = list(tdef.flatten_up_to(u)), tdef.flatten_up_to(fu)
     for i, s_mat in sparse.items():
       info = layout.infos[i]
@@ -619,6 +626,10 @@ _DOC_ARGS = """
       B, A (L = B A^T) and S's values on its support trained by ``inner``
       through the chain rule, with their own optimiser state; coupled
       ``salaad`` only, no ``consolidate_dropout``; ``consolidate`` module).
+    consolidate_factor_lr: c > 0, with ``consolidate_params='factors'``: the
+      factors' steps are c times the inner optimiser's (their learning rate
+      relative to the run's; S's values keep the run's), as LoRA's and
+      SLTrain's alpha / r multiplies their low-rank product.
 """
 
 def salaad(inner: optax.GradientTransformation, *, structure=None,
@@ -638,7 +649,8 @@ def salaad(inner: optax.GradientTransformation, *, structure=None,
            consolidate_from: Optional[int] = None,
            consolidate_structure: str = "target",
            consolidate_dropout: float = 0.0,
-           consolidate_params: str = "projection") -> optax.GradientTransformationExtraArgs:
+           consolidate_params: str = "projection",
+           consolidate_factor_lr: float = 1.0) -> optax.GradientTransformationExtraArgs:
   """Coupled SALAAD: g_i + rho_i (X_i - L_i - S_i + U_i) feeds ``inner``.
 
   ``inner`` is any optax transformation (e.g. clip + AdamW); extra keyword
@@ -667,7 +679,8 @@ def salaad_decoupled(learning_rate, *, structure=None,
                      consolidate_from: Optional[int] = None,
                      consolidate_structure: str = "target",
                      consolidate_dropout: float = 0.0,
-                     consolidate_params: str = "projection"
+                     consolidate_params: str = "projection",
+                     consolidate_factor_lr: float = 1.0
                      ) -> optax.GradientTransformationExtraArgs:
   """Decoupled SALAAD, appended after a base chain:
   u_i <- u_i - lr * rho_i (X_i - L_i - S_i + U_i).

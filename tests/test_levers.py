@@ -251,14 +251,15 @@ def _factors(state, name):
                for v in sj.find_state(state).factored.factors[name]["kernel"])
 
 
-@pytest.mark.parametrize("capacity", [None, "auto"])
-def test_factor_consolidation_steps_the_factors_by_the_chain_rule(capacity):
+@pytest.mark.parametrize("capacity, factor_lr", [(None, 1.0), ("auto", 1.0), (None, 0.4)])
+def test_factor_consolidation_steps_the_factors_by_the_chain_rule(capacity, factor_lr):
   # SGD on a count-dependent learning rate: the oracle below also checks
-  # that the factors' optimiser counts in step with the main one.
+  # that the factors' optimiser counts in step with the main one; the
+  # factors' steps are factor_lr times it, S's values keep the run's.
   lr = lambda count: 0.01 * (1.0 + count)
   tx = sj.salaad(optax.sgd(lr), every_k=2, rho=0.2, rank_target=0.25, density_target=0.1,
                  consolidate_from=3, consolidate_params="factors", svt="exact",
-                 sparse_capacity=capacity)
+                 sparse_capacity=capacity, consolidate_factor_lr=factor_lr)
   params = _params(5)
   hist = _run(tx, params, 7, lr_target=0.5)
   for t in range(3, 6):  # hist[t]: after step t (0-based); step 3 projects
@@ -271,7 +272,7 @@ def test_factor_consolidation_steps_the_factors_by_the_chain_rule(capacity):
       assert b.shape == (m, int(np.ceil(0.25 * min(m, n))))
       grad = 2.0 * (x - 0.5)
       step = lr(t + 1)  # the update of step t + 1 sees count t + 1
-      b2, a2 = b - step * grad @ a, a - step * grad.T @ b
+      b2, a2 = b - factor_lr * step * grad @ a, a - factor_lr * step * grad.T @ b
       s2 = np.where(sp != 0, sp - step * grad, 0.0)
       np.testing.assert_allclose(_leaf(p_next, name), b2 @ a2.T + s2, rtol=1e-4, atol=1e-4)
       nb, na = _factors(s_next, name)
@@ -340,6 +341,11 @@ def test_lever_errors_name_the_option():
       sj.salaad(optax.sgd(1.0), consolidate_params="factors", **bad)
   with pytest.raises(ValueError, match="consolidate_params='factors'"):
     sj.salaad_decoupled(1.0, consolidate_from=3, consolidate_params="factors")
+  with pytest.raises(ValueError, match="consolidate_factor_lr"):
+    sj.salaad(optax.sgd(1.0), consolidate_from=3, consolidate_params="factors",
+              consolidate_factor_lr=0.0)
+  with pytest.raises(ValueError, match="consolidate_factor_lr scales the factors"):
+    sj.salaad(optax.sgd(1.0), consolidate_from=3, consolidate_factor_lr=2.0)
 
 
 # ----------------------------------------------------------------------------
@@ -361,6 +367,9 @@ def test_config_fields_become_transform_options():
   off = methods.salaad_kwargs(_tiny())
   assert (off["consolidate_from"], off["target_schedule"], off["rho_schedule"]) == (None,) * 3
   assert methods.salaad_kwargs(_tiny(rho_mode="shape_dependent"))["rho"] == "shape_dependent"
+  fac = methods.salaad_kwargs(_tiny(consolidate_params="factors", consolidate_from=0.5,
+                                    consolidate_factor_lr=3.0))
+  assert (fac["consolidate_params"], fac["consolidate_factor_lr"]) == ("factors", 3.0)
 
 
 @pytest.mark.parametrize("change, message", [
@@ -371,6 +380,9 @@ def test_config_fields_become_transform_options():
     (dict(consolidate_params="factors"), "--consolidate_params=factors needs"),
     (dict(consolidate_params="factors", consolidate_from=0.5, coupling="decoupled"),
      "--consolidate_params=factors needs"),
+    (dict(consolidate_factor_lr=2.0), "--consolidate_factor_lr=2.0 must be > 0 and needs"),
+    (dict(consolidate_params="factors", consolidate_from=0.5, consolidate_factor_lr=0.0),
+     "--consolidate_factor_lr=0.0 must be > 0"),
 ])
 def test_lever_flags_are_validated(change, message):
   with pytest.raises(TrainError, match=message):

@@ -135,6 +135,9 @@ class TrainConfig:
                                "or factors (L's factors and S's values trained directly, "
                                "with their own AdamW moments; coupled only)",
                                choices=("projection", "factors"))
+  consolidate_factor_lr: float = _f(1.0, "consolidation in factors: the factors' learning "
+                                    "rate as a multiple of the run's (S's values keep the "
+                                    "run's); 1: the same", min=0.0)
 
   # --- devices -----------------------------------------------------------------
   parallelism: str = _f("jit", "jit (NamedSharding over a mesh) or pmap",
@@ -245,6 +248,10 @@ def validate(config: TrainConfig) -> TrainConfig:
       or config.consolidate_dropout > 0):
     raise TrainError("--consolidate_params=factors needs --consolidate_from > 0, "
                      "--coupling=coupled and --consolidate_dropout=0")
+  if config.consolidate_factor_lr <= 0 or (config.consolidate_factor_lr != 1.0
+                                           and config.consolidate_params != "factors"):
+    raise TrainError(f"--consolidate_factor_lr={config.consolidate_factor_lr} must be > 0 "
+                     "and needs --consolidate_params=factors when not 1")
   if config.rho_mode == "tanh" and not (config.rho_ramp_width > 0 and config.rho_ramp_factor > 0):
     raise TrainError("--rho_mode=tanh needs --rho_ramp_width > 0 and --rho_ramp_factor > 0")
   if not isinstance(config.method_options, dict):
