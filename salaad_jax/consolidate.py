@@ -30,6 +30,25 @@ and the dense gradient G_i = dloss/dX_i, the inner optimiser steps
 factors.  The SVD form of L_i is recomputed exactly from the factors after
 every step (:func:`svd_of_product`), so the state always holds L as
 orthonormal factors with descending singular values.
+
+With ``global_dropout=p`` (factors only) every step trains a random
+*deployment* of the surrogate instead of the whole of it: a share q ~ U(0, p)
+of the structure's parameters is dropped by the global allocator's rule
+(:func:`global_cut`: triplets of gain sigma^2 per parameter (m + n), entries
+of gain s^2 per parameter, one threshold on gain per cost over all blocks, so
+every block keeps its top triplets and largest entries), the params hold that
+cut, and the gradients are the cut model's: P_kept(G_i) for S_i, and for the
+factors (:func:`cut_factor_grads`)
+
+    B_i  on  G_i A_i M^T,      A_i  on  G_i^T B_i M
+
+with M the w x w matrix that makes B M A^T the kept triplets U_k S_k V_k^T
+(held constant; M = I when nothing is cut, so an uncut step is the plain one
+and the kept subspaces still rotate).  This is nested dropout (Rippel et al.
+2014) with the allocator's own cut, as slimmable networks (Yu et al. 2019)
+and Matryoshka representations (Kusupati et al. 2022) train their nested
+widths: the smaller deployments of the one run are trained, not only its
+full structure.
 """
 
 from __future__ import annotations
@@ -147,3 +166,62 @@ def svd_of_product(b, a, r_max: int) -> prox.Factors:
   pad = r_max - sig.shape[0]
   widen = lambda m: jnp.pad(m, ((0, 0), (0, pad)))
   return prox.Factors(widen(qb @ w), jnp.pad(sig, (0, pad)), widen(qa @ zt.T))
+
+
+def global_cut(sigmas, sparses, drop):
+  """The global allocator's cut of blocks to a share 1 - ``drop`` of their
+  structured parameters, priced in parameters (bitmap bytes up to the
+  bitmap's fixed cost): triplet j of block i (shape (m, n)) has gain per
+  cost sigma_ij^2 / (m + n), a sparse entry s^2; the items of largest gain
+  per cost are kept while their cost fits, with one threshold over all
+  blocks, so each block keeps a prefix of its triplets and its largest
+  entries (the greedy pass of ``deploy.allocation`` without its
+  skip-and-fill and bitmap overhead).
+
+  Args:
+    sigmas: per block, its singular values (r,), zero where none.
+    sparses: per block, S (m, n) (zero off its support).
+    drop: the share of the parameters to drop, in [0, 1].
+  Returns:
+    per block (kept triplets (r,) bool, kept entries (m, n) bool).
+  """
+  ratios, costs = [], []
+  for sig, sp in zip(sigmas, sparses):
+    m, n = sp.shape
+    sig, sp = jnp.asarray(sig, _F32), jnp.asarray(sp, _F32)
+    ratios += [jnp.where(sig > 0, sig * sig / (m + n), -1.0), jnp.where(sp != 0, sp * sp, -1.0)
+               .ravel()]
+    costs += [jnp.full(sig.shape, m + n, _F32), jnp.ones(sp.size, _F32)]
+  ratio, cost = jnp.concatenate(ratios), jnp.concatenate(costs)
+  live = ratio >= 0
+  cost = jnp.where(live, cost, 0.0)
+  order = jnp.argsort(-ratio)
+  csum = jnp.cumsum(cost[order])
+  budget = (1.0 - jnp.asarray(drop, _F32)) * csum[-1]
+  fits = (csum <= budget * (1 + 1e-6)) & live[order]
+  tau = jnp.min(jnp.where(fits, ratio[order], jnp.inf))
+  out, at = [], 0
+  for sig, sp in zip(sigmas, sparses):
+    r, k = sig.shape[0], sp.size
+    kept = live & (ratio >= tau)
+    out.append((kept[at:at + r], kept[at + r:at + r + k].reshape(sp.shape)))
+    at += r + k
+  return out
+
+
+def cut_factor_grads(grad, b, a, f: prox.Factors, kept):
+  """(dB, dA) of the cut low-rank part L_k = U_k S_k V_k^T = B M A^T.
+
+  ``f`` is the SVD of B A^T (width >= w), ``kept`` its kept triplets.  With
+  T_b = B^+ U sqrt(S) and T_a = A^+ V sqrt(S) (so B T_b = U sqrt(S), the
+  balanced left factor, and A T_a = V sqrt(S)), M = T_b D_k T_a^T, D_k the
+  kept mask; holding M constant, dB = G A M^T = G (V sqrt(S) D_k) T_b^T and
+  dA = G^T B M = G^T (U sqrt(S) D_k) T_a^T.  With every triplet kept and B,
+  A of full column rank, M = I and these are (G A, G^T B).
+  """
+  w = b.shape[1]
+  root = jnp.sqrt(jnp.maximum(jnp.asarray(f.s[:w], _F32), 0.0))
+  ub, va = jnp.asarray(f.u[:, :w], _F32) * root, jnp.asarray(f.v[:, :w], _F32) * root
+  tb, ta = jnp.linalg.pinv(b) @ ub, jnp.linalg.pinv(a) @ va
+  d = kept[:w].astype(_F32)
+  return (grad @ (va * d)) @ tb.T, (grad.T @ (ub * d)) @ ta.T

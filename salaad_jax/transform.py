@@ -93,7 +93,8 @@ def _make(inner: Optional[optax.GradientTransformation], learning_rate, *,
           alpha_init, beta_init, state_dtype, dual_dtype, spread_rounds, seed,
           sparse_capacity="auto", target_schedule=None, rho_schedule=None,
           consolidate_from=None, consolidate_structure="target", consolidate_dropout=0.0,
-          consolidate_params="projection", consolidate_factor_lr=1.0):
+          consolidate_params="projection", consolidate_factor_lr=1.0,
+          consolidate_global_dropout=0.0):
   ctl.check_mode(mode)
   if consolidate_structure not in cons.STRUCTURES:
     raise ValueError(f"consolidate_structure must be one of {cons.STRUCTURES}, "
@@ -140,6 +141,13 @@ def _make(inner: Optional[optax.GradientTransformation], learning_rate, *,
   _check_value("consolidate_factor_lr", consolidate_factor_lr, "", 0.0, None)
   if consolidate_factor_lr != 1.0 and not factored:
     raise ValueError("consolidate_factor_lr scales the factors' steps: it needs "
+                     "consolidate_params='factors'")
+  consolidate_global_dropout = _static_float("consolidate_global_dropout",
+                                             consolidate_global_dropout)
+  _check_value("consolidate_global_dropout", consolidate_global_dropout, "", 0.0, 1.0,
+               low_open=False)
+  if consolidate_global_dropout and not factored:
+    raise ValueError("consolidate_global_dropout trains cuts of the factors: it needs "
                      "consolidate_params='factors'")
   if sparse_capacity is not None and not (isinstance(sparse_capacity, str)
                                          and sparse_capacity == "auto"):
@@ -466,24 +474,46 @@ def _make(inner: Optional[optax.GradientTransformation], learning_rate, *,
                            lambda: fac.factors)
     return new_updates, new_state._replace(factored=FactorState(factors, f_inner))
 
+  def cut_drop(count):
+    """The share the global cut drops at the factor step of ``count``: 0
+    without ``consolidate_global_dropout`` and at the first factor step (its
+    params are the whole projection), else q ~ U(0, p) drawn from the count."""
+    q = jax.random.uniform(jax.random.fold_in(jax.random.key(seed + 2), count))
+    return jnp.where(count == consolidate_from + 1, 0.0, consolidate_global_dropout * q)
+
+  def cuts(sigmas, sparse, count):
+    """{block: (kept triplets, kept entries)} of ``consolidate.global_cut``
+    at ``cut_drop(count)``; None without global dropout."""
+    if not consolidate_global_dropout:
+      return None
+    keys = sorted(sparse)
+    kept = cons.global_cut([sigmas[i] for i in keys], [sparse[i] for i in keys], cut_drop(count))
+    return dict(zip(keys, kept))
+
   def factor_step(updates, state, params, extra_args):
     """A consolidation step in factors (``consolidate`` module docstring):
     the inner optimiser steps S_i on P_Omega(G_i) (in the main inner state,
     whose params are then S at the blocks) and (B_i, A_i) on (G_i A_i,
-    G_i^T B_i) (in the factors' own state); the update is B' A'^T + S' - X."""
+    G_i^T B_i) (in the factors' own state); the update is B' A'^T + S' - X,
+    or with global dropout the next step's cut of it minus X."""
     layout = layout_of(params, state.sparse)
     tdef = layout.treedef
     unflat = lambda leaves: jax.tree_util.tree_unflatten(tdef, leaves)
     g, x = tdef.flatten_up_to(updates), tdef.flatten_up_to(params)
     fac = tdef.flatten_up_to(state.factored.factors)
     flat = {f: list(tdef.flatten_up_to(getattr(state, f))) for f in PER_BLOCK_FIELDS}
-    g_in, p_in, g_fac, sparse = list(g), list(x), list(fac), {}
-    for i, info in enumerate(layout.infos):
-      if info is None:
-        continue
+    g_in, p_in, g_fac = list(g), list(x), list(fac)
+    sparse = {i: compact.as_dense(flat["sparse"][i], info.matrix_shape).astype(_F32)
+              for i, info in enumerate(layout.infos) if info is not None}
+    kept = cuts(flat["lr_s"], sparse, state.count)
+    for i, s_mat in sparse.items():
+      info = layout.infos[i]
       grad = st.as_matrix(jnp.asarray(g[i], _F32), info)
-      sparse[i] = s_mat = compact.as_dense(flat["sparse"][i], info.matrix_shape).astype(_F32)
       gb, ga, gs = cons.factor_grads(grad, *fac[i], s_mat)
+      if kept is not None:  # the params are the cut: its gradients
+        f = prox.Factors(flat["lr_u"][i], flat["lr_s"][i], flat["lr_v"][i])
+        gb, ga = cons.cut_factor_grads(grad, *fac[i], f, kept[i][0])
+        gs = jnp.where(kept[i][1], gs, 0.0)
       g_fac[i] = (gb, ga)
       g_in[i] = st.from_matrix(gs, info).astype(g[i].dtype)
       p_in[i] = st.from_matrix(s_mat, info).astype(x[i].dtype)
@@ -493,19 +523,27 @@ def _make(inner: Optional[optax.GradientTransformation], learning_rate, *,
     if consolidate_factor_lr != 1.0:
       fu = jax.tree.map(lambda t: t * consolidate_factor_lr, fu)
     u, fu = list(tdef.flatten_up_to(u)), tdef.flatten_up_to(fu)
+    new_f, new_s, new_x = {}, {}, {}
     for i, s_mat in sparse.items():
       info = layout.infos[i]
-      b, a, s_new, x_new = cons.factor_apply(*fac[i], s_mat, *fu[i],
-                                             st.as_matrix(jnp.asarray(u[i], _F32), info))
-      u[i] = (st.from_matrix(x_new, info) - jnp.asarray(x[i], _F32)).astype(u[i].dtype)
+      b, a, new_s[i], new_x[i] = cons.factor_apply(*fac[i], s_mat, *fu[i],
+                                                   st.as_matrix(jnp.asarray(u[i], _F32), info))
       fac[i] = (b, a)
-      f = cons.svd_of_product(b, a, layout.ranks[i])
+      new_f[i] = f = cons.svd_of_product(b, a, layout.ranks[i])
       flat["lr_u"][i], flat["lr_s"][i], flat["lr_v"][i] = f.u, f.s, f.v
       cap = layout.caps[i]
-      stored = s_new if cap is None else compact.project(s_new, cap)[0]
+      stored = new_s[i] if cap is None else compact.project(new_s[i], cap)[0]
       flat["sparse"][i] = store_sparse(stored, info, flat["sparse"][i])
       flat["rank_rate"][i] = jnp.sum(f.s > 0).astype(_F32) / min(info.matrix_shape)
-      flat["density"][i] = prox.density(s_new)
+      flat["density"][i] = prox.density(new_s[i])
+    kept = cuts(flat["lr_s"], new_s, state.count + 1)
+    for i, x_new in new_x.items():
+      if kept is not None:  # the next step's params: its cut of L' + S'
+        f, (kt, ks) = new_f[i], kept[i]
+        x_new = (prox.dense(prox.Factors(f.u, jnp.where(kt, f.s, 0.0), f.v))
+                 + jnp.where(ks, new_s[i], 0.0))
+      u[i] = (st.from_matrix(x_new, layout.infos[i])
+              - jnp.asarray(x[i], _F32)).astype(u[i].dtype)
     count = optax.safe_increment(state.count)
     trees = {f: unflat(v) for f, v in flat.items()}
     state = state._replace(count=count, num_rounds=count // jnp.asarray(every_k, jnp.int32),
@@ -630,6 +668,12 @@ _DOC_ARGS = """
       factors' steps are c times the inner optimiser's (their learning rate
       relative to the run's; S's values keep the run's), as LoRA's and
       SLTrain's alpha / r multiplies their low-rank product.
+    consolidate_global_dropout: p in [0, 1], with ``consolidate_params=
+      'factors'``: each step the params hold the global allocator's cut of
+      L + S to a random share 1 - q, q ~ U(0, p), of the structure's
+      parameters, and only what the cut kept is trained that step (nested
+      dropout with the deployment's own cut, ``consolidate.global_cut``);
+      the state keeps the whole surrogate (``surrogate_params``).
 """
 
 def salaad(inner: optax.GradientTransformation, *, structure=None,
@@ -650,7 +694,8 @@ def salaad(inner: optax.GradientTransformation, *, structure=None,
            consolidate_structure: str = "target",
            consolidate_dropout: float = 0.0,
            consolidate_params: str = "projection",
-           consolidate_factor_lr: float = 1.0) -> optax.GradientTransformationExtraArgs:
+           consolidate_factor_lr: float = 1.0,
+           consolidate_global_dropout: float = 0.0) -> optax.GradientTransformationExtraArgs:
   """Coupled SALAAD: g_i + rho_i (X_i - L_i - S_i + U_i) feeds ``inner``.
 
   ``inner`` is any optax transformation (e.g. clip + AdamW); extra keyword
@@ -680,7 +725,8 @@ def salaad_decoupled(learning_rate, *, structure=None,
                      consolidate_structure: str = "target",
                      consolidate_dropout: float = 0.0,
                      consolidate_params: str = "projection",
-                     consolidate_factor_lr: float = 1.0
+                     consolidate_factor_lr: float = 1.0,
+                     consolidate_global_dropout: float = 0.0
                      ) -> optax.GradientTransformationExtraArgs:
   """Decoupled SALAAD, appended after a base chain:
   u_i <- u_i - lr * rho_i (X_i - L_i - S_i + U_i).

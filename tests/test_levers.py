@@ -9,6 +9,8 @@ import numpy as np
 import optax
 import pytest
 from absl import flags
+from hypothesis import given, settings
+from hypothesis import strategies as st_
 
 import salaad_jax as sj
 from salaad_jax import consolidate as cons
@@ -325,6 +327,115 @@ def test_product_svd_matches_numpy():
   np.testing.assert_allclose(np.asarray(prox.dense(f)), b @ a.T, atol=1e-4)
 
 
+def _cut_oracle(sigmas, sparses, drop):
+  """The global cut by a plain sort: items (gain per cost, cost), the largest
+  taken while their running cost fits (1 - drop) of the total."""
+  items = []
+  for i, (sig, sp) in enumerate(zip(sigmas, sparses)):
+    m, n = sp.shape
+    items += [(x * x / (m + n), m + n, i, "t", j) for j, x in enumerate(sig) if x > 0]
+    items += [(x * x, 1, i, "e", j) for j, x in enumerate(sp.ravel()) if x != 0]
+  total = sum(c for _, c, *_ in items)
+  kept, run = set(), 0
+  for ratio, cost, i, kind, j in sorted(items, key=lambda t: -t[0]):
+    if run + cost > (1 - drop) * total * (1 + 1e-6):
+      break
+    run += cost
+    kept.add((i, kind, j))
+  return kept
+
+
+@settings(max_examples=25, deadline=None)
+@given(st_.integers(0, 10_000), st_.floats(0.0, 1.0))
+def test_global_cut_keeps_the_best_gain_per_cost_within_the_share(seed, drop):
+  rng = np.random.default_rng(seed)
+  shapes = [(4, 6), (5, 3), (7, 7)]
+  sigmas = [np.sort(np.where(rng.random(min(s)) < 0.8, rng.gamma(2.0, size=min(s)), 0.0))[::-1]
+            for s in shapes]
+  sparses = [np.where(rng.random(s) < 0.3, rng.normal(size=s), 0.0) for s in shapes]
+  got = cons.global_cut([jnp.asarray(x, jnp.float32) for x in sigmas],
+                        [jnp.asarray(x, jnp.float32) for x in sparses], drop)
+  want = _cut_oracle(sigmas, sparses, drop)
+  for i, (kt, ks) in enumerate(got):
+    kt, ks = np.asarray(kt), np.asarray(ks).ravel()
+    assert {j for j in range(kt.size) if kt[j]} == {j for (b, k, j) in want if b == i and k == "t"}
+    assert {j for j in range(ks.size) if ks[j]} == {j for (b, k, j) in want if b == i and k == "e"}
+    # a prefix of the triplets (sigma descending)
+    assert not np.any(kt[1:] & ~kt[:-1])
+
+
+def test_cut_factor_grads_are_the_cut_models_and_plain_uncut():
+  rng = np.random.default_rng(3)
+  b, a, g = rng.normal(size=(10, 4)), rng.normal(size=(8, 4)), rng.normal(size=(10, 8))
+  f32 = lambda x: jnp.asarray(x, jnp.float32)
+  f = cons.svd_of_product(f32(b), f32(a), 6)
+  everything = jnp.ones(6, bool)
+  gb, ga = cons.cut_factor_grads(f32(g), f32(b), f32(a), f, everything)
+  np.testing.assert_allclose(gb, g @ a, rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(ga, g.T @ b, rtol=1e-4, atol=1e-4)
+  kept = jnp.arange(6) < 2
+  gb, ga = cons.cut_factor_grads(f32(g), f32(b), f32(a), f, kept)
+  u, sig, vt = np.linalg.svd(b @ a.T)
+  l2 = (u[:, :2] * sig[:2]) @ vt[:2]
+  m = np.linalg.pinv(b) @ l2 @ np.linalg.pinv(a).T  # B M A^T = the top-2 triplets
+  np.testing.assert_allclose(b @ m @ a.T, l2, atol=1e-8)
+  np.testing.assert_allclose(gb, g @ a @ m.T, rtol=1e-3, atol=1e-4)
+  np.testing.assert_allclose(ga, g.T @ b @ m, rtol=1e-3, atol=1e-4)
+
+
+def _kept_of(x, f, sp):
+  """(k, kept entries) with x = the top-k triplets of f + S on the kept entries."""
+  u, sig, v = (np.asarray(t, np.float64) for t in f)
+  for k in range(int(np.sum(sig > 0)) + 1):
+    rest = x - (u[:, :k] * sig[:k]) @ v[:, :k].T
+    ks = np.abs(rest) > 1e-4
+    if np.all(sp[ks] != 0) and np.allclose(rest[ks], sp[ks], atol=1e-4):
+      return k, ks
+  raise AssertionError("the params are not a cut of the state's L + S")
+
+
+def test_global_dropout_trains_the_cut_through_its_gradients():
+  lr = 0.02
+  tx = sj.salaad(optax.sgd(lr), every_k=2, rho=0.2, rank_target=0.5, density_target=0.1,
+                 consolidate_from=3, consolidate_params="factors", svt="exact",
+                 consolidate_global_dropout=0.8)
+  hist = _run(tx, _params(4), 9, lr_target=0.5)
+  ks_seen, cut_steps = set(), 0
+  for t in range(3, 8):
+    (p, s), (_, s_next) = hist[t], hist[t + 1]
+    info, dropped_ratios, kept_ratios = {}, [], []
+    for name in ("a", "b"):
+      x, sp = _leaf(p, name), _s_leaf(s, name)
+      f = sj.low_rank_factors(s)[f"{name}/kernel"]
+      k, ks = _kept_of(x, f, sp)
+      info[name] = (x, sp, f, k, ks)
+      sig, (m, n) = np.asarray(f.s, np.float64), x.shape
+      live = sig > 0
+      kept_ratios += list(sig[:k] ** 2 / (m + n)) + list(sp[ks] ** 2)
+      dropped_ratios += list(sig[k:][live[k:]] ** 2 / (m + n)) + list(sp[(sp != 0) & ~ks] ** 2)
+      ks_seen.add(k)
+    if dropped_ratios:  # one threshold over both blocks
+      cut_steps += 1
+      assert min(kept_ratios) >= max(dropped_ratios) - 1e-6
+    for name in ("a", "b"):
+      x, sp, f, k, ks = info[name]
+      b, a = _factors(s, name)
+      grad = 2.0 * (x - 0.5)
+      u, sig, v = (np.asarray(t_, np.float64) for t_ in f)
+      lk = (u[:, :k] * sig[:k]) @ v[:, :k].T
+      mm = np.linalg.pinv(b) @ lk @ np.linalg.pinv(a).T
+      b2, a2 = b - lr * grad @ a @ mm.T, a - lr * grad.T @ b @ mm
+      s2 = np.where(ks, sp - lr * grad, sp)
+      nb, na = _factors(s_next, name)
+      np.testing.assert_allclose(nb, b2, rtol=1e-3, atol=1e-4)
+      np.testing.assert_allclose(na, a2, rtol=1e-3, atol=1e-4)
+      np.testing.assert_allclose(_s_leaf(s_next, name), s2, rtol=1e-4, atol=1e-5)
+  assert cut_steps >= 2 and len(ks_seen) >= 2  # the cut changes from step to step
+  # the first factor step trains the whole projection
+  assert _kept_of(_leaf(hist[3][0], "b"), sj.low_rank_factors(hist[3][1])["b/kernel"],
+                  _s_leaf(hist[3][1], "b"))[0] == int(np.ceil(0.5 * 16))
+
+
 def test_lever_errors_name_the_option():
   with pytest.raises(ValueError, match="consolidate_structure"):
     sj.salaad(optax.sgd(1.0), consolidate_structure="best")
@@ -346,6 +457,11 @@ def test_lever_errors_name_the_option():
               consolidate_factor_lr=0.0)
   with pytest.raises(ValueError, match="consolidate_factor_lr scales the factors"):
     sj.salaad(optax.sgd(1.0), consolidate_from=3, consolidate_factor_lr=2.0)
+  with pytest.raises(ValueError, match="consolidate_global_dropout trains cuts"):
+    sj.salaad(optax.sgd(1.0), consolidate_from=3, consolidate_global_dropout=0.5)
+  with pytest.raises(ValueError, match="consolidate_global_dropout"):
+    sj.salaad(optax.sgd(1.0), consolidate_from=3, consolidate_params="factors",
+              consolidate_global_dropout=1.5)
 
 
 # ----------------------------------------------------------------------------
@@ -381,6 +497,9 @@ def test_config_fields_become_transform_options():
     (dict(consolidate_params="factors", consolidate_from=0.5, coupling="decoupled"),
      "--consolidate_params=factors needs"),
     (dict(consolidate_factor_lr=2.0), "--consolidate_factor_lr=2.0 must be > 0 and needs"),
+    (dict(consolidate_global_dropout=0.5), "--consolidate_global_dropout needs"),
+    (dict(consolidate_params="factors", consolidate_from=0.5, consolidate_global_dropout=1.0),
+     "--consolidate_global_dropout=1.0 must lie in"),
     (dict(consolidate_params="factors", consolidate_from=0.5, consolidate_factor_lr=0.0),
      "--consolidate_factor_lr=0.0 must be > 0"),
 ])

@@ -138,6 +138,10 @@ class TrainConfig:
   consolidate_factor_lr: float = _f(1.0, "consolidation in factors: the factors' learning "
                                     "rate as a multiple of the run's (S's values keep the "
                                     "run's); 1: the same", min=0.0)
+  consolidate_global_dropout: float = _f(0.0, "consolidation in factors with nested dropout: "
+                                         "each step trains the global allocator's cut of L + S "
+                                         "to a random share 1 - q, q ~ U(0, p), of its "
+                                         "parameters; 0: off", min=0.0)
 
   # --- devices -----------------------------------------------------------------
   parallelism: str = _f("jit", "jit (NamedSharding over a mesh) or pmap",
@@ -240,7 +244,7 @@ def validate(config: TrainConfig) -> TrainConfig:
       raise TrainError(f"--sparse_capacity={config.sparse_capacity!r} must be 'auto', "
                        "'none' or a fraction in (0, 1]")
   for name in ("target_schedule_end", "consolidate_from", "rho_ramp_center",
-               "consolidate_dropout"):
+               "consolidate_dropout", "consolidate_global_dropout"):
     if getattr(config, name) >= 1.0:
       raise TrainError(f"--{name}={getattr(config, name)} must lie in [0, 1)")
   if config.consolidate_params == "factors" and (
@@ -252,6 +256,8 @@ def validate(config: TrainConfig) -> TrainConfig:
                                            and config.consolidate_params != "factors"):
     raise TrainError(f"--consolidate_factor_lr={config.consolidate_factor_lr} must be > 0 "
                      "and needs --consolidate_params=factors when not 1")
+  if config.consolidate_global_dropout > 0 and config.consolidate_params != "factors":
+    raise TrainError("--consolidate_global_dropout needs --consolidate_params=factors")
   if config.rho_mode == "tanh" and not (config.rho_ramp_width > 0 and config.rho_ramp_factor > 0):
     raise TrainError("--rho_mode=tanh needs --rho_ramp_width > 0 and --rho_ramp_factor > 0")
   if not isinstance(config.method_options, dict):

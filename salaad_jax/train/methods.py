@@ -198,6 +198,7 @@ def salaad_kwargs(config: TrainConfig) -> dict[str, Any]:
       consolidate_dropout=config.consolidate_dropout,
       consolidate_params=config.consolidate_params,
       consolidate_factor_lr=config.consolidate_factor_lr,
+      consolidate_global_dropout=config.consolidate_global_dropout,
       every_k=config.every_k, rho=rho,
       rank_target=config.rank_target, density_target=config.density_target,
       k_alpha=config.k_alpha, k_beta=config.k_beta,
