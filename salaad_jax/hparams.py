@@ -42,7 +42,8 @@ def _check_value(name: str, value, path: str, low, high, low_open=True):
 # phases run): they must be Python numbers, so ``optax.inject_hyperparams``
 # takes them as static_args.
 STATIC_ARGS = ("svt_iters", "init_iters", "max_rank", "consolidate_from",
-               "consolidate_dropout", "sparse_capacity")
+               "consolidate_dropout", "consolidate_factor_lr", "consolidate_global_dropout",
+               "sparse_capacity")
 
 
 def _static_float(name: str, value) -> float:

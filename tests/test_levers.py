@@ -484,8 +484,15 @@ def test_config_fields_become_transform_options():
   assert (off["consolidate_from"], off["target_schedule"], off["rho_schedule"]) == (None,) * 3
   assert methods.salaad_kwargs(_tiny(rho_mode="shape_dependent"))["rho"] == "shape_dependent"
   fac = methods.salaad_kwargs(_tiny(consolidate_params="factors", consolidate_from=0.5,
-                                    consolidate_factor_lr=3.0))
-  assert (fac["consolidate_params"], fac["consolidate_factor_lr"]) == ("factors", 3.0)
+                                    consolidate_factor_lr=3.0, consolidate_global_dropout=0.2))
+  assert (fac["consolidate_params"], fac["consolidate_factor_lr"],
+          fac["consolidate_global_dropout"]) == ("factors", 3.0, 0.2)
+  # --consolidate_from=0 switches consolidation off whatever the preset set.
+  cfg = presets.config_with_preset("recommended", model="tiny", consolidate_from=0.0)
+  cfg_lib.validate(cfg)
+  off = methods.salaad_kwargs(cfg)
+  assert (off["consolidate_from"], off["consolidate_params"], off["consolidate_factor_lr"]) == (
+      None, "projection", 1.0)
 
 
 @pytest.mark.parametrize("change, message", [
@@ -493,11 +500,13 @@ def test_config_fields_become_transform_options():
     (dict(consolidate_dropout=1.0), "--consolidate_dropout=1.0 must lie in"),
     (dict(target_schedule_end=2.0), "--target_schedule_end=2.0"),
     (dict(rho_mode="tanh", rho_ramp_width=0.0), "--rho_mode=tanh needs"),
-    (dict(consolidate_params="factors"), "--consolidate_params=factors needs"),
+    (dict(consolidate_params="factors", consolidate_from=0.5, consolidate_dropout=0.2),
+     "--consolidate_params=factors needs"),
     (dict(consolidate_params="factors", consolidate_from=0.5, coupling="decoupled"),
      "--consolidate_params=factors needs"),
-    (dict(consolidate_factor_lr=2.0), "--consolidate_factor_lr=2.0 must be > 0 and needs"),
-    (dict(consolidate_global_dropout=0.5), "--consolidate_global_dropout needs"),
+    (dict(consolidate_factor_lr=0.0), "--consolidate_factor_lr=0.0 must be > 0"),
+    (dict(consolidate_from=0.5, consolidate_global_dropout=0.5),
+     "--consolidate_global_dropout needs"),
     (dict(consolidate_params="factors", consolidate_from=0.5, consolidate_global_dropout=1.0),
      "--consolidate_global_dropout=1.0 must lie in"),
     (dict(consolidate_params="factors", consolidate_from=0.5, consolidate_factor_lr=0.0),
@@ -529,7 +538,8 @@ def test_reference_preset_is_the_papers_settings():
 def test_with_preset_expands_the_named_preset_under_explicit_fields():
   got = presets.with_preset({"salaad_preset": "recommended", "rank_target": 0.3}, "tiny")
   assert got["rank_target"] == 0.3 and got["salaad_preset"] == "recommended"
-  assert (got["consolidate_from"], got["density_target"], got["rho"]) == (0.8, 0.08, 1e-3)
+  assert (got["consolidate_from"], got["density_target"], got["rho"]) == (0.01, 0.08, 1e-3)
+  assert (got["consolidate_params"], got["consolidate_factor_lr"]) == ("factors", 3.0)
   # The tiny model's structure is sized for half its dense bytes; others keep 0.2.
   assert presets.with_preset({"salaad_preset": "recommended"}, "tiny")["rank_target"] == 0.12
   assert presets.with_preset({"salaad_preset": "recommended"}, "60m")["rank_target"] == 0.2

@@ -137,7 +137,7 @@ class TrainConfig:
                                choices=("projection", "factors"))
   consolidate_factor_lr: float = _f(1.0, "consolidation in factors: the factors' learning "
                                     "rate as a multiple of the run's (S's values keep the "
-                                    "run's); 1: the same", min=0.0)
+                                    "run's); 1: the same; unused with projection", min=0.0)
   consolidate_global_dropout: float = _f(0.0, "consolidation in factors with nested dropout: "
                                          "each step trains the global allocator's cut of L + S "
                                          "to a random share 1 - q, q ~ U(0, p), of its "
@@ -247,16 +247,17 @@ def validate(config: TrainConfig) -> TrainConfig:
                "consolidate_dropout", "consolidate_global_dropout"):
     if getattr(config, name) >= 1.0:
       raise TrainError(f"--{name}={getattr(config, name)} must lie in [0, 1)")
-  if config.consolidate_params == "factors" and (
-      config.consolidate_from <= 0 or config.coupling != "coupled"
-      or config.consolidate_dropout > 0):
-    raise TrainError("--consolidate_params=factors needs --consolidate_from > 0, "
-                     "--coupling=coupled and --consolidate_dropout=0")
-  if config.consolidate_factor_lr <= 0 or (config.consolidate_factor_lr != 1.0
-                                           and config.consolidate_params != "factors"):
-    raise TrainError(f"--consolidate_factor_lr={config.consolidate_factor_lr} must be > 0 "
-                     "and needs --consolidate_params=factors when not 1")
-  if config.consolidate_global_dropout > 0 and config.consolidate_params != "factors":
+  # The consolidation options act only while consolidation is on (a preset
+  # may set them; --consolidate_from=0 switches it off whatever they say).
+  consolidating = config.consolidate_from > 0
+  if consolidating and config.consolidate_params == "factors" and (
+      config.coupling != "coupled" or config.consolidate_dropout > 0):
+    raise TrainError("--consolidate_params=factors needs --coupling=coupled and "
+                     "--consolidate_dropout=0")
+  if config.consolidate_factor_lr <= 0:
+    raise TrainError(f"--consolidate_factor_lr={config.consolidate_factor_lr} must be > 0")
+  if (consolidating and config.consolidate_global_dropout > 0
+      and config.consolidate_params != "factors"):
     raise TrainError("--consolidate_global_dropout needs --consolidate_params=factors")
   if config.rho_mode == "tanh" and not (config.rho_ramp_width > 0 and config.rho_ramp_factor > 0):
     raise TrainError("--rho_mode=tanh needs --rho_ramp_width > 0 and --rho_ramp_factor > 0")

@@ -189,16 +189,17 @@ def salaad_kwargs(config: TrainConfig) -> dict[str, Any]:
                                               config.rho_ramp_factor)
   rho = (per_block(config.rho, config.rho_embed) if config.rho_mode != "shape_dependent"
          else "shape_dependent")
-  consolidate_from = None
+  consolidate_from, factors = None, False
   if config.consolidate_from > 0:
     consolidate_from = int(round(config.consolidate_from * config.steps))
+    factors = config.consolidate_params == "factors"
   return dict(
       target_schedule=target_schedule, rho_schedule=rho_schedule,
       consolidate_from=consolidate_from, consolidate_structure=config.consolidate_structure,
       consolidate_dropout=config.consolidate_dropout,
-      consolidate_params=config.consolidate_params,
-      consolidate_factor_lr=config.consolidate_factor_lr,
-      consolidate_global_dropout=config.consolidate_global_dropout,
+      consolidate_params="factors" if factors else "projection",
+      consolidate_factor_lr=config.consolidate_factor_lr if factors else 1.0,
+      consolidate_global_dropout=config.consolidate_global_dropout if factors else 0.0,
       every_k=config.every_k, rho=rho,
       rank_target=config.rank_target, density_target=config.density_target,
       k_alpha=config.k_alpha, k_beta=config.k_beta,

@@ -16,13 +16,19 @@ and programmatically by :func:`config_with_preset`.
   largest entries all along; on the tiny model that took the deployment at
   60 % of the dense bytes from 7.22 to 9.16, benchmarks/RESULTS.md).
 * ``recommended`` — this project's measured best on the tiny model
-  (benchmarks/RESULTS.md, "Levers"): the reference's slow controller (gains,
-  K, alpha_0 = 0) with the fast SVT for the first 80 % of training, then
-  consolidation (the surrogate L + S trained at rank ceil(r* min(m, n)) and
-  density 0.08 for the last fifth); rho 1e-3 for the tiny and small models.
-  r* sizes the structure for the *middle* of the budgets it will be deployed
-  at (``benchmarks.compare --salaad_fill``): for the tiny model 0.12, 50 %
-  of the dense bytes with a bitmap S; elsewhere 0.2 until measured.
+  (benchmarks/RESULTS.md, "Levers"): the structure is chosen by the first
+  1 % of training (the reference's controller, fast SVT), then the surrogate
+  is trained in its own coordinates (*consolidation in factors*: L's factors
+  B, A and S's values on its support, at rank ceil(r* min(m, n)) and density
+  0.08) with the factors' learning rate 3x the run's (SLTrain's alpha / r
+  plays that role); L stays an SVD, so the run deploys at any budget.  rho
+  1e-3 for the tiny and small models.  r* sizes the structure for the
+  *middle* of the budgets it will be deployed at (``benchmarks.compare
+  --salaad_fill``): for the tiny model 0.12, 50 % of the dense bytes with a
+  bitmap S; elsewhere 0.2 until measured.  Measured against it: a longer
+  ADMM phase (consolidation from 10-80 % of training) costs 0.6-0.7
+  perplexity at 50 % of the bytes, and the factors at the run's learning
+  rate cost 0.5.
 """
 
 from __future__ import annotations
@@ -37,15 +43,17 @@ _REFERENCE = dict(
     k_alpha=0.2, k_beta=0.002, k_d=0.01, k_d_embed=1.0, deriv_start=1500, energy=0.999,
     salaad_mode="adaptive", sparse_mode="soft", svt="exact", max_rank=0,
     alpha_init="zero", beta_init=0.0, coupling="coupled", rho_mode="fixed",
-    target_schedule_end=0.0, consolidate_from=0.0, sparse_capacity="none")
+    target_schedule_end=0.0, consolidate_from=0.0, sparse_capacity="none",
+    consolidate_params="projection", consolidate_factor_lr=1.0, consolidate_global_dropout=0.0)
 
 PRESETS: dict[str, dict[str, Any]] = {
     "reference": _REFERENCE,
-    # The reference's slow controller finds the structure; the last fifth of
-    # training trains the surrogate itself at r*, d* 0.08.
+    # The first 1 % of training chooses the structure; the rest trains the
+    # surrogate in its own factors at r*, d* 0.08, the factors at 3x the lr.
     "recommended": dict(_REFERENCE, svt="fast", svt_iters=1, rank_target=0.2,
-                        density_target=0.08, consolidate_from=0.8,
-                        consolidate_structure="target", consolidate_dropout=0.0),
+                        density_target=0.08, consolidate_from=0.01,
+                        consolidate_structure="target", consolidate_dropout=0.0,
+                        consolidate_params="factors", consolidate_factor_lr=3.0),
 }
 
 # Per-model exceptions: {preset: {model: fields}}.
