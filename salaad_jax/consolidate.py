@@ -200,10 +200,10 @@ def global_cut(sigmas, sparses, drop):
   budget = (1.0 - jnp.asarray(drop, _F32)) * csum[-1]
   fits = (csum <= budget * (1 + 1e-6)) & live[order]
   tau = jnp.min(jnp.where(fits, ratio[order], jnp.inf))
+  kept = live & (ratio >= tau)
   out, at = [], 0
   for sig, sp in zip(sigmas, sparses):
     r, k = sig.shape[0], sp.size
-    kept = live & (ratio >= tau)
     out.append((kept[at:at + r], kept[at + r:at + r + k].reshape(sp.shape)))
     at += r + k
   return out

@@ -509,11 +509,12 @@ def _make(inner: Optional[optax.GradientTransformation], learning_rate, *,
     for i, s_mat in sparse.items():
       info = layout.infos[i]
       grad = st.as_matrix(jnp.asarray(g[i], _F32), info)
-      gb, ga, gs = cons.factor_grads(grad, *fac[i], s_mat)
-      if kept is not None:  # the params are the cut: its gradients
+      if kept is None:
+        gb, ga, gs = cons.factor_grads(grad, *fac[i], s_mat)
+      else:  # the params are the cut: its gradients, S's on the kept entries
         f = prox.Factors(flat["lr_u"][i], flat["lr_s"][i], flat["lr_v"][i])
         gb, ga = cons.cut_factor_grads(grad, *fac[i], f, kept[i][0])
-        gs = jnp.where(kept[i][1], gs, 0.0)
+        gs = jnp.where(kept[i][1], grad, 0.0)
       g_fac[i] = (gb, ga)
       g_in[i] = st.from_matrix(gs, info).astype(g[i].dtype)
       p_in[i] = st.from_matrix(s_mat, info).astype(x[i].dtype)
