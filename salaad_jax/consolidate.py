@@ -168,7 +168,7 @@ def svd_of_product(b, a, r_max: int) -> prox.Factors:
   return prox.Factors(widen(qb @ w), jnp.pad(sig, (0, pad)), widen(qa @ zt.T))
 
 
-def global_cut(sigmas, sparses, drop):
+def global_cut(sigmas, sparses, drop=0.0, *, keep=None):
   """The global allocator's cut of blocks to a share 1 - ``drop`` of their
   structured parameters, priced in parameters (bitmap bytes up to the
   bitmap's fixed cost): triplet j of block i (shape (m, n)) has gain per
@@ -182,6 +182,8 @@ def global_cut(sigmas, sparses, drop):
     sigmas: per block, its singular values (r,), zero where none.
     sparses: per block, S (m, n) (zero off its support).
     drop: the share of the parameters to drop, in [0, 1].
+    keep: instead of ``drop``, the number of parameters to keep (a scalar,
+      traced or not; all of them when it is at least their number).
   Returns:
     per block (kept triplets (r,) bool, kept entries (m, n) bool).
   """
@@ -197,7 +199,8 @@ def global_cut(sigmas, sparses, drop):
   cost = jnp.where(live, cost, 0.0)
   order = jnp.argsort(-ratio)
   csum = jnp.cumsum(cost[order])
-  budget = (1.0 - jnp.asarray(drop, _F32)) * csum[-1]
+  budget = ((1.0 - jnp.asarray(drop, _F32)) * csum[-1] if keep is None
+            else jnp.asarray(keep, _F32))
   fits = (csum <= budget * (1 + 1e-6)) & live[order]
   tau = jnp.min(jnp.where(fits, ratio[order], jnp.inf))
   kept = live & (ratio >= tau)

@@ -43,7 +43,7 @@ def _check_value(name: str, value, path: str, low, high, low_open=True):
 # takes them as static_args.
 STATIC_ARGS = ("svt_iters", "init_iters", "max_rank", "consolidate_from",
                "consolidate_dropout", "consolidate_factor_lr", "consolidate_global_dropout",
-               "sparse_capacity")
+               "consolidate_cut_budgets", "sparse_capacity")
 
 
 def _static_float(name: str, value) -> float:
@@ -54,6 +54,20 @@ def _static_float(name: str, value) -> float:
         "cannot be traced or injected; with optax.inject_hyperparams pass "
         "static_args=salaad_jax.STATIC_ARGS")
   return v
+
+
+def _static_budgets(value) -> tuple[float, ...]:
+  """``consolidate_cut_budgets`` as a tuple of Python floats in (0, 1]."""
+  if isinstance(value, (int, float)) or (hasattr(value, "shape") and not np.shape(value)):
+    value = (value,)
+  try:
+    budgets = tuple(_static_float("consolidate_cut_budgets", v) for v in value)
+  except TypeError:
+    raise ValueError("consolidate_cut_budgets must be a sequence of fractions in (0, 1], "
+                     f"got {value!r}") from None
+  for v in budgets:
+    _check_value("consolidate_cut_budgets", v, "", 0.0, 1.0)
+  return budgets
 
 
 def _static_int(name: str, value) -> int:

@@ -33,7 +33,7 @@ from salaad_jax import consolidate as cons
 from salaad_jax import controller as ctl
 from salaad_jax.hparams import (_HPARAM_RULES, _BlockHparams, _block_hparams,
                                  _check_value, _concrete_float, _parse_sparse_mode,
-                                 _static_float, _static_int)
+                                 _static_budgets, _static_float, _static_int)
 from salaad_jax import prox
 from salaad_jax.opt_state import FactorState, PER_BLOCK_FIELDS, SalaadState, placeholder
 from salaad_jax import schedules as sched
@@ -94,7 +94,7 @@ def _make(inner: Optional[optax.GradientTransformation], learning_rate, *,
           sparse_capacity="auto", target_schedule=None, rho_schedule=None,
           consolidate_from=None, consolidate_structure="target", consolidate_dropout=0.0,
           consolidate_params="projection", consolidate_factor_lr=1.0,
-          consolidate_global_dropout=0.0):
+          consolidate_global_dropout=0.0, consolidate_cut_budgets=()):
   ctl.check_mode(mode)
   if consolidate_structure not in cons.STRUCTURES:
     raise ValueError(f"consolidate_structure must be one of {cons.STRUCTURES}, "
@@ -149,6 +149,13 @@ def _make(inner: Optional[optax.GradientTransformation], learning_rate, *,
   if consolidate_global_dropout and not factored:
     raise ValueError("consolidate_global_dropout trains cuts of the factors: it needs "
                      "consolidate_params='factors'")
+  consolidate_cut_budgets = _static_budgets(consolidate_cut_budgets)
+  if consolidate_cut_budgets and not factored:
+    raise ValueError("consolidate_cut_budgets trains cuts of the factors: it needs "
+                     "consolidate_params='factors'")
+  if consolidate_cut_budgets and consolidate_global_dropout:
+    raise ValueError("consolidate_cut_budgets and consolidate_global_dropout both choose "
+                     "each step's cut: pass one of them")
   if sparse_capacity is not None and not (isinstance(sparse_capacity, str)
                                          and sparse_capacity == "auto"):
     if isinstance(sparse_capacity, str):
@@ -481,13 +488,32 @@ def _make(inner: Optional[optax.GradientTransformation], learning_rate, *,
     q = jax.random.uniform(jax.random.fold_in(jax.random.key(seed + 2), count))
     return jnp.where(count == consolidate_from + 1, 0.0, consolidate_global_dropout * q)
 
-  def cuts(sigmas, sparse, count):
+  def cut_keep(count, layout: _Layout, leaves):
+    """The structure parameters the cut at ``count`` keeps with
+    ``consolidate_cut_budgets``: one budget b drawn uniformly from the
+    count, b times the model's parameter count (every leaf at full size)
+    less its parameters outside the blocks; everything at the first factor
+    step."""
+    total = sum(math.prod(jnp.shape(v)) for v in leaves)
+    outside = sum(math.prod(jnp.shape(v)) for v, info in zip(leaves, layout.infos)
+                  if info is None)
+    pick = jax.random.randint(jax.random.fold_in(jax.random.key(seed + 2), count), (), 0,
+                              len(consolidate_cut_budgets))
+    b = jnp.asarray(consolidate_cut_budgets, _F32)[pick]
+    return jnp.where(count == consolidate_from + 1, jnp.inf, b * total - outside)
+
+  def cuts(sigmas, sparse, count, layout: _Layout, leaves):
     """{block: (kept triplets, kept entries)} of ``consolidate.global_cut``
-    at ``cut_drop(count)``; None without global dropout."""
-    if not consolidate_global_dropout:
+    at ``cut_drop(count)`` or ``cut_keep(count)``; None without global
+    dropout or cut budgets."""
+    if not (consolidate_global_dropout or consolidate_cut_budgets):
       return None
     keys = sorted(sparse)
-    kept = cons.global_cut([sigmas[i] for i in keys], [sparse[i] for i in keys], cut_drop(count))
+    sig, sp = [sigmas[i] for i in keys], [sparse[i] for i in keys]
+    if consolidate_cut_budgets:
+      kept = cons.global_cut(sig, sp, keep=cut_keep(count, layout, leaves))
+    else:
+      kept = cons.global_cut(sig, sp, cut_drop(count))
     return dict(zip(keys, kept))
 
   def factor_step(updates, state, params, extra_args):
@@ -505,7 +531,7 @@ def _make(inner: Optional[optax.GradientTransformation], learning_rate, *,
     g_in, p_in, g_fac = list(g), list(x), list(fac)
     sparse = {i: compact.as_dense(flat["sparse"][i], info.matrix_shape).astype(_F32)
               for i, info in enumerate(layout.infos) if info is not None}
-    kept = cuts(flat["lr_s"], sparse, state.count)
+    kept = cuts(flat["lr_s"], sparse, state.count, layout, x)
     for i, s_mat in sparse.items():
       info = layout.infos[i]
       grad = st.as_matrix(jnp.asarray(g[i], _F32), info)
@@ -537,7 +563,7 @@ def _make(inner: Optional[optax.GradientTransformation], learning_rate, *,
       flat["sparse"][i] = store_sparse(stored, info, flat["sparse"][i])
       flat["rank_rate"][i] = jnp.sum(f.s > 0).astype(_F32) / min(info.matrix_shape)
       flat["density"][i] = prox.density(new_s[i])
-    kept = cuts(flat["lr_s"], new_s, state.count + 1)
+    kept = cuts(flat["lr_s"], new_s, state.count + 1, layout, x)
     for i, x_new in new_x.items():
       if kept is not None:  # the next step's params: its cut of L' + S'
         f, (kt, ks) = new_f[i], kept[i]
@@ -675,6 +701,14 @@ _DOC_ARGS = """
       parameters, and only what the cut kept is trained that step (nested
       dropout with the deployment's own cut, ``consolidate.global_cut``);
       the state keeps the whole surrogate (``surrogate_params``).
+    consolidate_cut_budgets: budgets b in (0, 1], with ``consolidate_params=
+      'factors'``: each step trains the global allocator's cut of L + S to
+      one of them, drawn uniformly: b times the model's parameter count
+      (every leaf at full size, as a dense model), less the parameters
+      outside the blocks, is what the structure keeps (a budget the whole
+      structure fits in trains all of it).  The deployments the run is
+      meant for are trained, not a uniform share of cuts; no
+      ``consolidate_global_dropout`` with it.
 """
 
 def salaad(inner: optax.GradientTransformation, *, structure=None,
@@ -696,7 +730,8 @@ def salaad(inner: optax.GradientTransformation, *, structure=None,
            consolidate_dropout: float = 0.0,
            consolidate_params: str = "projection",
            consolidate_factor_lr: float = 1.0,
-           consolidate_global_dropout: float = 0.0) -> optax.GradientTransformationExtraArgs:
+           consolidate_global_dropout: float = 0.0,
+           consolidate_cut_budgets: tuple = ()) -> optax.GradientTransformationExtraArgs:
   """Coupled SALAAD: g_i + rho_i (X_i - L_i - S_i + U_i) feeds ``inner``.
 
   ``inner`` is any optax transformation (e.g. clip + AdamW); extra keyword
@@ -727,7 +762,8 @@ def salaad_decoupled(learning_rate, *, structure=None,
                      consolidate_dropout: float = 0.0,
                      consolidate_params: str = "projection",
                      consolidate_factor_lr: float = 1.0,
-                     consolidate_global_dropout: float = 0.0
+                     consolidate_global_dropout: float = 0.0,
+                     consolidate_cut_budgets: tuple = ()
                      ) -> optax.GradientTransformationExtraArgs:
   """Decoupled SALAAD, appended after a base chain:
   u_i <- u_i - lr * rho_i (X_i - L_i - S_i + U_i).

@@ -15,6 +15,8 @@ from hypothesis import strategies as st_
 import salaad_jax as sj
 from salaad_jax import consolidate as cons
 from salaad_jax import prox, schedules
+from salaad_jax.baselines import accounting
+from salaad_jax.models import get_config
 from salaad_jax.train import TrainConfig, TrainError
 from salaad_jax.train import config as cfg_lib
 from salaad_jax.train import flags as train_flags
@@ -327,18 +329,19 @@ def test_product_svd_matches_numpy():
   np.testing.assert_allclose(np.asarray(prox.dense(f)), b @ a.T, atol=1e-4)
 
 
-def _cut_oracle(sigmas, sparses, drop):
+def _cut_oracle(sigmas, sparses, drop=0.0, keep=None):
   """The global cut by a plain sort: items (gain per cost, cost), the largest
-  taken while their running cost fits (1 - drop) of the total."""
+  taken while their running cost fits (1 - drop) of the total (or ``keep``)."""
   items = []
   for i, (sig, sp) in enumerate(zip(sigmas, sparses)):
     m, n = sp.shape
     items += [(x * x / (m + n), m + n, i, "t", j) for j, x in enumerate(sig) if x > 0]
     items += [(x * x, 1, i, "e", j) for j, x in enumerate(sp.ravel()) if x != 0]
   total = sum(c for _, c, *_ in items)
+  budget = (1 - drop) * total if keep is None else keep
   kept, run = set(), 0
   for ratio, cost, i, kind, j in sorted(items, key=lambda t: -t[0]):
-    if run + cost > (1 - drop) * total * (1 + 1e-6):
+    if run + cost > budget * (1 + 1e-6):
       break
     run += cost
     kept.add((i, kind, j))
@@ -346,16 +349,18 @@ def _cut_oracle(sigmas, sparses, drop):
 
 
 @settings(max_examples=25, deadline=None)
-@given(st_.integers(0, 10_000), st_.floats(0.0, 1.0))
-def test_global_cut_keeps_the_best_gain_per_cost_within_the_share(seed, drop):
+@given(st_.integers(0, 10_000), st_.floats(0.0, 1.0), st_.booleans())
+def test_global_cut_keeps_the_best_gain_per_cost_within_the_share(seed, drop, by_count):
   rng = np.random.default_rng(seed)
   shapes = [(4, 6), (5, 3), (7, 7)]
   sigmas = [np.sort(np.where(rng.random(min(s)) < 0.8, rng.gamma(2.0, size=min(s)), 0.0))[::-1]
             for s in shapes]
   sparses = [np.where(rng.random(s) < 0.3, rng.normal(size=s), 0.0) for s in shapes]
+  # by_count: the budget as a parameter count (up to past the total) instead of a share
+  keep = float(np.floor(drop * 130)) if by_count else None
   got = cons.global_cut([jnp.asarray(x, jnp.float32) for x in sigmas],
-                        [jnp.asarray(x, jnp.float32) for x in sparses], drop)
-  want = _cut_oracle(sigmas, sparses, drop)
+                        [jnp.asarray(x, jnp.float32) for x in sparses], drop, keep=keep)
+  want = _cut_oracle(sigmas, sparses, drop, keep)
   for i, (kt, ks) in enumerate(got):
     kt, ks = np.asarray(kt), np.asarray(ks).ravel()
     assert {j for j in range(kt.size) if kt[j]} == {j for (b, k, j) in want if b == i and k == "t"}
@@ -394,13 +399,15 @@ def _kept_of(x, f, sp):
   raise AssertionError("the params are not a cut of the state's L + S")
 
 
-def test_global_dropout_trains_the_cut_through_its_gradients():
+@pytest.mark.parametrize("cut", [dict(consolidate_global_dropout=0.8),
+                                 dict(consolidate_cut_budgets=(0.3, 0.6))])
+def test_global_dropout_trains_the_cut_through_its_gradients(cut):
   lr = 0.02
   tx = sj.salaad(optax.sgd(lr), every_k=2, rho=0.2, rank_target=0.5, density_target=0.1,
-                 consolidate_from=3, consolidate_params="factors", svt="exact",
-                 consolidate_global_dropout=0.8)
+                 consolidate_from=3, consolidate_params="factors", svt="exact", **cut)
   hist = _run(tx, _params(4), 9, lr_target=0.5)
-  ks_seen, cut_steps = set(), 0
+  budgets = cut.get("consolidate_cut_budgets", ())
+  ks_seen, cut_steps, budgets_seen = set(), 0, set()
   for t in range(3, 8):
     (p, s), (_, s_next) = hist[t], hist[t + 1]
     info, dropped_ratios, kept_ratios = {}, [], []
@@ -417,6 +424,16 @@ def test_global_dropout_trains_the_cut_through_its_gradients():
     if dropped_ratios:  # one threshold over both blocks
       cut_steps += 1
       assert min(kept_ratios) >= max(dropped_ratios) - 1e-6
+    if budgets and t > 3:  # the cut is the oracle's at one of the budgets
+      fs = [sj.low_rank_factors(s)[f"{n}/kernel"] for n in ("a", "b")]
+      sps = [_s_leaf(s, n) for n in ("a", "b")]
+      got = {(i, "t", j) for i, n in enumerate("ab") for j in range(info[n][3])}
+      got |= {(i, "e", j) for i, n in enumerate("ab") for j in np.flatnonzero(info[n][4])}
+      total, outside = 24 * 16 + 16 * 40 + 3, 3
+      hits = [b for b in budgets if got == _cut_oracle(
+          [np.asarray(f.s, np.float64) for f in fs], sps, keep=b * total - outside)]
+      assert hits, f"step {t}: the cut is at none of the budgets"
+      budgets_seen.add(hits[0])
     for name in ("a", "b"):
       x, sp, f, k, ks = info[name]
       b, a = _factors(s, name)
@@ -431,6 +448,8 @@ def test_global_dropout_trains_the_cut_through_its_gradients():
       np.testing.assert_allclose(na, a2, rtol=1e-3, atol=1e-4)
       np.testing.assert_allclose(_s_leaf(s_next, name), s2, rtol=1e-4, atol=1e-5)
   assert cut_steps >= 2 and len(ks_seen) >= 2  # the cut changes from step to step
+  if budgets:
+    assert len(budgets_seen) >= 2
   # the first factor step trains the whole projection
   assert _kept_of(_leaf(hist[3][0], "b"), sj.low_rank_factors(hist[3][1])["b/kernel"],
                   _s_leaf(hist[3][1], "b"))[0] == int(np.ceil(0.5 * 16))
@@ -462,6 +481,15 @@ def test_lever_errors_name_the_option():
   with pytest.raises(ValueError, match="consolidate_global_dropout"):
     sj.salaad(optax.sgd(1.0), consolidate_from=3, consolidate_params="factors",
               consolidate_global_dropout=1.5)
+  with pytest.raises(ValueError, match="consolidate_cut_budgets trains cuts"):
+    sj.salaad(optax.sgd(1.0), consolidate_from=3, consolidate_cut_budgets=(0.5,))
+  for bad in ((0.5, 0.0), (1.2,), ("x",)):
+    with pytest.raises(ValueError, match="consolidate_cut_budgets"):
+      sj.salaad(optax.sgd(1.0), consolidate_from=3, consolidate_params="factors",
+                consolidate_cut_budgets=bad)
+  with pytest.raises(ValueError, match="pass one of them"):
+    sj.salaad(optax.sgd(1.0), consolidate_from=3, consolidate_params="factors",
+              consolidate_cut_budgets=(0.5,), consolidate_global_dropout=0.3)
 
 
 # ----------------------------------------------------------------------------
@@ -487,6 +515,16 @@ def test_config_fields_become_transform_options():
                                     consolidate_factor_lr=3.0, consolidate_global_dropout=0.2))
   assert (fac["consolidate_params"], fac["consolidate_factor_lr"],
           fac["consolidate_global_dropout"]) == ("factors", 3.0, 0.2)
+  # byte budgets become parameter budgets: b less the bitmaps' share of the dense bytes
+  blocks = accounting.model_blocks(get_config("tiny", vocab_size=256, max_len=64))
+  total = blocks.rest + sum(m * n for m, n in blocks.shapes.values())
+  bitmaps = sum(np.ceil(m * n / 8) for m, n in blocks.shapes.values())
+  cb = methods.salaad_kwargs(_tiny(consolidate_params="factors", consolidate_from=0.5,
+                                   consolidate_cut_budgets="0.4, 0.6", vocab_size=256,
+                                   seq_len=64))["consolidate_cut_budgets"]
+  np.testing.assert_allclose(cb, [b - bitmaps / (2 * total) for b in (0.4, 0.6)])
+  assert methods.salaad_kwargs(_tiny(consolidate_cut_budgets="0.4"))[
+      "consolidate_cut_budgets"] == ()  # consolidation off: no cuts
   # --consolidate_from=0 switches consolidation off whatever the preset set.
   cfg = presets.config_with_preset("recommended", model="tiny", consolidate_from=0.0)
   cfg_lib.validate(cfg)
@@ -511,6 +549,12 @@ def test_config_fields_become_transform_options():
      "--consolidate_global_dropout=1.0 must lie in"),
     (dict(consolidate_params="factors", consolidate_from=0.5, consolidate_factor_lr=0.0),
      "--consolidate_factor_lr=0.0 must be > 0"),
+    (dict(consolidate_cut_budgets="0.4,x"), "--consolidate_cut_budgets='0.4,x' must be"),
+    (dict(consolidate_cut_budgets="0.4,1.5"), "--consolidate_cut_budgets='0.4,1.5' must be"),
+    (dict(consolidate_from=0.5, consolidate_cut_budgets="0.4"),
+     "--consolidate_cut_budgets needs --consolidate_params=factors"),
+    (dict(consolidate_params="factors", consolidate_from=0.5, consolidate_cut_budgets="0.4",
+          consolidate_global_dropout=0.2), "--consolidate_cut_budgets needs"),
 ])
 def test_lever_flags_are_validated(change, message):
   with pytest.raises(TrainError, match=message):

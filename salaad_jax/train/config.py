@@ -142,6 +142,12 @@ class TrainConfig:
                                          "each step trains the global allocator's cut of L + S "
                                          "to a random share 1 - q, q ~ U(0, p), of its "
                                          "parameters; 0: off", min=0.0)
+  consolidate_cut_budgets: str = _f("", "consolidation in factors trained at its deployments: "
+                                    "comma-separated fractions of the dense model's bytes "
+                                    "(bf16 values, S as a bitmap); each step trains the "
+                                    "global allocator's cut of L + S to one of them, drawn "
+                                    "uniformly (a budget the whole structure fits in trains "
+                                    "all of it); empty: off")
 
   # --- devices -----------------------------------------------------------------
   parallelism: str = _f("jit", "jit (NamedSharding over a mesh) or pmap",
@@ -259,6 +265,11 @@ def validate(config: TrainConfig) -> TrainConfig:
   if (consolidating and config.consolidate_global_dropout > 0
       and config.consolidate_params != "factors"):
     raise TrainError("--consolidate_global_dropout needs --consolidate_params=factors")
+  budgets = cut_budgets(config)
+  if consolidating and budgets and (config.consolidate_params != "factors"
+                                    or config.consolidate_global_dropout > 0):
+    raise TrainError("--consolidate_cut_budgets needs --consolidate_params=factors and "
+                     "--consolidate_global_dropout=0")
   if config.rho_mode == "tanh" and not (config.rho_ramp_width > 0 and config.rho_ramp_factor > 0):
     raise TrainError("--rho_mode=tanh needs --rho_ramp_width > 0 and --rho_ramp_factor > 0")
   if not isinstance(config.method_options, dict):
@@ -300,6 +311,21 @@ def read_config(workdir: str) -> TrainConfig:
     return TrainConfig.from_dict(saved)
   except (json.JSONDecodeError, TypeError) as e:
     raise TrainError(f"{path} is not a valid TrainConfig: {e}") from None
+
+
+def cut_budgets(config: TrainConfig) -> tuple[float, ...]:
+  """``--consolidate_cut_budgets`` as floats in (0, 1] (TrainError otherwise)."""
+  text = config.consolidate_cut_budgets.strip()
+  if not text:
+    return ()
+  try:
+    budgets = tuple(float(b) for b in text.split(","))
+  except ValueError:
+    budgets = ()
+  if not budgets or not all(0.0 < b <= 1.0 for b in budgets):
+    raise TrainError(f"--consolidate_cut_budgets={text!r} must be comma-separated fractions "
+                     "in (0, 1] of the dense model's bytes")
+  return budgets
 
 
 def config_differences(saved: TrainConfig, new: TrainConfig) -> list[str]:

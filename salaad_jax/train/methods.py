@@ -23,7 +23,7 @@ import optax
 
 import salaad_jax as sj
 from salaad_jax import structure
-from salaad_jax.train.config import (TrainConfig, TrainError, alpha_init_value,
+from salaad_jax.train.config import (TrainConfig, TrainError, alpha_init_value, cut_budgets,
                                      sparse_capacity_value)
 from salaad_jax.train.optim import base_optimizer
 
@@ -200,6 +200,7 @@ def salaad_kwargs(config: TrainConfig) -> dict[str, Any]:
       consolidate_params="factors" if factors else "projection",
       consolidate_factor_lr=config.consolidate_factor_lr if factors else 1.0,
       consolidate_global_dropout=config.consolidate_global_dropout if factors else 0.0,
+      consolidate_cut_budgets=cut_param_budgets(config) if factors else (),
       every_k=config.every_k, rho=rho,
       rank_target=config.rank_target, density_target=config.density_target,
       k_alpha=config.k_alpha, k_beta=config.k_beta,
@@ -211,6 +212,30 @@ def salaad_kwargs(config: TrainConfig) -> dict[str, Any]:
       include_head=config.include_head, state_dtype=config.state_dtype,
       dual_dtype=config.dual_dtype, sparse_capacity=sparse_capacity_value(config),
       seed=config.seed)
+
+
+def cut_param_budgets(config: TrainConfig) -> tuple[float, ...]:
+  """``--consolidate_cut_budgets`` (fractions of the dense model's bytes: bf16
+  values, S as a bitmap) as the transform's fractions of the dense parameter
+  count: a cut at b of the bytes stores b_w (rest + kept) values and a
+  ceil(m n / 8)-byte bitmap per block, so it keeps b - bitmaps / (b_w N) of
+  the N parameters (every block taken to keep some of S)."""
+  budgets = cut_budgets(config)
+  if not budgets:
+    return ()
+  from salaad_jax.baselines import accounting  # pylint: disable=g-import-not-at-top
+  from salaad_jax.models import get_config  # pylint: disable=g-import-not-at-top
+  if config.vocab_size < 1:
+    raise TrainError("--consolidate_cut_budgets needs the vocabulary size resolved")
+  blocks = accounting.model_blocks(get_config(config.model, vocab_size=config.vocab_size,
+                                              max_len=config.seq_len))
+  total = blocks.rest + sum(m * n for m, n in blocks.shapes.values())
+  bitmaps = sum(-(-m * n // 8) for m, n in blocks.shapes.values())
+  fracs = [b - bitmaps / (2 * total) for b in budgets]
+  if min(fracs) <= 0:
+    raise TrainError(f"--consolidate_cut_budgets: {min(budgets)} of the dense bytes does not "
+                     "hold the blocks' bitmaps")
+  return tuple(fracs)
 
 
 def salaad_optimizer(config: TrainConfig, schedule) -> optax.GradientTransformation:
