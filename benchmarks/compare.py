@@ -31,11 +31,16 @@ middle one with the recommended preset, the largest otherwise;
 ``compare_budgets.salaad_rank_target``) unless ``--salaad_rank_target`` or
 ``--salaad_option=rank_target=...`` sets it; its other settings are
 ``--salaad_preset``'s (default ``recommended``, the project's measured best:
-the authors' slow controller, then the surrogate itself trained for the
-last fifth; ``reference`` the authors' settings; ``short`` this command's
-earlier settings, ``SALAAD_SHORT_RUN``), the ``--salaad_*`` flags, then
-``--salaad_option key=value`` (any TrainConfig field, SALAAD's pretraining
-run only).
+the authors' controller for the first 1 % of training chooses the
+structure, then the surrogate is trained in its own factors; ``reference``
+the authors' settings; ``short`` this command's earlier settings,
+``SALAAD_SHORT_RUN``), the ``--salaad_*`` flags, then ``--salaad_option
+key=value`` (any TrainConfig field, SALAAD's pretraining run only).  With
+consolidation in factors the run also trains the cuts it will be deployed
+at (``--salaad_cuts``, default ``budgets`` with the recommended preset:
+each step the global allocator's cut at one of the ``--budgets`` below the
+one its structure fills, or the whole structure, drawn equally often;
+``--consolidate_cut_budgets``).
 
 Outputs in ``--out``:
 
@@ -149,6 +154,14 @@ _SALAAD_OPTION = flags.DEFINE_multi_string(
     "salaad_option", [], "a TrainConfig field of SALAAD's pretraining run, key=value "
     "(repeatable; applied after the --salaad_* flags), e.g. k_alpha=0.2; "
     "salaad_preset=recommended puts that preset's fields under the other settings")
+_SALAAD_CUTS = flags.DEFINE_enum(
+    "salaad_cuts", None, ["budgets", "none"],
+    "with consolidation in factors, which cuts of its structure SALAAD trains "
+    "(--consolidate_cut_budgets): 'budgets' the global allocator's cut at each of --budgets "
+    "below the one its structure fills, and the whole structure, one drawn per step; 'none' "
+    "the whole structure only; unset: 'budgets' with "
+    "--salaad_preset=recommended, 'none' otherwise (--salaad_option="
+    "consolidate_cut_budgets=... wins)")
 # SALAAD settings of experiments/configs/tiny.flags (tuned for a few hundred
 # steps of the tiny model on tinyshakespeare).
 SALAAD_SHORT_RUN = dict(every_k=5, rho=0.003, rho_embed=0.003, rank_target=0.15,
@@ -252,10 +265,10 @@ def salaad_settings(**overrides) -> dict:
   return settings
 
 
-def pretrain_salaad_settings(mcfg, targets: list[int], unit: str) -> dict:
+def pretrain_salaad_settings(mcfg, targets: dict[float, int], unit: str) -> dict:
   """SALAAD's pretraining settings: ``salaad_settings`` and --salaad_option,
-  r* matched to the budget of --salaad_fill unless set; checked like a run's
-  config."""
+  r* matched to the budget of --salaad_fill unless set, the cuts of
+  --salaad_cuts; checked like a run's config."""
   try:
     options = parse_field_overrides(_SALAAD_OPTION.value, "salaad_option")
   except TrainError as e:
@@ -268,10 +281,19 @@ def pretrain_salaad_settings(mcfg, targets: list[int], unit: str) -> dict:
   if _SALAAD_RANK.value is None and "rank_target" not in options:
     try:
       settings["rank_target"] = budgets_lib.salaad_rank_target(
-          mcfg, [budgets_lib.fill_target(targets, salaad_fill())], unit, settings["density_target"],
-          _FORMAT.value)
+          mcfg, [budgets_lib.fill_target(list(targets.values()), salaad_fill())], unit,
+          settings["density_target"], _FORMAT.value)
     except ValueError as e:
       common.fail(f"--budgets={','.join(_BUDGETS.value)}: SALAAD's rank target: {e}")
+  cuts = _SALAAD_CUTS.value or ("budgets" if _SALAAD_PRESET.value == "recommended" else "none")
+  in_factors = (settings.get("consolidate_from", 0) > 0
+                and settings.get("consolidate_params") == "factors"
+                and not settings.get("consolidate_global_dropout"))
+  if cuts == "budgets" and in_factors and "consolidate_cut_budgets" not in options:
+    fill = budgets_lib.fill_target(list(targets.values()), salaad_fill())
+    fill_fraction = next(f for f, v in targets.items() if v == fill)
+    settings["consolidate_cut_budgets"] = ",".join(
+        f"{b:.6g}" for b in budgets_lib.cut_budgets(mcfg, list(targets), fill_fraction, unit))
   try:
     config_lib.validate(base_config("salaad", 0, **settings))
   except TrainError as e:
@@ -318,7 +340,7 @@ class Plan:
                                                       _DENSITY.value, self.fmt)
         except ValueError as e:
           common.fail(f"--budgets: {budget_text(f)} of the dense {unit}: {method}: {e}")
-    self.salaad = (pretrain_salaad_settings(mcfg, list(self.targets.values()), unit)
+    self.salaad = (pretrain_salaad_settings(mcfg, self.targets, unit)
                    if "salaad" in methods else None)
 
   def baseline_config(self, method: str, fraction: float, seed: int) -> tuple[TrainConfig, int]:

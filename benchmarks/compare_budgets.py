@@ -56,6 +56,25 @@ def dense_size(mcfg: LlamaConfig, unit: str) -> tuple[int, int]:
   return total * scale, blocks.rest * scale
 
 
+def cut_budgets(mcfg: LlamaConfig, fractions: Sequence[float], fill: float,
+                unit: str) -> list[float]:
+  """``--consolidate_cut_budgets`` (fractions of the dense bytes, bf16 and a
+  bitmap S) for a run whose structure fills the budget ``fill`` and is
+  deployed at ``fractions`` of the dense model in ``unit``: the budgets below
+  ``fill`` (in bytes themselves; in parameters p plus the blocks' bitmaps'
+  share of the dense bytes, the harness's conversion back), then 1.0 (the
+  whole structure), each drawn equally often; [] when none is below."""
+  below = sorted(float(f) for f in fractions if f < fill)
+  if not below:
+    return []
+  if unit != "bytes":
+    blocks = accounting.model_blocks(mcfg)
+    full, _ = dense_size(mcfg, "bytes")
+    bitmaps = sum(-(-m * n // 8) for m, n in blocks.shapes.values())
+    below = [min(1.0, f + bitmaps / full) for f in below]
+  return below + [1.0]
+
+
 def target(mcfg: LlamaConfig, fraction: float, unit: str) -> int:
   """The absolute budget floor(fraction x dense) in ``unit``.
 

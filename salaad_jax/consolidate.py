@@ -168,46 +168,76 @@ def svd_of_product(b, a, r_max: int) -> prox.Factors:
   return prox.Factors(widen(qb @ w), jnp.pad(sig, (0, pad)), widen(qa @ zt.T))
 
 
-def global_cut(sigmas, sparses, drop=0.0, *, keep=None):
+def _entry_chain(sp, overhead):
+  """One block's sparse entries as allocator items, in chain order: gains
+  s^2 sorted descending, where the first ``j`` entries are one item of cost
+  ``overhead + j`` (the prefix of best average gain per cost with the fixed
+  cost, the deployment's fold of a bitmap into its first item); returns
+  (ratio per entry, made non-increasing; cost per entry, the bundle's on its
+  first entry and 0 on the rest of it; flat index of each entry)."""
+  gain = jnp.where(sp != 0, sp * sp, 0.0).ravel()
+  idx = jnp.argsort(-gain)
+  g = gain[idx]
+  live = g > 0
+  k = jnp.arange(1, g.size + 1, dtype=_F32)
+  csum = jnp.cumsum(g)
+  j = jnp.argmax(jnp.where(live, csum / (overhead + k), -1.0)) + 1
+  pos = jnp.arange(g.size)
+  bundle = pos < j
+  cost = jnp.where(bundle, jnp.where(pos == 0, overhead + j.astype(_F32), 0.0), 1.0)
+  ratio = jnp.where(bundle, csum[j - 1] / (overhead + j), g)
+  ratio = jax.lax.cummin(ratio)
+  return jnp.where(live, ratio, -1.0), jnp.where(live, cost, 0.0), idx
+
+
+def global_cut(sigmas, sparses, drop=0.0, *, keep=None, overhead=0.0):
   """The global allocator's cut of blocks to a share 1 - ``drop`` of their
-  structured parameters, priced in parameters (bitmap bytes up to the
-  bitmap's fixed cost): triplet j of block i (shape (m, n)) has gain per
-  cost sigma_ij^2 / (m + n), a sparse entry s^2; the items of largest gain
-  per cost are kept while their cost fits, with one threshold over all
-  blocks, so each block keeps a prefix of its triplets and its largest
-  entries (the greedy pass of ``deploy.allocation`` without its
-  skip-and-fill and bitmap overhead).
+  structured parameters (or to ``keep`` of them), priced in parameters: the
+  greedy pass of ``deploy.allocation`` without its skip-and-fill.  Triplet j
+  of block i (shape (m, n)) has gain per cost sigma_ij^2 / (m + n), a sparse
+  entry s^2; with ``overhead`` > 0 storing any of a block's S costs a fixed
+  ``overhead m n`` more (a bitmap: 1/16 of a parameter per entry with 2-byte
+  values), folded into the first item of its entry chain as the deployment
+  does.  Items are taken in decreasing gain per cost while their running cost
+  fits, so each block keeps a prefix of its triplets and its largest entries.
 
   Args:
     sigmas: per block, its singular values (r,), zero where none.
     sparses: per block, S (m, n) (zero off its support).
     drop: the share of the parameters to drop, in [0, 1].
-    keep: instead of ``drop``, the number of parameters to keep (a scalar,
-      traced or not; all of them when it is at least their number).
+    keep: instead of ``drop``, the number of parameters to keep, the fixed
+      costs included (a scalar, traced or not; all of them when it is at
+      least their number).
+    overhead: the fixed cost of a block's S per matrix entry, >= 0.
   Returns:
     per block (kept triplets (r,) bool, kept entries (m, n) bool).
   """
-  ratios, costs = [], []
-  for sig, sp in zip(sigmas, sparses):
+  ratios, costs, chains, where = [], [], [], []
+  for b, (sig, sp) in enumerate(zip(sigmas, sparses)):
     m, n = sp.shape
     sig, sp = jnp.asarray(sig, _F32), jnp.asarray(sp, _F32)
-    ratios += [jnp.where(sig > 0, sig * sig / (m + n), -1.0), jnp.where(sp != 0, sp * sp, -1.0)
-               .ravel()]
-    costs += [jnp.full(sig.shape, m + n, _F32), jnp.ones(sp.size, _F32)]
-  ratio, cost = jnp.concatenate(ratios), jnp.concatenate(costs)
-  live = ratio >= 0
-  cost = jnp.where(live, cost, 0.0)
-  order = jnp.argsort(-ratio)
+    live = sig > 0
+    ratios.append(jnp.where(live, sig * sig / (m + n), -1.0))
+    costs.append(jnp.where(live, float(m + n), 0.0))
+    e_ratio, e_cost, e_idx = _entry_chain(sp, overhead * m * n)
+    ratios.append(e_ratio)
+    costs.append(e_cost)
+    where.append(e_idx)
+    chains += [jnp.full(sig.shape, 2 * b), jnp.full(sp.size, 2 * b + 1)]
+  ratio, cost, chain = (jnp.concatenate(t) for t in (ratios, costs, chains))
+  pos = jnp.concatenate([jnp.arange(c.size) for c in chains])
+  order = jnp.lexsort((pos, chain, -ratio))
   csum = jnp.cumsum(cost[order])
-  budget = ((1.0 - jnp.asarray(drop, _F32)) * csum[-1] if keep is None
+  total = csum[-1]
+  budget = ((1.0 - jnp.asarray(drop, _F32)) * total if keep is None
             else jnp.asarray(keep, _F32))
-  fits = (csum <= budget * (1 + 1e-6)) & live[order]
-  tau = jnp.min(jnp.where(fits, ratio[order], jnp.inf))
-  kept = live & (ratio >= tau)
+  fits = (csum <= budget * (1 + 1e-6) + 1e-6) & (ratio[order] >= 0)
+  kept = jnp.zeros(ratio.shape, bool).at[order].set(fits)
   out, at = [], 0
-  for sig, sp in zip(sigmas, sparses):
-    r, k = sig.shape[0], sp.size
-    out.append((kept[at:at + r], kept[at + r:at + r + k].reshape(sp.shape)))
+  for (sig, sp), idx in zip(zip(sigmas, sparses), where):
+    r, k = jnp.shape(sig)[0], math.prod(jnp.shape(sp))
+    entries = jnp.zeros(k, bool).at[idx].set(kept[at + r:at + r + k])
+    out.append((kept[at:at + r], entries.reshape(jnp.shape(sp))))
     at += r + k
   return out
 

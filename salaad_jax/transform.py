@@ -94,7 +94,8 @@ def _make(inner: Optional[optax.GradientTransformation], learning_rate, *,
           sparse_capacity="auto", target_schedule=None, rho_schedule=None,
           consolidate_from=None, consolidate_structure="target", consolidate_dropout=0.0,
           consolidate_params="projection", consolidate_factor_lr=1.0,
-          consolidate_global_dropout=0.0, consolidate_cut_budgets=()):
+          consolidate_global_dropout=0.0, consolidate_cut_budgets=(),
+          consolidate_cut_overhead=0.0):
   ctl.check_mode(mode)
   if consolidate_structure not in cons.STRUCTURES:
     raise ValueError(f"consolidate_structure must be one of {cons.STRUCTURES}, "
@@ -153,6 +154,12 @@ def _make(inner: Optional[optax.GradientTransformation], learning_rate, *,
   if consolidate_cut_budgets and not factored:
     raise ValueError("consolidate_cut_budgets trains cuts of the factors: it needs "
                      "consolidate_params='factors'")
+  consolidate_cut_overhead = _static_float("consolidate_cut_overhead", consolidate_cut_overhead)
+  _check_value("consolidate_cut_overhead", consolidate_cut_overhead, "", 0.0, None,
+               low_open=False)
+  if consolidate_cut_overhead and not consolidate_cut_budgets:
+    raise ValueError("consolidate_cut_overhead prices the cuts of consolidate_cut_budgets: "
+                     "pass those too")
   if consolidate_cut_budgets and consolidate_global_dropout:
     raise ValueError("consolidate_cut_budgets and consolidate_global_dropout both choose "
                      "each step's cut: pass one of them")
@@ -511,7 +518,8 @@ def _make(inner: Optional[optax.GradientTransformation], learning_rate, *,
     keys = sorted(sparse)
     sig, sp = [sigmas[i] for i in keys], [sparse[i] for i in keys]
     if consolidate_cut_budgets:
-      kept = cons.global_cut(sig, sp, keep=cut_keep(count, layout, leaves))
+      kept = cons.global_cut(sig, sp, keep=cut_keep(count, layout, leaves),
+                             overhead=consolidate_cut_overhead)
     else:
       kept = cons.global_cut(sig, sp, cut_drop(count))
     return dict(zip(keys, kept))
@@ -709,6 +717,11 @@ _DOC_ARGS = """
       structure fits in trains all of it).  The deployments the run is
       meant for are trained, not a uniform share of cuts; no
       ``consolidate_global_dropout`` with it.
+    consolidate_cut_overhead: with ``consolidate_cut_budgets``, the fixed
+      cost of storing any of a block's S, in parameters per matrix entry,
+      counted in the budgets and folded into the cut as the deployment's
+      allocator does (a bitmap with 2-byte values: 1/16; then the budgets
+      are fractions of the dense model's bytes).  0: S has no fixed cost.
 """
 
 def salaad(inner: optax.GradientTransformation, *, structure=None,
@@ -731,7 +744,8 @@ def salaad(inner: optax.GradientTransformation, *, structure=None,
            consolidate_params: str = "projection",
            consolidate_factor_lr: float = 1.0,
            consolidate_global_dropout: float = 0.0,
-           consolidate_cut_budgets: tuple = ()) -> optax.GradientTransformationExtraArgs:
+           consolidate_cut_budgets: tuple = (),
+           consolidate_cut_overhead: float = 0.0) -> optax.GradientTransformationExtraArgs:
   """Coupled SALAAD: g_i + rho_i (X_i - L_i - S_i + U_i) feeds ``inner``.
 
   ``inner`` is any optax transformation (e.g. clip + AdamW); extra keyword
@@ -763,7 +777,8 @@ def salaad_decoupled(learning_rate, *, structure=None,
                      consolidate_params: str = "projection",
                      consolidate_factor_lr: float = 1.0,
                      consolidate_global_dropout: float = 0.0,
-                     consolidate_cut_budgets: tuple = ()
+                     consolidate_cut_budgets: tuple = (),
+                     consolidate_cut_overhead: float = 0.0
                      ) -> optax.GradientTransformationExtraArgs:
   """Decoupled SALAAD, appended after a base chain:
   u_i <- u_i - lr * rho_i (X_i - L_i - S_i + U_i).

@@ -284,8 +284,23 @@ def test_salaad_run_takes_its_options_and_fills_the_middle_budget(compared):
   # budget, the lower of the two.
   assert config.rank_target == pytest.approx(cb.salaad_rank_target(
       TINY, [cb.target(TINY, 0.4, "bytes")], "bytes", rec["density_target"], "auto"))
+  # --salaad_cuts unset, recommended: the cuts below the filled budget (none
+  # here: it fills the lower one) and the whole structure.
+  assert cfg_lib.cut_budgets(config) == ()
   # The baselines keep the shared settings.
   assert cfg_lib.read_config(str(out / "runs" / "seed_0" / "dense")).every_k == 10
+
+
+def test_cut_budgets_are_the_deployments_below_the_fill_and_the_whole():
+  assert cb.cut_budgets(TINY, [0.6, 0.4, 0.5], 0.5, "bytes") == [0.4, 1.0]
+  assert cb.cut_budgets(TINY, [0.3, 0.4, 0.6], 0.6, "bytes") == [0.3, 0.4, 1.0]
+  assert cb.cut_budgets(TINY, [0.4, 0.6], 0.4, "bytes") == []
+  # in parameters: the byte fraction whose harness conversion gives p back
+  blocks = accounting.model_blocks(TINY)
+  total = blocks.rest + sum(m * n for m, n in blocks.shapes.values())
+  bitmaps = sum(math.ceil(m * n / 8) for m, n in blocks.shapes.values())
+  got = cb.cut_budgets(TINY, [0.3, 0.5], 0.5, "params")
+  assert got[0] == pytest.approx(0.3 + bitmaps / (2 * total)) and got[1] == 1.0
 
 
 def test_table_plot_spectrum_and_finetuning(compared):

@@ -16,6 +16,7 @@ import salaad_jax as sj
 from salaad_jax import consolidate as cons
 from salaad_jax import prox, schedules
 from salaad_jax.baselines import accounting
+from salaad_jax.deploy import allocation
 from salaad_jax.models import get_config
 from salaad_jax.train import TrainConfig, TrainError
 from salaad_jax.train import config as cfg_lib
@@ -329,38 +330,52 @@ def test_product_svd_matches_numpy():
   np.testing.assert_allclose(np.asarray(prox.dense(f)), b @ a.T, atol=1e-4)
 
 
-def _cut_oracle(sigmas, sparses, drop=0.0, keep=None):
-  """The global cut by a plain sort: items (gain per cost, cost), the largest
-  taken while their running cost fits (1 - drop) of the total (or ``keep``)."""
-  items = []
+def _cut_oracle(sigmas, sparses, drop=0.0, keep=None, overhead=0.0):
+  """The global cut by a plain sort over the deployment allocator's items
+  (``deploy.allocation._sparse_chain`` folds a block's fixed cost into its
+  first entries): items in decreasing gain per cost (non-increasing along
+  each chain), taken while their running cost fits (1 - drop) of the total
+  (or ``keep``)."""
+  items = []  # (ratio, chain, position, cost, [kept items])
   for i, (sig, sp) in enumerate(zip(sigmas, sparses)):
     m, n = sp.shape
-    items += [(x * x / (m + n), m + n, i, "t", j) for j, x in enumerate(sig) if x > 0]
-    items += [(x * x, 1, i, "e", j) for j, x in enumerate(sp.ravel()) if x != 0]
-  total = sum(c for _, c, *_ in items)
+    items += [(x * x / (m + n), 2 * i, j, m + n, [(i, "t", j)])
+              for j, x in enumerate(sig) if x > 0]
+    flat = sp.ravel()
+    idx = [j for j in np.argsort(-flat * flat, kind="stable") if flat[j] != 0]
+    if idx:
+      g, c, cnt = allocation._sparse_chain(flat[idx] ** 2, 1, int(round(overhead * m * n)))
+      ratio, at = np.minimum.accumulate(g / c), 0
+      for p, (r, cost, k) in enumerate(zip(ratio, c, cnt)):
+        items.append((r, 2 * i + 1, p, cost, [(i, "e", j) for j in idx[at:at + k]]))
+        at += k
+  total = sum(t[3] for t in items)
   budget = (1 - drop) * total if keep is None else keep
   kept, run = set(), 0
-  for ratio, cost, i, kind, j in sorted(items, key=lambda t: -t[0]):
-    if run + cost > budget * (1 + 1e-6):
+  for _, _, _, cost, what in sorted(items, key=lambda t: (-t[0], t[1], t[2])):
+    if run + cost > budget * (1 + 1e-6) + 1e-6:
       break
     run += cost
-    kept.add((i, kind, j))
+    kept.update(what)
   return kept
 
 
-@settings(max_examples=25, deadline=None)
-@given(st_.integers(0, 10_000), st_.floats(0.0, 1.0), st_.booleans())
-def test_global_cut_keeps_the_best_gain_per_cost_within_the_share(seed, drop, by_count):
+@settings(max_examples=30, deadline=None)
+@given(st_.integers(0, 10_000), st_.floats(0.0, 1.0), st_.booleans(),
+       st_.sampled_from([0.0, 1 / 16, 1 / 4]))
+def test_global_cut_keeps_the_best_gain_per_cost_within_the_share(seed, drop, by_count,
+                                                                  overhead):
   rng = np.random.default_rng(seed)
-  shapes = [(4, 6), (5, 3), (7, 7)]
+  shapes = [(4, 8), (4, 4), (8, 8)]  # m n overhead: whole parameters
   sigmas = [np.sort(np.where(rng.random(min(s)) < 0.8, rng.gamma(2.0, size=min(s)), 0.0))[::-1]
             for s in shapes]
   sparses = [np.where(rng.random(s) < 0.3, rng.normal(size=s), 0.0) for s in shapes]
   # by_count: the budget as a parameter count (up to past the total) instead of a share
-  keep = float(np.floor(drop * 130)) if by_count else None
+  keep = float(np.floor(drop * 160)) if by_count else None
   got = cons.global_cut([jnp.asarray(x, jnp.float32) for x in sigmas],
-                        [jnp.asarray(x, jnp.float32) for x in sparses], drop, keep=keep)
-  want = _cut_oracle(sigmas, sparses, drop, keep)
+                        [jnp.asarray(x, jnp.float32) for x in sparses], drop, keep=keep,
+                        overhead=overhead)
+  want = _cut_oracle(sigmas, sparses, drop, keep, overhead)
   for i, (kt, ks) in enumerate(got):
     kt, ks = np.asarray(kt), np.asarray(ks).ravel()
     assert {j for j in range(kt.size) if kt[j]} == {j for (b, k, j) in want if b == i and k == "t"}
@@ -399,8 +414,9 @@ def _kept_of(x, f, sp):
   raise AssertionError("the params are not a cut of the state's L + S")
 
 
-@pytest.mark.parametrize("cut", [dict(consolidate_global_dropout=0.8),
-                                 dict(consolidate_cut_budgets=(0.3, 0.6))])
+@pytest.mark.parametrize("cut", [
+    dict(consolidate_global_dropout=0.8), dict(consolidate_cut_budgets=(0.3, 0.6)),
+    dict(consolidate_cut_budgets=(0.4, 0.7), consolidate_cut_overhead=1 / 16)])
 def test_global_dropout_trains_the_cut_through_its_gradients(cut):
   lr = 0.02
   tx = sj.salaad(optax.sgd(lr), every_k=2, rho=0.2, rank_target=0.5, density_target=0.1,
@@ -431,7 +447,8 @@ def test_global_dropout_trains_the_cut_through_its_gradients(cut):
       got |= {(i, "e", j) for i, n in enumerate("ab") for j in np.flatnonzero(info[n][4])}
       total, outside = 24 * 16 + 16 * 40 + 3, 3
       hits = [b for b in budgets if got == _cut_oracle(
-          [np.asarray(f.s, np.float64) for f in fs], sps, keep=b * total - outside)]
+          [np.asarray(f.s, np.float64) for f in fs], sps, keep=b * total - outside,
+          overhead=cut.get("consolidate_cut_overhead", 0.0))]
       assert hits, f"step {t}: the cut is at none of the budgets"
       budgets_seen.add(hits[0])
     for name in ("a", "b"):
@@ -487,6 +504,9 @@ def test_lever_errors_name_the_option():
     with pytest.raises(ValueError, match="consolidate_cut_budgets"):
       sj.salaad(optax.sgd(1.0), consolidate_from=3, consolidate_params="factors",
                 consolidate_cut_budgets=bad)
+  with pytest.raises(ValueError, match="consolidate_cut_overhead prices"):
+    sj.salaad(optax.sgd(1.0), consolidate_from=3, consolidate_params="factors",
+              consolidate_cut_overhead=0.1)
   with pytest.raises(ValueError, match="pass one of them"):
     sj.salaad(optax.sgd(1.0), consolidate_from=3, consolidate_params="factors",
               consolidate_cut_budgets=(0.5,), consolidate_global_dropout=0.3)
@@ -515,14 +535,20 @@ def test_config_fields_become_transform_options():
                                     consolidate_factor_lr=3.0, consolidate_global_dropout=0.2))
   assert (fac["consolidate_params"], fac["consolidate_factor_lr"],
           fac["consolidate_global_dropout"]) == ("factors", 3.0, 0.2)
-  # byte budgets become parameter budgets: b less the bitmaps' share of the dense bytes
+  # byte budgets: with --consolidate_cut_bitmaps a bitmap per block (1/16 of a
+  # bf16 value per entry) priced in the cut; without, every bitmap counted as
+  # kept: b less the bitmaps' share of the dense bytes
+  fields = dict(consolidate_params="factors", consolidate_from=0.5,
+                consolidate_cut_budgets="0.4, 0.6", vocab_size=256, seq_len=64)
+  cb = methods.salaad_kwargs(_tiny(consolidate_cut_bitmaps=True, **fields))
+  assert (cb["consolidate_cut_budgets"], cb["consolidate_cut_overhead"]) == ((0.4, 0.6), 1 / 16)
   blocks = accounting.model_blocks(get_config("tiny", vocab_size=256, max_len=64))
   total = blocks.rest + sum(m * n for m, n in blocks.shapes.values())
   bitmaps = sum(np.ceil(m * n / 8) for m, n in blocks.shapes.values())
-  cb = methods.salaad_kwargs(_tiny(consolidate_params="factors", consolidate_from=0.5,
-                                   consolidate_cut_budgets="0.4, 0.6", vocab_size=256,
-                                   seq_len=64))["consolidate_cut_budgets"]
-  np.testing.assert_allclose(cb, [b - bitmaps / (2 * total) for b in (0.4, 0.6)])
+  cb = methods.salaad_kwargs(_tiny(**fields))
+  np.testing.assert_allclose(cb["consolidate_cut_budgets"],
+                             [b - bitmaps / (2 * total) for b in (0.4, 0.6)])
+  assert cb["consolidate_cut_overhead"] == 0.0
   assert methods.salaad_kwargs(_tiny(consolidate_cut_budgets="0.4"))[
       "consolidate_cut_budgets"] == ()  # consolidation off: no cuts
   # --consolidate_from=0 switches consolidation off whatever the preset set.

@@ -148,6 +148,11 @@ class TrainConfig:
                                     "global allocator's cut of L + S to one of them, drawn "
                                     "uniformly (a budget the whole structure fits in trains "
                                     "all of it); empty: off")
+  consolidate_cut_bitmaps: bool = _f(False, "--consolidate_cut_budgets: price each block's "
+                                     "bitmap as a fixed cost of its S, as the deployment's "
+                                     "allocator does (the cut is then exactly the "
+                                     "deployment's); false: every block's bitmap counted as "
+                                     "kept (measured better, benchmarks/RESULTS.md)")
 
   # --- devices -----------------------------------------------------------------
   parallelism: str = _f("jit", "jit (NamedSharding over a mesh) or pmap",

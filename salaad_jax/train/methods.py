@@ -172,6 +172,40 @@ def _is_embed_or_head(path: str) -> bool:
               or re.search(structure.DEFAULT_HEAD_PATTERN, path))
 
 
+# A bitmap with bf16 values: 1 bit per matrix entry, 16 per value.
+BITMAP_OVERHEAD = 1 / 16
+
+
+def cut_options(config: TrainConfig, factors: bool = True) -> dict[str, Any]:
+  """The transform's cut budgets for ``--consolidate_cut_budgets`` (fractions
+  of the dense model's bytes: bf16 values, S as a bitmap; none unless
+  ``factors``: consolidation in factors is on).  With
+  ``--consolidate_cut_bitmaps`` each block's bitmap is a fixed cost of its S
+  (``consolidate_cut_overhead`` 1/16), the deployment's own pricing, and the
+  budgets are fractions of the dense parameter count in 2-byte units;
+  otherwise every block's bitmap is counted as kept: a cut at b of the bytes
+  stores 2 (rest + kept) values and a ceil(m n / 8)-byte bitmap per block, so
+  it keeps b - bitmaps / (2 N) of the N parameters."""
+  budgets = cut_budgets(config) if factors else ()
+  if not budgets:
+    return dict(consolidate_cut_budgets=(), consolidate_cut_overhead=0.0)
+  if config.consolidate_cut_bitmaps:
+    return dict(consolidate_cut_budgets=budgets, consolidate_cut_overhead=BITMAP_OVERHEAD)
+  from salaad_jax.baselines import accounting  # pylint: disable=g-import-not-at-top
+  from salaad_jax.models import get_config  # pylint: disable=g-import-not-at-top
+  if config.vocab_size < 1:
+    raise TrainError("--consolidate_cut_budgets needs the vocabulary size resolved")
+  blocks = accounting.model_blocks(get_config(config.model, vocab_size=config.vocab_size,
+                                              max_len=config.seq_len))
+  total = blocks.rest + sum(m * n for m, n in blocks.shapes.values())
+  bitmaps = sum(-(-m * n // 8) for m, n in blocks.shapes.values())
+  fracs = tuple(b - bitmaps / (2 * total) for b in budgets)
+  if min(fracs) <= 0:
+    raise TrainError(f"--consolidate_cut_budgets: {min(budgets)} of the dense bytes does not "
+                     "hold the blocks' bitmaps")
+  return dict(consolidate_cut_budgets=fracs, consolidate_cut_overhead=0.0)
+
+
 def salaad_kwargs(config: TrainConfig) -> dict[str, Any]:
   """Keyword arguments of ``salaad_jax.salaad`` from the config: rho and k_d
   take their ``*_embed`` values on the embedding and the head."""
@@ -200,7 +234,7 @@ def salaad_kwargs(config: TrainConfig) -> dict[str, Any]:
       consolidate_params="factors" if factors else "projection",
       consolidate_factor_lr=config.consolidate_factor_lr if factors else 1.0,
       consolidate_global_dropout=config.consolidate_global_dropout if factors else 0.0,
-      consolidate_cut_budgets=cut_param_budgets(config) if factors else (),
+      **cut_options(config, factors),
       every_k=config.every_k, rho=rho,
       rank_target=config.rank_target, density_target=config.density_target,
       k_alpha=config.k_alpha, k_beta=config.k_beta,
@@ -212,30 +246,6 @@ def salaad_kwargs(config: TrainConfig) -> dict[str, Any]:
       include_head=config.include_head, state_dtype=config.state_dtype,
       dual_dtype=config.dual_dtype, sparse_capacity=sparse_capacity_value(config),
       seed=config.seed)
-
-
-def cut_param_budgets(config: TrainConfig) -> tuple[float, ...]:
-  """``--consolidate_cut_budgets`` (fractions of the dense model's bytes: bf16
-  values, S as a bitmap) as the transform's fractions of the dense parameter
-  count: a cut at b of the bytes stores b_w (rest + kept) values and a
-  ceil(m n / 8)-byte bitmap per block, so it keeps b - bitmaps / (b_w N) of
-  the N parameters (every block taken to keep some of S)."""
-  budgets = cut_budgets(config)
-  if not budgets:
-    return ()
-  from salaad_jax.baselines import accounting  # pylint: disable=g-import-not-at-top
-  from salaad_jax.models import get_config  # pylint: disable=g-import-not-at-top
-  if config.vocab_size < 1:
-    raise TrainError("--consolidate_cut_budgets needs the vocabulary size resolved")
-  blocks = accounting.model_blocks(get_config(config.model, vocab_size=config.vocab_size,
-                                              max_len=config.seq_len))
-  total = blocks.rest + sum(m * n for m, n in blocks.shapes.values())
-  bitmaps = sum(-(-m * n // 8) for m, n in blocks.shapes.values())
-  fracs = [b - bitmaps / (2 * total) for b in budgets]
-  if min(fracs) <= 0:
-    raise TrainError(f"--consolidate_cut_budgets: {min(budgets)} of the dense bytes does not "
-                     "hold the blocks' bitmaps")
-  return tuple(fracs)
 
 
 def salaad_optimizer(config: TrainConfig, schedule) -> optax.GradientTransformation:
