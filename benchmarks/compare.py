@@ -289,11 +289,12 @@ def pretrain_salaad_settings(mcfg, targets: dict[float, int], unit: str) -> dict
   in_factors = (settings.get("consolidate_from", 0) > 0
                 and settings.get("consolidate_params") == "factors"
                 and not settings.get("consolidate_global_dropout"))
-  if cuts == "budgets" and in_factors and "consolidate_cut_budgets" not in options:
+  if "consolidate_cut_budgets" not in options:  # this command's budgets, not the preset's
     fill = budgets_lib.fill_target(list(targets.values()), salaad_fill())
     fill_fraction = next(f for f, v in targets.items() if v == fill)
-    settings["consolidate_cut_budgets"] = ",".join(
-        f"{b:.6g}" for b in budgets_lib.cut_budgets(mcfg, list(targets), fill_fraction, unit))
+    cut = (budgets_lib.cut_budgets(mcfg, list(targets), fill_fraction, unit)
+           if cuts == "budgets" and in_factors else [])
+    settings["consolidate_cut_budgets"] = ",".join(f"{b:.6g}" for b in cut)
   try:
     config_lib.validate(base_config("salaad", 0, **settings))
   except TrainError as e:
