@@ -219,7 +219,11 @@ def global_cut(sigmas, sparses, drop=0.0, *, keep=None, overhead=0.0):
     live = sig > 0
     ratios.append(jnp.where(live, sig * sig / (m + n), -1.0))
     costs.append(jnp.where(live, float(m + n), 0.0))
-    e_ratio, e_cost, e_idx = _entry_chain(sp, overhead * m * n)
+    if overhead:
+      e_ratio, e_cost, e_idx = _entry_chain(sp, overhead * m * n)
+    else:  # every entry its own item: no sort per block
+      e_ratio = jnp.where(sp != 0, sp * sp, -1.0).ravel()
+      e_cost, e_idx = jnp.where(sp != 0, 1.0, 0.0).ravel(), jnp.arange(sp.size)
     ratios.append(e_ratio)
     costs.append(e_cost)
     where.append(e_idx)
