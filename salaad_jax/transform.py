@@ -95,7 +95,7 @@ def _make(inner: Optional[optax.GradientTransformation], learning_rate, *,
           consolidate_from=None, consolidate_structure="target", consolidate_dropout=0.0,
           consolidate_params="projection", consolidate_factor_lr=1.0,
           consolidate_global_dropout=0.0, consolidate_cut_budgets=(),
-          consolidate_cut_overhead=0.0):
+          consolidate_cut_overhead=0.0, consolidate_cut_jitter=0.0):
   ctl.check_mode(mode)
   if consolidate_structure not in cons.STRUCTURES:
     raise ValueError(f"consolidate_structure must be one of {cons.STRUCTURES}, "
@@ -159,6 +159,11 @@ def _make(inner: Optional[optax.GradientTransformation], learning_rate, *,
                low_open=False)
   if consolidate_cut_overhead and not consolidate_cut_budgets:
     raise ValueError("consolidate_cut_overhead prices the cuts of consolidate_cut_budgets: "
+                     "pass those too")
+  consolidate_cut_jitter = _static_float("consolidate_cut_jitter", consolidate_cut_jitter)
+  _check_value("consolidate_cut_jitter", consolidate_cut_jitter, "", 0.0, 1.0, low_open=False)
+  if consolidate_cut_jitter and not consolidate_cut_budgets:
+    raise ValueError("consolidate_cut_jitter moves the cuts of consolidate_cut_budgets: "
                      "pass those too")
   if consolidate_cut_budgets and consolidate_global_dropout:
     raise ValueError("consolidate_cut_budgets and consolidate_global_dropout both choose "
@@ -504,9 +509,12 @@ def _make(inner: Optional[optax.GradientTransformation], learning_rate, *,
     total = sum(math.prod(jnp.shape(v)) for v in leaves)
     outside = sum(math.prod(jnp.shape(v)) for v, info in zip(leaves, layout.infos)
                   if info is None)
-    pick = jax.random.randint(jax.random.fold_in(jax.random.key(seed + 2), count), (), 0,
-                              len(consolidate_cut_budgets))
+    k_pick, k_jit = jax.random.split(jax.random.fold_in(jax.random.key(seed + 2), count))
+    pick = jax.random.randint(k_pick, (), 0, len(consolidate_cut_budgets))
     b = jnp.asarray(consolidate_cut_budgets, _F32)[pick]
+    if consolidate_cut_jitter:  # a budget below 1 moves by U(-j, j)
+      u = jax.random.uniform(k_jit, minval=-1.0, maxval=1.0)
+      b = jnp.where(b < 1.0, b + consolidate_cut_jitter * u, b)
     return jnp.where(count == consolidate_from + 1, jnp.inf, b * total - outside)
 
   def cuts(sigmas, sparse, count, layout: _Layout, leaves):
@@ -722,6 +730,10 @@ _DOC_ARGS = """
       counted in the budgets and folded into the cut as the deployment's
       allocator does (a bitmap with 2-byte values: 1/16; then the budgets
       are fractions of the dense model's bytes).  0: S has no fixed cost.
+    consolidate_cut_jitter: j in [0, 1], with ``consolidate_cut_budgets``:
+      each drawn budget below 1 moves by U(-j, j), so the run trains the
+      cuts around each budget, not one cut (a deployment's allocator may
+      choose a slightly different one).
 """
 
 def salaad(inner: optax.GradientTransformation, *, structure=None,
@@ -745,7 +757,8 @@ def salaad(inner: optax.GradientTransformation, *, structure=None,
            consolidate_factor_lr: float = 1.0,
            consolidate_global_dropout: float = 0.0,
            consolidate_cut_budgets: tuple = (),
-           consolidate_cut_overhead: float = 0.0) -> optax.GradientTransformationExtraArgs:
+           consolidate_cut_overhead: float = 0.0,
+           consolidate_cut_jitter: float = 0.0) -> optax.GradientTransformationExtraArgs:
   """Coupled SALAAD: g_i + rho_i (X_i - L_i - S_i + U_i) feeds ``inner``.
 
   ``inner`` is any optax transformation (e.g. clip + AdamW); extra keyword
@@ -778,7 +791,8 @@ def salaad_decoupled(learning_rate, *, structure=None,
                      consolidate_factor_lr: float = 1.0,
                      consolidate_global_dropout: float = 0.0,
                      consolidate_cut_budgets: tuple = (),
-                     consolidate_cut_overhead: float = 0.0
+                     consolidate_cut_overhead: float = 0.0,
+                     consolidate_cut_jitter: float = 0.0
                      ) -> optax.GradientTransformationExtraArgs:
   """Decoupled SALAAD, appended after a base chain:
   u_i <- u_i - lr * rho_i (X_i - L_i - S_i + U_i).

@@ -416,7 +416,8 @@ def _kept_of(x, f, sp):
 
 @pytest.mark.parametrize("cut", [
     dict(consolidate_global_dropout=0.8), dict(consolidate_cut_budgets=(0.3, 0.6)),
-    dict(consolidate_cut_budgets=(0.4, 0.7), consolidate_cut_overhead=1 / 16)])
+    dict(consolidate_cut_budgets=(0.4, 0.7), consolidate_cut_overhead=1 / 16),
+    dict(consolidate_cut_budgets=(0.3, 0.6), consolidate_cut_jitter=0.1)])
 def test_global_dropout_trains_the_cut_through_its_gradients(cut):
   lr = 0.02
   tx = sj.salaad(optax.sgd(lr), every_k=2, rho=0.2, rank_target=0.5, density_target=0.1,
@@ -446,9 +447,20 @@ def test_global_dropout_trains_the_cut_through_its_gradients(cut):
       got = {(i, "t", j) for i, n in enumerate("ab") for j in range(info[n][3])}
       got |= {(i, "e", j) for i, n in enumerate("ab") for j in np.flatnonzero(info[n][4])}
       total, outside = 24 * 16 + 16 * 40 + 3, 3
-      hits = [b for b in budgets if got == _cut_oracle(
-          [np.asarray(f.s, np.float64) for f in fs], sps, keep=b * total - outside,
-          overhead=cut.get("consolidate_cut_overhead", 0.0))]
+      sigs = [np.asarray(f.s, np.float64) for f in fs]
+      jitter = cut.get("consolidate_cut_jitter", 0.0)
+      if jitter:  # the greedy cut at its own cost, within the jitter of a budget
+        cost = sum(info[n][3] * sum(info[n][0].shape) + int(info[n][4].sum()) for n in "ab")
+        assert got == _cut_oracle(sigs, sps, keep=cost)
+        hits = [b for b in budgets
+                if (b - jitter) * total - outside - 56 <= cost <= (b + jitter) * total - outside]
+        off_budget = all(got != _cut_oracle(sigs, sps, keep=b * total - outside)
+                         for b in budgets)
+        budgets_seen.add(("moved", off_budget))
+      else:
+        hits = [b for b in budgets if got == _cut_oracle(
+            sigs, sps, keep=b * total - outside,
+            overhead=cut.get("consolidate_cut_overhead", 0.0))]
       assert hits, f"step {t}: the cut is at none of the budgets"
       budgets_seen.add(hits[0])
     for name in ("a", "b"):
@@ -467,6 +479,8 @@ def test_global_dropout_trains_the_cut_through_its_gradients(cut):
   assert cut_steps >= 2 and len(ks_seen) >= 2  # the cut changes from step to step
   if budgets:
     assert len(budgets_seen) >= 2
+  if cut.get("consolidate_cut_jitter"):  # some cut is off every budget's point
+    assert ("moved", True) in budgets_seen
   # the first factor step trains the whole projection
   assert _kept_of(_leaf(hist[3][0], "b"), sj.low_rank_factors(hist[3][1])["b/kernel"],
                   _s_leaf(hist[3][1], "b"))[0] == int(np.ceil(0.5 * 16))
@@ -507,6 +521,12 @@ def test_lever_errors_name_the_option():
   with pytest.raises(ValueError, match="consolidate_cut_overhead prices"):
     sj.salaad(optax.sgd(1.0), consolidate_from=3, consolidate_params="factors",
               consolidate_cut_overhead=0.1)
+  with pytest.raises(ValueError, match="consolidate_cut_jitter moves"):
+    sj.salaad(optax.sgd(1.0), consolidate_from=3, consolidate_params="factors",
+              consolidate_cut_jitter=0.1)
+  with pytest.raises(ValueError, match="consolidate_cut_jitter"):
+    sj.salaad(optax.sgd(1.0), consolidate_from=3, consolidate_params="factors",
+              consolidate_cut_budgets=(0.5,), consolidate_cut_jitter=-0.1)
   with pytest.raises(ValueError, match="pass one of them"):
     sj.salaad(optax.sgd(1.0), consolidate_from=3, consolidate_params="factors",
               consolidate_cut_budgets=(0.5,), consolidate_global_dropout=0.3)
@@ -540,8 +560,10 @@ def test_config_fields_become_transform_options():
   # kept: b less the bitmaps' share of the dense bytes
   fields = dict(consolidate_params="factors", consolidate_from=0.5,
                 consolidate_cut_budgets="0.4, 0.6", vocab_size=256, seq_len=64)
-  cb = methods.salaad_kwargs(_tiny(consolidate_cut_bitmaps=True, **fields))
-  assert (cb["consolidate_cut_budgets"], cb["consolidate_cut_overhead"]) == ((0.4, 0.6), 1 / 16)
+  cb = methods.salaad_kwargs(_tiny(consolidate_cut_bitmaps=True, consolidate_cut_jitter=0.02,
+                                   **fields))
+  assert (cb["consolidate_cut_budgets"], cb["consolidate_cut_overhead"],
+          cb["consolidate_cut_jitter"]) == ((0.4, 0.6), 1 / 16, 0.02)
   blocks = accounting.model_blocks(get_config("tiny", vocab_size=256, max_len=64))
   total = blocks.rest + sum(m * n for m, n in blocks.shapes.values())
   bitmaps = sum(np.ceil(m * n / 8) for m, n in blocks.shapes.values())
@@ -576,6 +598,7 @@ def test_config_fields_become_transform_options():
     (dict(consolidate_params="factors", consolidate_from=0.5, consolidate_factor_lr=0.0),
      "--consolidate_factor_lr=0.0 must be > 0"),
     (dict(consolidate_cut_budgets="0.4,x"), "--consolidate_cut_budgets='0.4,x' must be"),
+    (dict(consolidate_cut_jitter=1.0), r"--consolidate_cut_jitter=1.0 must lie in \[0, 1\)"),
     (dict(consolidate_cut_budgets="0.4,1.5"), "--consolidate_cut_budgets='0.4,1.5' must be"),
     (dict(consolidate_from=0.5, consolidate_cut_budgets="0.4"),
      "--consolidate_cut_budgets needs --consolidate_params=factors"),

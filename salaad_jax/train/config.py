@@ -153,6 +153,9 @@ class TrainConfig:
                                      "allocator does (the cut is then exactly the "
                                      "deployment's); false: every block's bitmap counted as "
                                      "kept (measured better, benchmarks/RESULTS.md)")
+  consolidate_cut_jitter: float = _f(0.0, "--consolidate_cut_budgets: each drawn budget "
+                                     "below 1 moves by U(-j, j) (fractions of the dense size), "
+                                     "so the cuts around it are trained; 0: off", min=0.0)
 
   # --- devices -----------------------------------------------------------------
   parallelism: str = _f("jit", "jit (NamedSharding over a mesh) or pmap",
@@ -275,6 +278,9 @@ def validate(config: TrainConfig) -> TrainConfig:
                                     or config.consolidate_global_dropout > 0):
     raise TrainError("--consolidate_cut_budgets needs --consolidate_params=factors and "
                      "--consolidate_global_dropout=0")
+  if config.consolidate_cut_jitter >= 1.0:
+    raise TrainError(f"--consolidate_cut_jitter={config.consolidate_cut_jitter} must lie in "
+                     "[0, 1)")
   if config.rho_mode == "tanh" and not (config.rho_ramp_width > 0 and config.rho_ramp_factor > 0):
     raise TrainError("--rho_mode=tanh needs --rho_ramp_width > 0 and --rho_ramp_factor > 0")
   if not isinstance(config.method_options, dict):

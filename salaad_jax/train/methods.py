@@ -188,9 +188,12 @@ def cut_options(config: TrainConfig, factors: bool = True) -> dict[str, Any]:
   it keeps b - bitmaps / (2 N) of the N parameters."""
   budgets = cut_budgets(config) if factors else ()
   if not budgets:
-    return dict(consolidate_cut_budgets=(), consolidate_cut_overhead=0.0)
+    return dict(consolidate_cut_budgets=(), consolidate_cut_overhead=0.0,
+                consolidate_cut_jitter=0.0)
+  jitter = dict(consolidate_cut_jitter=config.consolidate_cut_jitter)
   if config.consolidate_cut_bitmaps:
-    return dict(consolidate_cut_budgets=budgets, consolidate_cut_overhead=BITMAP_OVERHEAD)
+    return dict(consolidate_cut_budgets=budgets, consolidate_cut_overhead=BITMAP_OVERHEAD,
+                **jitter)
   from salaad_jax.baselines import accounting  # pylint: disable=g-import-not-at-top
   from salaad_jax.models import get_config  # pylint: disable=g-import-not-at-top
   if config.vocab_size < 1:
@@ -203,7 +206,7 @@ def cut_options(config: TrainConfig, factors: bool = True) -> dict[str, Any]:
   if min(fracs) <= 0:
     raise TrainError(f"--consolidate_cut_budgets: {min(budgets)} of the dense bytes does not "
                      "hold the blocks' bitmaps")
-  return dict(consolidate_cut_budgets=fracs, consolidate_cut_overhead=0.0)
+  return dict(consolidate_cut_budgets=fracs, consolidate_cut_overhead=0.0, **jitter)
 
 
 def salaad_kwargs(config: TrainConfig) -> dict[str, Any]:

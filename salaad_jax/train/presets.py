@@ -46,7 +46,7 @@ _REFERENCE = dict(
     alpha_init="zero", beta_init=0.0, coupling="coupled", rho_mode="fixed",
     target_schedule_end=0.0, consolidate_from=0.0, sparse_capacity="none",
     consolidate_params="projection", consolidate_factor_lr=1.0, consolidate_global_dropout=0.0,
-    consolidate_cut_budgets="", consolidate_cut_bitmaps=False)
+    consolidate_cut_budgets="", consolidate_cut_bitmaps=False, consolidate_cut_jitter=0.0)
 
 PRESETS: dict[str, dict[str, Any]] = {
     "reference": _REFERENCE,
