@@ -16,6 +16,7 @@ plain runtime.
 
 import ast
 import json
+import math
 import os
 import re
 import sys
@@ -147,10 +148,13 @@ def test_elastic_deployment(tmp_path, kernel):
     assert sorted(got) == pytest.approx(budgets), name
   dense = [r for r in rows if r["source"] == "dense"]
   assert len(dense) == 1
-  # More budget never costs SALAAD's global allocation more than noise.
-  ppl = [r["perplexity"] for r in sorted(
-      (r for r in rows if r["series"] == "salaad/global"), key=lambda r: r["budget_value"])]
-  assert ppl[-1] <= ppl[0] * 1.001
+  # More budget never costs SALAAD's global allocation more than noise (two
+  # standard errors of the loss; a run that trains its cuts can be as good at
+  # a small budget as whole).
+  glob = sorted((r for r in rows if r["series"] == "salaad/global"),
+                key=lambda r: r["budget_value"])
+  noise = 2 * max(glob[0]["loss_se"], glob[-1]["loss_se"])
+  assert math.log(glob[-1]["perplexity"]) <= math.log(glob[0]["perplexity"]) + noise
   assert has_image(nb, "plot")
   assert (workdir / "capacity_spectrum.png").stat().st_size > 10_000
 
