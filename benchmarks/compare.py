@@ -397,28 +397,39 @@ def train_seed(plan: Plan, seed: int) -> tuple[list[dict], dict[str, str]]:
   return rows, dirs
 
 
-SERIES = {"salaad/global": "salaad", "posthoc[dense]/global": "posthoc"}
+def salaad_allocation(workdir: str, unit: str, fmt: str) -> str:
+  """How a SALAAD run is deployed: 'cut' (the cuts it trained) for a run with
+  --consolidate_cut_budgets priced with every bitmap kept, deployed in bytes
+  (and with a bitmap S, or 'auto'); 'global' otherwise."""
+  config = config_lib.read_config(workdir)
+  trained = (bool(config_lib.cut_budgets(config)) and not config.consolidate_cut_bitmaps
+             and config.consolidate_from > 0 and config.consolidate_params == "factors")
+  return "cut" if trained and unit == "bytes" and fmt in ("bitmap", "auto") else "global"
 
 
 def deploy_seed(plan: Plan, seed: int, dirs: dict[str, str]) -> list[dict]:
-  """SALAAD's run of ``seed`` deployed at every budget (global allocation),
-  with the post-hoc split of the dense run at the same budgets; rows."""
+  """SALAAD's run of ``seed`` deployed at every budget (global allocation, or
+  at the cuts it trained: ``salaad_allocation``), with the post-hoc split of
+  the dense run at the same budgets (global allocation); rows."""
   if "salaad" not in dirs:
     return []
   print(f"== seed {seed}: SALAAD deployed at {len(plan.targets)} budgets", flush=True)
   by_value = {v: f for f, v in plan.targets.items()}
+  method = salaad_allocation(dirs["salaad"], plan.unit, plan.fmt)
+  series = {f"salaad/{method}": "salaad", "posthoc[dense]/global": "posthoc"}
   try:
     spectrum = sp.capacity_spectrum(
-        dirs["salaad"], list(by_value), methods=("global",), dense_workdir=dirs.get("dense"),
+        dirs["salaad"], list(by_value), methods=tuple(dict.fromkeys(("global", method))),
+        dense_workdir=dirs.get("dense"),
         posthoc="dense" in dirs, unit=plan.unit, fmt=plan.fmt,
         progress=lambda line: print(line, flush=True))
   except sp.SpectrumError as e:
     common.fail(str(e))
-  return [dict(_row(SERIES[r["series"]], seed, budget=budget_text(by_value[r["budget_value"]]),
+  return [dict(_row(series[r["series"]], seed, budget=budget_text(by_value[r["budget_value"]]),
                     unit=plan.unit, fmt=r["fmt"], params=r["params"], bytes_=r["bytes"],
                     perplexity=r["perplexity"], workdir=r["workdir"], dense=plan.dense),
                kept_rank=r["kept_rank"], kept_nnz=r["kept_nnz"])
-          for r in spectrum if r["series"] in SERIES]
+          for r in spectrum if r["series"] in series]
 
 
 def write_spectrum(plan: Plan, seed: int, dirs: dict[str, str], rows: list[dict],

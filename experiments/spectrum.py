@@ -37,7 +37,9 @@ _BUDGETS = flags.DEFINE_string(
 _UNIT = flags.DEFINE_enum("unit", "params", ["params", "bytes"],
                           "what a budget counts: parameters, or deployment bytes in "
                           "--fmt/--dtype")
-_METHODS = flags.DEFINE_list("methods", ["hpa", "global"], "allocation methods (hpa, global)")
+_METHODS = flags.DEFINE_list("methods", ["hpa", "global"],
+                             "allocation methods (hpa, global, cut: the cut a run with "
+                             "--consolidate_cut_budgets trained, bitmap S in bytes)")
 _DENSE = flags.DEFINE_string("dense_workdir", None, "a --method=dense run of the same model "
                              "for the post-hoc rows; unset: post-hoc split of the run's own X")
 _POSTHOC = flags.DEFINE_bool("posthoc", True, "add the post-hoc SVD + pruning rows")
@@ -76,9 +78,9 @@ def _valid(parse):
 
 
 def _check_methods(methods):
-  if not methods or any(m not in ("hpa", "global") for m in methods) or (
+  if not methods or any(m not in ("hpa", "global", "cut") for m in methods) or (
       len(set(methods)) < len(methods)):
-    raise ValueError(f"must be distinct entries of hpa, global; got {methods}")
+    raise ValueError(f"must be distinct entries of hpa, global, cut; got {methods}")
 
 
 def _check_fraction(value):

@@ -603,3 +603,40 @@ def test_auto_format_needs_a_byte_budget_for_hpa():
   _, _, blocks = _random_problem(0, 2)
   with pytest.raises(ValueError, match="method='hpa' allocates parameters"):
     deploy.allocate(blocks, 0.8, "hpa", unit="bytes", fmt="auto")
+
+
+# ---------------------------------------------------------------------------
+# The 'cut' allocation: the cut consolidation trains, deployed.
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("seed, budget", [(0, 0.35), (1, 0.5), (2, 0.62), (3, 0.8)])
+def test_cut_allocation_is_the_trained_cut(seed, budget):
+  from salaad_jax import consolidate as cons  # pylint: disable=import-outside-toplevel
+  params, dec, blocks = _random_problem(seed, 4)
+  paths = [b.path for b in blocks.blocks]
+  sigmas = [np.sort(np.asarray(dec.factors[p].s, np.float64))[::-1] for p in paths]
+  sparses = [np.asarray(dec.sparse[p], np.float64) for p in paths]
+  total, rest = blocks.total_params, blocks.rest_params
+  shapes = [(b.m, b.n) for b in blocks.blocks]
+  bitmaps = sum(math.ceil(m * n / 8) for m, n in shapes)
+
+  def trained(keep):
+    kept = cons.global_cut([jnp.asarray(s, jnp.float32) for s in sigmas],
+                           [jnp.asarray(s, jnp.float32) for s in sparses], keep=keep)
+    return {p: (int(kt.sum()), int(ks.sum())) for p, (kt, ks) in zip(paths, kept)}
+
+  # in parameters: the transform's cut at the same parameter budget
+  alloc = deploy.allocate(blocks, budget, "cut")
+  assert {b.path: (b.rank, b.nnz) for b in alloc.blocks} == trained(
+      math.floor(budget * total) - rest)
+  assert alloc.params <= budget * total
+  # in bytes (bitmap S): the harness's conversion of a byte budget, b less the
+  # bitmaps' share of the dense bytes, and within the budget's bytes
+  alloc = deploy.allocate(blocks, budget, "cut", unit="bytes", fmt="auto")
+  assert alloc.fmt == "bitmap"
+  assert {b.path: (b.rank, b.nnz) for b in alloc.blocks} == trained(
+      math.floor((budget - bitmaps / (2 * total)) * total) - rest)
+  assert deploy.account(params, alloc, fmt="bitmap")["bytes"] <= budget * 2 * total
+  with pytest.raises(ValueError, match="method='cut' prices a byte budget"):
+    deploy.allocate(blocks, budget, "cut", unit="bytes", fmt="coo")

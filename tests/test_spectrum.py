@@ -198,6 +198,8 @@ def test_calibrated_allocation_weights_by_training_batches(runs):
     (dict(budgets="0.5,abc"), "neither a fraction"),
     (dict(budgets=[0.5], methods=("hpa", "uniform")), "methods must be"),
     (dict(budgets=[0.5], fmt="dense"), "fmt must be one of"),
+    (dict(budgets=[0.5], methods=("cut",), unit="bytes", fmt="coo"),
+     "method 'cut' prices bytes with S as a bitmap"),
     (dict(budgets=[0.5], baseline_workdirs=["/no/such/dir"]), "holds no summary"),
     (dict(budgets=[0.5], dense_workdir="/no/such/dir"), "holds no run"),
 ])

@@ -53,7 +53,7 @@ from salaad_jax import prox
 from salaad_jax.deploy import accounting as acc
 from salaad_jax.deploy.spectra import Blocks
 
-METHODS = ("hpa", "global")
+METHODS = ("hpa", "global", "cut")
 UNITS = ("params", "bytes")
 AUTO_FORMAT = "auto"
 
@@ -397,6 +397,42 @@ def greedy(blocks: Blocks, budget, *, unit: str = "params", fmt: Optional[str] =
                 dtype=acc.dtype_name(dtype) if unit == "bytes" else None)
 
 
+def cut_allocation(blocks: Blocks, budget, *, unit: str = "params", fmt: Optional[str] = None,
+                   dtype=None) -> Allocation:
+  """The cut SALAAD's consolidation trains (``consolidate.global_cut``, no
+  fixed cost; ``--consolidate_cut_budgets``): the greedy pass in parameters,
+  items taken in decreasing gain per cost while their running cost fits (no
+  skip-and-fill, no HPA candidate).  A byte budget needs fmt='bitmap': the
+  parameters are what the budget holds once every block's bitmap is counted
+  as stored, (budget - sum_i ceil(m_i n_i / 8)) // b_w, so a run deploys at
+  exactly the cuts it trained (a block left without S stores no bitmap, so
+  the bytes can only be fewer)."""
+  prices = _prices(blocks, "params", None, None)
+  if unit == "bytes":
+    if fmt != "bitmap":
+      raise ValueError("method='cut' prices a byte budget with S stored as a bitmap "
+                       f"(fmt='bitmap'), got fmt={fmt!r}")
+    b_w = acc.value_bytes(dtype)
+    target = resolve_budget(budget, blocks.total_params * b_w, prices.rest * b_w, unit)
+    bitmaps = sum(acc.sparse_overhead_bytes("bitmap", b.m, b.n) for b in blocks.blocks)
+    avail = (target - bitmaps) // b_w - prices.rest
+  else:
+    target = resolve_budget(budget, blocks.total_params, prices.rest, unit)
+    avail = target - prices.rest
+  items = _items(blocks, prices)
+  order = np.lexsort((items["pos"], items["chain"], -items["ratio"]))
+  t = int(np.searchsorted(np.cumsum(items["cost"][order]), max(avail, 0), side="right"))
+  taken = np.zeros(items["cost"].size, bool)
+  taken[order[:t]] = True
+  per_chain = np.bincount(items["chain"][taken], weights=items["count"][taken],
+                          minlength=2 * len(blocks.blocks)).astype(np.int64)
+  ranks = {b.path: int(per_chain[2 * i]) for i, b in enumerate(blocks.blocks)}
+  nnz = {b.path: int(per_chain[2 * i + 1]) for i, b in enumerate(blocks.blocks)}
+  return _build(blocks, ranks, nnz, budget=target, unit=unit, method="cut", gamma=None,
+                solver="prefix", fmt=fmt if unit == "bytes" else None,
+                dtype=acc.dtype_name(dtype) if unit == "bytes" else None)
+
+
 def global_allocation(blocks: Blocks, budget, *, gamma: float = 0.5, unit: str = "params",
                       fmt: Optional[str] = None, dtype=None) -> Allocation:
   """The better of the greedy allocation and HPA(gamma): at the parameter
@@ -422,8 +458,10 @@ def allocate(blocks: Blocks, budget, method: str = "global", *, gamma: float = 0
     budget: a float in (0, 1] (share of the dense model's parameters, or of
       its dense bytes b_w P_model when unit='bytes') or an int (absolute
       count of parameters or bytes).
-    method: 'global' (greedy on marginal error per cost) or 'hpa' (the
-      reference uniform scaling; parameters only).
+    method: 'global' (greedy on marginal error per cost), 'hpa' (the
+      reference uniform scaling; parameters only) or 'cut' (the cut
+      consolidation with ``consolidate_cut_budgets`` trains,
+      :func:`cut_allocation`; bytes in fmt 'bitmap', which 'auto' means).
     gamma: HPA's share of the cut taken from the low-rank part.
     unit: 'params' or 'bytes'.
     fmt, dtype: storage format and value dtype pricing a byte budget;
@@ -438,6 +476,10 @@ def allocate(blocks: Blocks, budget, method: str = "global", *, gamma: float = 0
     raise ValueError(f"allocation method must be one of {METHODS}, got {method!r}")
   if unit not in UNITS:
     raise ValueError(f"budget unit must be one of {UNITS}, got {unit!r}")
+  if method == "cut":
+    if unit == "bytes" and fmt == AUTO_FORMAT:
+      fmt = "bitmap"
+    return cut_allocation(blocks, budget, unit=unit, fmt=fmt, dtype=dtype)
   if unit == "bytes" and fmt == AUTO_FORMAT:
     if method == "hpa":
       raise ValueError("method='hpa' allocates parameters (SALAAD.md §6); use "

@@ -283,7 +283,7 @@ def _allocate(blocks: Blocks, value: int, method: str, unit: str, gamma: float, 
   if method == "hpa":
     alloc = hpa_within_bytes(blocks, value, gamma=gamma, fmt=fmt, dtype=dtype)
   else:
-    alloc = allocate(blocks, value, "global", gamma=gamma, unit="bytes", fmt=fmt, dtype=dtype)
+    alloc = allocate(blocks, value, method, gamma=gamma, unit="bytes", fmt=fmt, dtype=dtype)
   return alloc if alloc.fmt else dataclasses.replace(alloc, fmt=fmt)
 
 
@@ -317,7 +317,8 @@ def capacity_spectrum(run_or_workdir, budgets, *, methods: Sequence[str] = ("hpa
     budgets: fractions in (0, 1] of the dense model's parameters (or bytes,
       see ``unit``) and/or absolute counts (ints), or a string
       '0.3,0.4,50%,120000' (``parse_budgets``).
-    methods: allocation methods, a non-empty subset of ('hpa', 'global').
+    methods: allocation methods, a non-empty subset of ('hpa', 'global',
+      'cut'; 'cut': the cut a run with ``consolidate_cut_budgets`` trained).
     dense_workdir: a dense-trained run of the same architecture: its
       perplexity is a reference row and its weights feed the post-hoc rows;
       None: the post-hoc split of the SALAAD run's own X.
@@ -464,6 +465,9 @@ def _check_args(methods, unit, fmt, dtype, gamma, eval_batches, posthoc_rank,
   if fmt not in (*acc.SPARSE_FORMATS, allocation.AUTO_FORMAT):
     raise SpectrumError(f"fmt must be one of {[*acc.SPARSE_FORMATS, allocation.AUTO_FORMAT]} "
                         f"(the storage the bytes are priced in), got {fmt!r}")
+  if "cut" in methods and unit == "bytes" and fmt not in ("bitmap", allocation.AUTO_FORMAT):
+    raise SpectrumError(f"method 'cut' prices bytes with S as a bitmap: fmt must be 'bitmap' "
+                        f"or 'auto', got {fmt!r}")
   try:
     dtype = acc.dtype_name(dtype)
   except ValueError as e:
