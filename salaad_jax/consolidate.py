@@ -190,6 +190,29 @@ def _entry_chain(sp, overhead):
   return jnp.where(live, ratio, -1.0), jnp.where(live, cost, 0.0), idx
 
 
+def _best_within(ratio, cost, budget):
+  """The items of largest ``ratio`` (>= 0; < 0: not an item) whose costs sum
+  to at most ``budget``: every item with ratio >= tau, tau the smallest
+  float32 for which that fits.  Non-negative float32s are ordered as their
+  int32 bit patterns, so 32 bisection steps on the bits find tau exactly,
+  with masked sums instead of a sort (ratios are non-increasing along every
+  chain, so each chain keeps a prefix; the greedy prefix of the sorted items
+  up to exact ties)."""
+  live = ratio >= 0
+  bits = jax.lax.bitcast_convert_type(jnp.where(live, ratio, 0.0).astype(_F32), jnp.int32)
+  cost = jnp.where(live, cost, 0.0)
+
+  def step(_, bounds):
+    lo, hi = bounds  # sum over bits >= hi fits; over bits >= lo it does not (lo = -1: all)
+    mid = lo + (hi - lo) // 2
+    fits = jnp.sum(jnp.where(bits >= mid, cost, 0.0)) <= budget
+    return jnp.where(fits, lo, mid), jnp.where(fits, mid, hi)
+
+  inf_bits = jnp.int32(0x7F800001)  # above +inf: nothing kept, which always fits
+  _, hi = jax.lax.fori_loop(0, 32, step, (jnp.int32(-1), inf_bits))
+  return live & (bits >= hi)
+
+
 def global_cut(sigmas, sparses, drop=0.0, *, keep=None, overhead=0.0):
   """The global allocator's cut of blocks to a share 1 - ``drop`` of their
   structured parameters (or to ``keep`` of them), priced in parameters: the
@@ -199,7 +222,8 @@ def global_cut(sigmas, sparses, drop=0.0, *, keep=None, overhead=0.0):
   ``overhead m n`` more (a bitmap: 1/16 of a parameter per entry with 2-byte
   values), folded into the first item of its entry chain as the deployment
   does.  Items are taken in decreasing gain per cost while their running cost
-  fits, so each block keeps a prefix of its triplets and its largest entries.
+  fits (:func:`_best_within`), so each block keeps a prefix of its triplets
+  and its largest entries.
 
   Args:
     sigmas: per block, its singular values (r,), zero where none.
@@ -212,8 +236,8 @@ def global_cut(sigmas, sparses, drop=0.0, *, keep=None, overhead=0.0):
   Returns:
     per block (kept triplets (r,) bool, kept entries (m, n) bool).
   """
-  ratios, costs, chains, where = [], [], [], []
-  for b, (sig, sp) in enumerate(zip(sigmas, sparses)):
+  ratios, costs, where = [], [], []
+  for sig, sp in zip(sigmas, sparses):
     m, n = sp.shape
     sig, sp = jnp.asarray(sig, _F32), jnp.asarray(sp, _F32)
     live = sig > 0
@@ -227,16 +251,10 @@ def global_cut(sigmas, sparses, drop=0.0, *, keep=None, overhead=0.0):
     ratios.append(e_ratio)
     costs.append(e_cost)
     where.append(e_idx)
-    chains += [jnp.full(sig.shape, 2 * b), jnp.full(sp.size, 2 * b + 1)]
-  ratio, cost, chain = (jnp.concatenate(t) for t in (ratios, costs, chains))
-  pos = jnp.concatenate([jnp.arange(c.size) for c in chains])
-  order = jnp.lexsort((pos, chain, -ratio))
-  csum = jnp.cumsum(cost[order])
-  total = csum[-1]
-  budget = ((1.0 - jnp.asarray(drop, _F32)) * total if keep is None
+  ratio, cost = jnp.concatenate(ratios), jnp.concatenate(costs)
+  budget = ((1.0 - jnp.asarray(drop, _F32)) * jnp.sum(cost) if keep is None
             else jnp.asarray(keep, _F32))
-  fits = (csum <= budget * (1 + 1e-6) + 1e-6) & (ratio[order] >= 0)
-  kept = jnp.zeros(ratio.shape, bool).at[order].set(fits)
+  kept = _best_within(ratio, cost, budget * (1 + 1e-6) + 1e-6)
   out, at = [], 0
   for (sig, sp), idx in zip(zip(sigmas, sparses), where):
     r, k = jnp.shape(sig)[0], math.prod(jnp.shape(sp))
