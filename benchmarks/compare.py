@@ -397,25 +397,16 @@ def train_seed(plan: Plan, seed: int) -> tuple[list[dict], dict[str, str]]:
   return rows, dirs
 
 
-def salaad_allocation(workdir: str, unit: str, fmt: str) -> str:
-  """How a SALAAD run is deployed: 'cut' (the cuts it trained) for a run with
-  --consolidate_cut_budgets priced with every bitmap kept, deployed in bytes
-  (and with a bitmap S, or 'auto'); 'global' otherwise."""
-  config = config_lib.read_config(workdir)
-  trained = (bool(config_lib.cut_budgets(config)) and not config.consolidate_cut_bitmaps
-             and config.consolidate_from > 0 and config.consolidate_params == "factors")
-  return "cut" if trained and unit == "bytes" and fmt in ("bitmap", "auto") else "global"
-
-
 def deploy_seed(plan: Plan, seed: int, dirs: dict[str, str]) -> list[dict]:
   """SALAAD's run of ``seed`` deployed at every budget (global allocation, or
-  at the cuts it trained: ``salaad_allocation``), with the post-hoc split of
+  at the cuts it trained: ``compare_budgets.salaad_allocation``), with the post-hoc split of
   the dense run at the same budgets (global allocation); rows."""
   if "salaad" not in dirs:
     return []
   print(f"== seed {seed}: SALAAD deployed at {len(plan.targets)} budgets", flush=True)
   by_value = {v: f for f, v in plan.targets.items()}
-  method = salaad_allocation(dirs["salaad"], plan.unit, plan.fmt)
+  method = budgets_lib.salaad_allocation(config_lib.read_config(dirs["salaad"]), plan.unit,
+                                         plan.fmt)
   series = {f"salaad/{method}": "salaad", "posthoc[dense]/global": "posthoc"}
   try:
     spectrum = sp.capacity_spectrum(

@@ -30,6 +30,7 @@ from salaad_jax.baselines import accounting, make_method, match_rank, match_rank
 from salaad_jax.deploy import accounting as deploy_accounting
 from salaad_jax.deploy.allocation import AUTO_FORMAT, resolve_budget
 from salaad_jax.models.configs import LlamaConfig
+from salaad_jax.train.config import TrainConfig, cut_budgets as config_cut_budgets
 
 UNITS = ("params", "bytes")
 FORMATS = (*deploy_accounting.SPARSE_FORMATS, AUTO_FORMAT)
@@ -157,3 +158,12 @@ def salaad_rank_target(mcfg: LlamaConfig, budgets: Sequence[int], unit: str, den
   """r* at which SALAAD's surrogate fills the largest of ``budgets``."""
   costs = accounting.ByteCosts(sparse_format=salaad_format(mcfg, density, fmt))
   return match_rank_target(mcfg, max(budgets), density, unit=unit, costs=costs)
+
+
+def salaad_allocation(config: TrainConfig, unit: str, fmt: str) -> str:
+  """How a SALAAD run of ``config`` is deployed: 'cut' (the cuts it trained)
+  for a run with --consolidate_cut_budgets priced with every bitmap kept,
+  deployed in bytes with a bitmap S (or 'auto'); 'global' otherwise."""
+  trained = (bool(config_cut_budgets(config)) and not config.consolidate_cut_bitmaps
+             and config.consolidate_from > 0 and config.consolidate_params == "factors")
+  return "cut" if trained and unit == "bytes" and fmt in ("bitmap", "auto") else "global"

@@ -7,7 +7,6 @@ table."""
 import csv
 import json
 import math
-import os
 import shutil
 import subprocess
 import sys
@@ -292,8 +291,7 @@ def test_salaad_run_takes_its_options_and_fills_the_middle_budget(compared):
   assert cfg_lib.read_config(str(out / "runs" / "seed_0" / "dense")).every_k == 10
 
 
-def test_a_run_that_trained_its_cuts_is_deployed_at_them(tmp_path):
-  from benchmarks import compare  # pylint: disable=import-outside-toplevel
+def test_a_run_that_trained_its_cuts_is_deployed_at_them():
   fields = dict(model="tiny", steps=100, consolidate_from=0.5, consolidate_params="factors")
   for name, extra, unit, fmt, want in [
       ("cuts", dict(consolidate_cut_budgets="0.4,1.0"), "bytes", "auto", "cut"),
@@ -303,10 +301,7 @@ def test_a_run_that_trained_its_cuts_is_deployed_at_them(tmp_path):
       ("priced", dict(consolidate_cut_budgets="0.4,1.0", consolidate_cut_bitmaps=True),
        "bytes", "auto", "global"),
       ("none", {}, "bytes", "auto", "global")]:
-    wd = str(tmp_path / name)
-    os.makedirs(wd)
-    cfg_lib.write_config(wd, TrainConfig(**fields, **extra))
-    assert compare.salaad_allocation(wd, unit, fmt) == want, name
+    assert cb.salaad_allocation(TrainConfig(**fields, **extra), unit, fmt) == want, name
 
 
 def test_cut_budgets_are_the_deployments_below_the_fill_and_the_whole():
