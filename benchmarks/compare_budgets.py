@@ -71,7 +71,8 @@ def cut_budgets(mcfg: LlamaConfig, fractions: Sequence[float], fill: float,
   if unit != "bytes":
     blocks = accounting.model_blocks(mcfg)
     full, _ = dense_size(mcfg, "bytes")
-    bitmaps = sum(-(-m * n // 8) for m, n in blocks.shapes.values())
+    bitmaps = sum(deploy_accounting.sparse_overhead_bytes("bitmap", m, n)
+                  for m, n in blocks.shapes.values())
     below = [min(1.0, f + bitmaps / full) for f in below]
   return below + [1.0]
 

@@ -355,8 +355,9 @@ def _items(blocks: Blocks, prices: _Prices):
   return {k: np.concatenate(v) for k, v in cols.items()}
 
 
-def _greedy_take(items, avail: int) -> np.ndarray:
-  """Boolean mask of the items the greedy pass takes with ``avail`` cost."""
+def _greedy_take(items, avail: int, fill: bool = True) -> np.ndarray:
+  """Boolean mask of the items the greedy pass takes with ``avail`` cost;
+  ``fill=False``: only the longest fitting prefix (no skip-and-fill)."""
   cost, chain = items["cost"], items["chain"]
   order = np.lexsort((items["pos"], chain, -items["ratio"]))
   taken = np.zeros(cost.size, bool)
@@ -372,11 +373,19 @@ def _greedy_take(items, avail: int) -> np.ndarray:
     if t:
       slack -= int(csum[t - 1])
     rest = order[t:]
-    if not rest.size:
+    if not rest.size or not fill:
       break
     closed = np.unique(np.concatenate([chain[rest[:1]], chain[rest[cost[rest] > slack]]]))
     order = rest[~np.isin(chain[rest], closed)]
   return taken
+
+
+def _kept_counts(blocks: Blocks, items, taken) -> tuple[dict[str, int], dict[str, int]]:
+  """({path: kept rank}, {path: kept nnz}) of the ``taken`` items."""
+  per_chain = np.bincount(items["chain"][taken], weights=items["count"][taken],
+                          minlength=2 * len(blocks.blocks)).astype(np.int64)
+  return ({b.path: int(per_chain[2 * i]) for i, b in enumerate(blocks.blocks)},
+          {b.path: int(per_chain[2 * i + 1]) for i, b in enumerate(blocks.blocks)})
 
 
 def greedy(blocks: Blocks, budget, *, unit: str = "params", fmt: Optional[str] = None,
@@ -386,12 +395,7 @@ def greedy(blocks: Blocks, budget, *, unit: str = "params", fmt: Optional[str] =
   full = blocks.total_params * (1 if unit == "params" else acc.value_bytes(dtype))
   target = resolve_budget(budget, full, prices.rest, unit)
   items = _items(blocks, prices)
-  taken = _greedy_take(items, target - prices.rest)
-  n_chains = 2 * len(blocks.blocks)
-  per_chain = np.bincount(items["chain"][taken], weights=items["count"][taken],
-                          minlength=n_chains).astype(np.int64)
-  ranks = {b.path: int(per_chain[2 * i]) for i, b in enumerate(blocks.blocks)}
-  nnz = {b.path: int(per_chain[2 * i + 1]) for i, b in enumerate(blocks.blocks)}
+  ranks, nnz = _kept_counts(blocks, items, _greedy_take(items, target - prices.rest))
   return _build(blocks, ranks, nnz, budget=target, unit=unit, method="global", gamma=None,
                 solver="greedy", fmt=fmt if unit == "bytes" else None,
                 dtype=acc.dtype_name(dtype) if unit == "bytes" else None)
@@ -420,14 +424,7 @@ def cut_allocation(blocks: Blocks, budget, *, unit: str = "params", fmt: Optiona
     target = resolve_budget(budget, blocks.total_params, prices.rest, unit)
     avail = target - prices.rest
   items = _items(blocks, prices)
-  order = np.lexsort((items["pos"], items["chain"], -items["ratio"]))
-  t = int(np.searchsorted(np.cumsum(items["cost"][order]), max(avail, 0), side="right"))
-  taken = np.zeros(items["cost"].size, bool)
-  taken[order[:t]] = True
-  per_chain = np.bincount(items["chain"][taken], weights=items["count"][taken],
-                          minlength=2 * len(blocks.blocks)).astype(np.int64)
-  ranks = {b.path: int(per_chain[2 * i]) for i, b in enumerate(blocks.blocks)}
-  nnz = {b.path: int(per_chain[2 * i + 1]) for i, b in enumerate(blocks.blocks)}
+  ranks, nnz = _kept_counts(blocks, items, _greedy_take(items, max(avail, 0), fill=False))
   return _build(blocks, ranks, nnz, budget=target, unit=unit, method="cut", gamma=None,
                 solver="prefix", fmt=fmt if unit == "bytes" else None,
                 dtype=acc.dtype_name(dtype) if unit == "bytes" else None)

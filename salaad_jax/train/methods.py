@@ -195,13 +195,15 @@ def cut_options(config: TrainConfig, factors: bool = True) -> dict[str, Any]:
     return dict(consolidate_cut_budgets=budgets, consolidate_cut_overhead=BITMAP_OVERHEAD,
                 **jitter)
   from salaad_jax.baselines import accounting  # pylint: disable=g-import-not-at-top
+  from salaad_jax.deploy import accounting as deploy_acc  # pylint: disable=g-import-not-at-top
   from salaad_jax.models import get_config  # pylint: disable=g-import-not-at-top
   if config.vocab_size < 1:
     raise TrainError("--consolidate_cut_budgets needs the vocabulary size resolved")
   blocks = accounting.model_blocks(get_config(config.model, vocab_size=config.vocab_size,
                                               max_len=config.seq_len))
   total = blocks.rest + sum(m * n for m, n in blocks.shapes.values())
-  bitmaps = sum(-(-m * n // 8) for m, n in blocks.shapes.values())
+  bitmaps = sum(deploy_acc.sparse_overhead_bytes("bitmap", m, n)
+                for m, n in blocks.shapes.values())
   fracs = tuple(b - bitmaps / (2 * total) for b in budgets)
   if min(fracs) <= 0:
     raise TrainError(f"--consolidate_cut_budgets: {min(budgets)} of the dense bytes does not "
