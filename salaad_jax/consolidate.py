@@ -264,6 +264,12 @@ def global_cut(sigmas, sparses, drop=0.0, *, keep=None, overhead=0.0):
   return out
 
 
+def cut_matrix(f: prox.Factors, s, kept_triplets, kept_entries):
+  """The cut of L + S: L's kept triplets plus S's kept entries."""
+  return (prox.dense(prox.Factors(f.u, jnp.where(kept_triplets, f.s, 0.0), f.v))
+          + jnp.where(kept_entries, s, 0.0))
+
+
 def cut_factor_grads(grad, b, a, f: prox.Factors, kept):
   """(dB, dA) of the cut low-rank part L_k = U_k S_k V_k^T = B M A^T.
 

@@ -44,7 +44,7 @@ def _check_value(name: str, value, path: str, low, high, low_open=True):
 STATIC_ARGS = ("svt_iters", "init_iters", "max_rank", "consolidate_from",
                "consolidate_dropout", "consolidate_factor_lr", "consolidate_global_dropout",
                "consolidate_cut_budgets", "consolidate_cut_overhead",
-               "consolidate_cut_jitter", "sparse_capacity")
+               "consolidate_cut_jitter", "consolidate_cut_joint", "sparse_capacity")
 
 
 def _static_float(name: str, value) -> float:

@@ -95,7 +95,8 @@ def _make(inner: Optional[optax.GradientTransformation], learning_rate, *,
           consolidate_from=None, consolidate_structure="target", consolidate_dropout=0.0,
           consolidate_params="projection", consolidate_factor_lr=1.0,
           consolidate_global_dropout=0.0, consolidate_cut_budgets=(),
-          consolidate_cut_overhead=0.0, consolidate_cut_jitter=0.0):
+          consolidate_cut_overhead=0.0, consolidate_cut_jitter=0.0,
+          consolidate_cut_joint=0.0):
   ctl.check_mode(mode)
   if consolidate_structure not in cons.STRUCTURES:
     raise ValueError(f"consolidate_structure must be one of {cons.STRUCTURES}, "
@@ -165,6 +166,18 @@ def _make(inner: Optional[optax.GradientTransformation], learning_rate, *,
   if consolidate_cut_jitter and not consolidate_cut_budgets:
     raise ValueError("consolidate_cut_jitter moves the cuts of consolidate_cut_budgets: "
                      "pass those too")
+  consolidate_cut_joint = _static_float("consolidate_cut_joint", consolidate_cut_joint)
+  _check_value("consolidate_cut_joint", consolidate_cut_joint, "", 0.0, 1.0, low_open=False)
+  if consolidate_cut_joint == 1.0:
+    raise ValueError("consolidate_cut_joint must be < 1: the whole structure keeps a share "
+                     "of the loss")
+  if consolidate_cut_joint and not any(b < 1.0 for b in consolidate_cut_budgets):
+    raise ValueError("consolidate_cut_joint adds the loss at a cut of consolidate_cut_budgets: "
+                     "pass at least one budget below 1")
+  # With the joint loss the cut is drawn among the budgets below 1 (the whole
+  # structure is in every step's loss).
+  drawn_budgets = tuple(b for b in consolidate_cut_budgets
+                        if b < 1.0 or not consolidate_cut_joint)
   if consolidate_cut_budgets and consolidate_global_dropout:
     raise ValueError("consolidate_cut_budgets and consolidate_global_dropout both choose "
                      "each step's cut: pass one of them")
@@ -463,10 +476,15 @@ def _make(inner: Optional[optax.GradientTransformation], learning_rate, *,
 
   def update_coupled(updates, state, params=None, **extra_args):
     check_params(params)
+    grad_fn = extra_args.pop("grad_fn", None)  # ours: not passed to inner
+    if consolidate_cut_joint and grad_fn is None:
+      raise ValueError("consolidate_cut_joint needs the gradient at the cut: call "
+                       "update(grads, state, params, grad_fn=f), f(params) -> the gradients "
+                       "of this step's loss at params (salaad_jax.train.train_step does)")
     if not factored:
       return admm_coupled(updates, state, params, extra_args)
     return jax.lax.cond(state.count > consolidate_from,
-                        lambda: factor_step(updates, state, params, extra_args),
+                        lambda: factor_step(updates, state, params, extra_args, grad_fn),
                         lambda: admm_with_factors(updates, state, params, extra_args))
 
   def admm_with_factors(updates, state, params, extra_args):
@@ -510,8 +528,8 @@ def _make(inner: Optional[optax.GradientTransformation], learning_rate, *,
     outside = sum(math.prod(jnp.shape(v)) for v, info in zip(leaves, layout.infos)
                   if info is None)
     k_pick, k_jit = jax.random.split(jax.random.fold_in(jax.random.key(seed + 2), count))
-    pick = jax.random.randint(k_pick, (), 0, len(consolidate_cut_budgets))
-    b = jnp.asarray(consolidate_cut_budgets, _F32)[pick]
+    pick = jax.random.randint(k_pick, (), 0, len(drawn_budgets))
+    b = jnp.asarray(drawn_budgets, _F32)[pick]
     if consolidate_cut_jitter:  # a budget below 1 moves by U(-j, j)
       u = jax.random.uniform(k_jit, minval=-1.0, maxval=1.0)
       b = jnp.where(b < 1.0, b + consolidate_cut_jitter * u, b)
@@ -532,12 +550,23 @@ def _make(inner: Optional[optax.GradientTransformation], learning_rate, *,
       kept = cons.global_cut(sig, sp, cut_drop(count))
     return dict(zip(keys, kept))
 
-  def factor_step(updates, state, params, extra_args):
+  def cut_of(flat, sparse, kept, layout: _Layout, x):
+    """The params with every block at its cut ``kept`` of L + S."""
+    leaves = list(x)
+    for i, s_mat in sparse.items():
+      f = prox.Factors(flat["lr_u"][i], flat["lr_s"][i], flat["lr_v"][i])
+      cut = cons.cut_matrix(f, s_mat, *kept[i])
+      leaves[i] = st.from_matrix(cut, layout.infos[i]).astype(x[i].dtype)
+    return leaves
+
+  def factor_step(updates, state, params, extra_args, grad_fn=None):
     """A consolidation step in factors (``consolidate`` module docstring):
     the inner optimiser steps S_i on P_Omega(G_i) (in the main inner state,
     whose params are then S at the blocks) and (B_i, A_i) on (G_i A_i,
     G_i^T B_i) (in the factors' own state); the update is B' A'^T + S' - X,
-    or with global dropout the next step's cut of it minus X."""
+    or with cut budgets (alternating) the next step's cut of it minus X.
+    With the joint cut loss the params stay L + S and every gradient is
+    (1 - w) the one at them plus w the one at the step's cut (``grad_fn``)."""
     layout = layout_of(params, state.sparse)
     tdef = layout.treedef
     unflat = lambda leaves: jax.tree_util.tree_unflatten(tdef, leaves)
@@ -548,15 +577,27 @@ def _make(inner: Optional[optax.GradientTransformation], learning_rate, *,
     sparse = {i: compact.as_dense(flat["sparse"][i], info.matrix_shape).astype(_F32)
               for i, info in enumerate(layout.infos) if info is not None}
     kept = cuts(flat["lr_s"], sparse, state.count, layout, x)
+    w = consolidate_cut_joint
+    if w:  # the gradient at the cut; the leaves outside the blocks mix here
+      g_cut = tdef.flatten_up_to(grad_fn(unflat(cut_of(flat, sparse, kept, layout, x))))
+      g_in = [gi if info is not None else
+              ((1 - w) * jnp.asarray(gi, _F32) + w * jnp.asarray(gc, _F32)).astype(gi.dtype)
+              for gi, gc, info in zip(g, g_cut, layout.infos)]
     for i, s_mat in sparse.items():
       info = layout.infos[i]
       grad = st.as_matrix(jnp.asarray(g[i], _F32), info)
+      f = prox.Factors(flat["lr_u"][i], flat["lr_s"][i], flat["lr_v"][i])
       if kept is None:
         gb, ga, gs = cons.factor_grads(grad, *fac[i], s_mat)
-      else:  # the params are the cut: its gradients, S's on the kept entries
-        f = prox.Factors(flat["lr_u"][i], flat["lr_s"][i], flat["lr_v"][i])
+      elif not w:  # the params are the cut: its gradients, S's on the kept entries
         gb, ga = cons.cut_factor_grads(grad, *fac[i], f, kept[i][0])
         gs = jnp.where(kept[i][1], grad, 0.0)
+      else:  # the whole structure's gradients and the cut's, mixed
+        gc = st.as_matrix(jnp.asarray(g_cut[i], _F32), info)
+        gb, ga, gs = cons.factor_grads(grad, *fac[i], s_mat)
+        cb, ca = cons.cut_factor_grads(gc, *fac[i], f, kept[i][0])
+        gb, ga = (1 - w) * gb + w * cb, (1 - w) * ga + w * ca
+        gs = (1 - w) * gs + w * jnp.where(kept[i][1], gc, 0.0)
       g_fac[i] = (gb, ga)
       g_in[i] = st.from_matrix(gs, info).astype(g[i].dtype)
       p_in[i] = st.from_matrix(s_mat, info).astype(x[i].dtype)
@@ -579,12 +620,10 @@ def _make(inner: Optional[optax.GradientTransformation], learning_rate, *,
       flat["sparse"][i] = store_sparse(stored, info, flat["sparse"][i])
       flat["rank_rate"][i] = jnp.sum(f.s > 0).astype(_F32) / min(info.matrix_shape)
       flat["density"][i] = prox.density(new_s[i])
-    kept = cuts(flat["lr_s"], new_s, state.count + 1, layout, x)
+    kept = None if w else cuts(flat["lr_s"], new_s, state.count + 1, layout, x)
     for i, x_new in new_x.items():
       if kept is not None:  # the next step's params: its cut of L' + S'
-        f, (kt, ks) = new_f[i], kept[i]
-        x_new = (prox.dense(prox.Factors(f.u, jnp.where(kt, f.s, 0.0), f.v))
-                 + jnp.where(ks, new_s[i], 0.0))
+        x_new = cons.cut_matrix(new_f[i], new_s[i], *kept[i])
       u[i] = (st.from_matrix(x_new, layout.infos[i])
               - jnp.asarray(x[i], _F32)).astype(u[i].dtype)
     count = optax.safe_increment(state.count)
@@ -734,6 +773,15 @@ _DOC_ARGS = """
       each drawn budget below 1 moves by U(-j, j), so the run trains the
       cuts around each budget, not one cut (a deployment's allocator may
       choose a slightly different one).
+    consolidate_cut_joint: w in [0, 1), with ``consolidate_cut_budgets``
+      (one below 1 at least): instead of the steps alternating between the
+      cuts, every step's loss is (1 - w) its loss at the whole L + S plus w
+      its loss at one cut (drawn among the budgets below 1), as Matryoshka
+      representation learning trains its nested sizes together.  The params
+      stay the whole L + S; ``update`` then needs ``grad_fn=f``, f(params)
+      -> the gradients of the step's loss at ``params`` (the same batch),
+      called once per consolidation step at the cut: two forward and
+      backward passes per step.  0: off.
 """
 
 def salaad(inner: optax.GradientTransformation, *, structure=None,
@@ -758,7 +806,8 @@ def salaad(inner: optax.GradientTransformation, *, structure=None,
            consolidate_global_dropout: float = 0.0,
            consolidate_cut_budgets: tuple = (),
            consolidate_cut_overhead: float = 0.0,
-           consolidate_cut_jitter: float = 0.0) -> optax.GradientTransformationExtraArgs:
+           consolidate_cut_jitter: float = 0.0,
+           consolidate_cut_joint: float = 0.0) -> optax.GradientTransformationExtraArgs:
   """Coupled SALAAD: g_i + rho_i (X_i - L_i - S_i + U_i) feeds ``inner``.
 
   ``inner`` is any optax transformation (e.g. clip + AdamW); extra keyword
@@ -792,7 +841,8 @@ def salaad_decoupled(learning_rate, *, structure=None,
                      consolidate_global_dropout: float = 0.0,
                      consolidate_cut_budgets: tuple = (),
                      consolidate_cut_overhead: float = 0.0,
-                     consolidate_cut_jitter: float = 0.0
+                     consolidate_cut_jitter: float = 0.0,
+                     consolidate_cut_joint: float = 0.0
                      ) -> optax.GradientTransformationExtraArgs:
   """Decoupled SALAAD, appended after a base chain:
   u_i <- u_i - lr * rho_i (X_i - L_i - S_i + U_i).

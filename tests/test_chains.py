@@ -212,6 +212,39 @@ def test_harness_grad_accum_equals_multisteps():
   chex.assert_trees_all_close(m.params, a.params, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("grad_accum", [1, 2])
+def test_train_step_passes_the_gradient_at_other_params(grad_accum):
+  # A transformation that steps by the gradient at params / 2, via grad_fn:
+  # it must be the gradient of the same batch's loss (accumulated the same
+  # way) at those params.
+  from salaad_jax.train.steps import loss_fn
+  model = TinyLM()
+  params = model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"]
+  half = lambda p: jax.tree.map(lambda x: 0.5 * x, p)
+
+  def update(updates, state, params=None, *, grad_fn):
+    return grad_fn(half(params)), state
+
+  tx = optax.GradientTransformationExtraArgs(lambda p: optax.EmptyState(), update)
+  tokens = jnp.asarray(np.random.default_rng(2).integers(0, 32, size=(4, 9)), jnp.int32)
+  batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "mask": jnp.ones((4, 8))}
+  state = TrainState(jnp.zeros([], jnp.int32), params, optax.EmptyState())
+  new, _ = jax.jit(lambda s, b: train_step(model, tx, s, b, grad_accum=grad_accum))(state, batch)
+  if grad_accum == 1:
+    want = jax.grad(lambda p: loss_fn(model, p, batch)[0])(half(params))
+  else:  # row i in micro-batch i mod 2, the mean of the two gradients
+    g = [jax.grad(lambda p, j=j: loss_fn(model, p, jax.tree.map(lambda x: x[j::2], batch))[0])(
+        half(params)) for j in range(2)]
+    want = jax.tree.map(lambda a, b: (a + b) / 2, *g)
+  chex.assert_trees_all_close(jax.tree.map(jnp.subtract, new.params, params), want,
+                              rtol=1e-4, atol=1e-6)
+  # a plain GradientTransformation gets no extra argument
+  plain = optax.sgd(1.0)
+  out, _ = train_step(model, plain, TrainState(jnp.zeros([], jnp.int32), params,
+                                               plain.init(params)), batch)
+  assert jax.tree.structure(out.params) == jax.tree.structure(params)
+
+
 # ---------------------------------------------------------------------------
 # apply_if_finite and inject_hyperparams.
 # ---------------------------------------------------------------------------

@@ -486,6 +486,80 @@ def test_global_dropout_trains_the_cut_through_its_gradients(cut):
                   _s_leaf(hist[3][1], "b"))[0] == int(np.ceil(0.5 * 16))
 
 
+def test_joint_cut_loss_mixes_the_whole_and_the_cuts_gradients():
+  # SGD on sum (X - 0.5)^2; grad_fn is that loss's gradient plus 1 on the
+  # leaf outside the blocks, so the mix shows there too.  The params stay
+  # the whole L + S; each step's factors move by (1 - w) the whole's
+  # gradients plus w the cut's (at budget 0.3, the oracle's cut).
+  lr, w, budget = 0.02, 0.3, 0.3
+  tx = sj.salaad(optax.sgd(lr), every_k=2, rho=0.2, rank_target=0.5, density_target=0.1,
+                 consolidate_from=3, consolidate_params="factors", svt="exact",
+                 consolidate_cut_budgets=(budget, 1.0), consolidate_cut_joint=w)
+  loss = lambda p: sum(jnp.sum((x - 0.5) ** 2) for x in jax.tree.leaves(p))
+  calls = []
+
+  def grad_fn(p):
+    calls.append(1)
+    g = jax.grad(loss)(p)
+    return dict(g, bias=g["bias"] + 1.0)
+
+  update = jax.jit(lambda g, s, p: tx.update(g, s, p, grad_fn=grad_fn))
+  params, state, hist = _params(4), None, []
+  state = tx.init(params)
+  for _ in range(8):
+    u, state = update(jax.grad(loss)(params), state, params)
+    params = optax.apply_updates(params, u)
+    hist.append((params, state))
+  assert calls  # traced once, inside the consolidation branch
+  total, outside = 24 * 16 + 16 * 40 + 3, 3
+  kept_sizes = set()
+  for t in range(4, 7):
+    (p, s), (p_next, s_next) = hist[t], hist[t + 1]
+    fs = [sj.low_rank_factors(s)[f"{n}/kernel"] for n in ("a", "b")]
+    sps = [_s_leaf(s, n) for n in ("a", "b")]
+    cut = _cut_oracle([np.asarray(f.s, np.float64) for f in fs], sps,
+                      keep=budget * total - outside)
+    for i, name in enumerate(("a", "b")):
+      x, sp, f = _leaf(p, name), sps[i], fs[i]
+      u, sig, v = (np.asarray(t_, np.float64) for t_ in f)
+      np.testing.assert_allclose(x, (u * sig) @ v.T + sp, atol=1e-4)  # the whole L + S
+      k = sum(1 for (blk_, kind, _) in cut if blk_ == i and kind == "t")
+      ks = np.zeros(sp.size, bool)
+      ks[[j for (blk_, kind, j) in cut if blk_ == i and kind == "e"]] = True
+      ks = ks.reshape(sp.shape)
+      kept_sizes.add((name, k, int(ks.sum())))
+      x_cut = (u[:, :k] * sig[:k]) @ v[:, :k].T + np.where(ks, sp, 0.0)
+      g, gc = 2.0 * (x - 0.5), 2.0 * (x_cut - 0.5)
+      b, a = _factors(s, name)
+      mm = np.linalg.pinv(b) @ ((u[:, :k] * sig[:k]) @ v[:, :k].T) @ np.linalg.pinv(a).T
+      b2 = b - lr * ((1 - w) * g @ a + w * gc @ a @ mm.T)
+      a2 = a - lr * ((1 - w) * g.T @ b + w * gc.T @ b @ mm)
+      s2 = np.where(sp != 0, sp - lr * ((1 - w) * g + w * np.where(ks, gc, 0.0)), 0.0)
+      nb, na = _factors(s_next, name)
+      np.testing.assert_allclose(nb, b2, rtol=1e-3, atol=1e-4)
+      np.testing.assert_allclose(na, a2, rtol=1e-3, atol=1e-4)
+      np.testing.assert_allclose(_s_leaf(s_next, name), s2, rtol=1e-4, atol=1e-5)
+    bias, bias_next = np.asarray(p["bias"]), np.asarray(p_next["bias"])
+    np.testing.assert_allclose(bias_next, bias - lr * (2.0 * (bias - 0.5) + w), rtol=1e-5)
+  # the cut is a strict part of the structure in both blocks
+  full = {"a": int(np.ceil(0.5 * 16)), "b": int(np.ceil(0.5 * 16))}
+  assert all(k < full[name] for name, k, _ in kept_sizes)
+
+
+def test_joint_cut_loss_needs_its_gradient_and_a_cut():
+  kw = dict(consolidate_from=3, consolidate_params="factors")
+  tx = sj.salaad(optax.sgd(0.1), every_k=2, rank_target=0.5, density_target=0.1,
+                 consolidate_cut_budgets=(0.3, 1.0), consolidate_cut_joint=0.5, **kw)
+  params = _params(1)
+  with pytest.raises(ValueError, match="grad_fn"):
+    tx.update(params, tx.init(params), params)
+  with pytest.raises(ValueError, match="budget below 1"):
+    sj.salaad(optax.sgd(0.1), consolidate_cut_budgets=(1.0,), consolidate_cut_joint=0.5, **kw)
+  for bad in (1.0, -0.1):
+    with pytest.raises(ValueError, match="consolidate_cut_joint"):
+      sj.salaad(optax.sgd(0.1), consolidate_cut_budgets=(0.3,), consolidate_cut_joint=bad, **kw)
+
+
 def test_lever_errors_name_the_option():
   with pytest.raises(ValueError, match="consolidate_structure"):
     sj.salaad(optax.sgd(1.0), consolidate_structure="best")
@@ -571,6 +645,9 @@ def test_config_fields_become_transform_options():
   np.testing.assert_allclose(cb["consolidate_cut_budgets"],
                              [b - bitmaps / (2 * total) for b in (0.4, 0.6)])
   assert cb["consolidate_cut_overhead"] == 0.0
+  assert cb["consolidate_cut_joint"] == 0.0
+  assert methods.salaad_kwargs(_tiny(consolidate_cut_joint=0.5, **fields))[
+      "consolidate_cut_joint"] == 0.5
   assert methods.salaad_kwargs(_tiny(consolidate_cut_budgets="0.4"))[
       "consolidate_cut_budgets"] == ()  # consolidation off: no cuts
   # --consolidate_from=0 switches consolidation off whatever the preset set.
@@ -604,6 +681,10 @@ def test_config_fields_become_transform_options():
      "--consolidate_cut_budgets needs --consolidate_params=factors"),
     (dict(consolidate_params="factors", consolidate_from=0.5, consolidate_cut_budgets="0.4",
           consolidate_global_dropout=0.2), "--consolidate_cut_budgets needs"),
+    (dict(consolidate_params="factors", consolidate_from=0.5, consolidate_cut_budgets="1.0",
+          consolidate_cut_joint=0.5), "--consolidate_cut_joint=0.5 adds a cut's loss: it needs"),
+    (dict(consolidate_params="factors", consolidate_from=0.5, consolidate_cut_budgets="0.4",
+          consolidate_cut_joint=1.0), r"--consolidate_cut_joint=1.0 must lie in \[0, 1\)"),
 ])
 def test_lever_flags_are_validated(change, message):
   with pytest.raises(TrainError, match=message):

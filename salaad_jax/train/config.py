@@ -156,6 +156,12 @@ class TrainConfig:
   consolidate_cut_jitter: float = _f(0.0, "--consolidate_cut_budgets: each drawn budget "
                                      "below 1 moves by U(-j, j) (fractions of the dense size), "
                                      "so the cuts around it are trained; 0: off", min=0.0)
+  consolidate_cut_joint: float = _f(0.0, "--consolidate_cut_budgets: every step's loss is "
+                                    "(1 - w) the whole structure's plus w one cut's (drawn "
+                                    "among the budgets below 1; two passes per step) "
+                                    "instead of the steps alternating between them; unused "
+                                    "without cut budgets; 0: off",
+                                    min=0.0)
 
   # --- devices -----------------------------------------------------------------
   parallelism: str = _f("jit", "jit (NamedSharding over a mesh) or pmap",
@@ -278,6 +284,13 @@ def validate(config: TrainConfig) -> TrainConfig:
                                     or config.consolidate_global_dropout > 0):
     raise TrainError("--consolidate_cut_budgets needs --consolidate_params=factors and "
                      "--consolidate_global_dropout=0")
+  if config.consolidate_cut_joint >= 1.0:
+    raise TrainError(f"--consolidate_cut_joint={config.consolidate_cut_joint} must lie in "
+                     "[0, 1)")
+  if (config.consolidate_cut_joint and consolidating and budgets
+      and not any(b < 1.0 for b in budgets)):  # no cuts (e.g. consolidation off): unused
+    raise TrainError(f"--consolidate_cut_joint={config.consolidate_cut_joint} adds a cut's "
+                     "loss: it needs a --consolidate_cut_budgets budget below 1")
   if config.consolidate_cut_jitter >= 1.0:
     raise TrainError(f"--consolidate_cut_jitter={config.consolidate_cut_jitter} must lie in "
                      "[0, 1)")

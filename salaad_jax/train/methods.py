@@ -189,8 +189,9 @@ def cut_options(config: TrainConfig, factors: bool = True) -> dict[str, Any]:
   budgets = cut_budgets(config) if factors else ()
   if not budgets:
     return dict(consolidate_cut_budgets=(), consolidate_cut_overhead=0.0,
-                consolidate_cut_jitter=0.0)
-  jitter = dict(consolidate_cut_jitter=config.consolidate_cut_jitter)
+                consolidate_cut_jitter=0.0, consolidate_cut_joint=0.0)
+  jitter = dict(consolidate_cut_jitter=config.consolidate_cut_jitter,
+                consolidate_cut_joint=config.consolidate_cut_joint)
   if config.consolidate_cut_bitmaps:
     return dict(consolidate_cut_budgets=budgets, consolidate_cut_overhead=BITMAP_OVERHEAD,
                 **jitter)

@@ -52,6 +52,10 @@ def train_step(model, tx: optax.GradientTransformation, state: TrainState, batch
                grad_accum: int = 1, axis_name: Optional[str] = None):
   """One optimisation step.  Returns (new state, {'loss', 'grad_norm'}).
 
+  A ``tx`` that takes extra arguments gets ``grad_fn``: params -> the
+  gradients of this step's loss (same batch, accumulation and pmean) at
+  other params; it costs a pass only when called (SALAAD's joint cut loss).
+
   With ``axis_name`` (pmap), loss and gradients are averaged over that axis.
   Constant collections in ``state.params`` pass through unchanged.
   """
@@ -59,7 +63,13 @@ def train_step(model, tx: optax.GradientTransformation, state: TrainState, batch
   loss, grads = _grads(model, trainable, constants, batch, grad_accum)
   if axis_name is not None:
     loss, grads = jax.lax.pmean((loss, grads), axis_name)
-  updates, opt_state = tx.update(grads, state.opt_state, trainable)
+  extra = {}
+  if isinstance(tx, optax.GradientTransformationExtraArgs):
+    def grad_fn(params):  # the gradients of this step's loss at other params
+      g = _grads(model, params, constants, batch, grad_accum)[1]
+      return g if axis_name is None else jax.lax.pmean(g, axis_name)
+    extra["grad_fn"] = grad_fn
+  updates, opt_state = tx.update(grads, state.opt_state, trainable, **extra)
   trainable = optax.apply_updates(trainable, updates)
   metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads)}
   return TrainState(state.step + 1, join_constants(trainable, constants), opt_state), metrics
