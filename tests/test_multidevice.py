@@ -93,3 +93,39 @@ def test_sharded_mesh_matches_jit():
   assert p["a"]["kernel"].sharding.spec == P("data") or len(p["a"]["kernel"].sharding.device_set) == N_DEV
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), p, ref_p)
   np.testing.assert_allclose(s.dual["b"]["kernel"], ref_s.dual["b"]["kernel"], rtol=1e-4, atol=1e-5)
+
+
+def test_joint_cut_loss_under_pmap_matches_one_device():
+  # The harness's step with the joint cut loss: its second pass (grad_fn,
+  # called inside the transform's consolidation branch) is pmean-ed too, so 8
+  # replicas on an eighth of the batch each compute the one-device step.
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+  from salaad_jax.train.state import TrainState  # pylint: disable=g-import-not-at-top
+  from salaad_jax.train.steps import train_step  # pylint: disable=g-import-not-at-top
+
+  class Tiny(nn.Module):
+    @nn.compact
+    def __call__(self, tokens):
+      h = nn.Embed(32, 16)(tokens)
+      return nn.Dense(32, name="out")(jnp.tanh(nn.Dense(24, name="hid")(h)))
+
+  model = Tiny()
+  params = model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"]
+  tx = sj.salaad(optax.adam(1e-2), every_k=2, rho=1e-2, rank_target=0.5, density_target=0.1,
+                 consolidate_from=2, consolidate_params="factors", svt="exact",
+                 consolidate_cut_budgets=(0.5, 1.0), consolidate_cut_joint=0.6)
+  tokens = jnp.asarray(np.random.default_rng(3).integers(0, 32, size=(N_DEV * 2, 9)), jnp.int32)
+  batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:],
+           "mask": jnp.ones((N_DEV * 2, 8), jnp.float32)}
+  one = TrainState(jnp.zeros([], jnp.int32), params, tx.init(params))
+  rep = jax.tree.map(lambda x: jnp.stack([x] * N_DEV), one)
+  shards = jax.tree.map(lambda x: x.reshape((N_DEV, -1) + x.shape[1:]), batch)
+  step = jax.jit(lambda s, b: train_step(model, tx, s, b))
+  pstep = jax.pmap(lambda s, b: train_step(model, tx, s, b, axis_name="d"), axis_name="d")
+  for _ in range(5):
+    one, m1 = step(one, batch)
+    rep, mp = pstep(rep, shards)
+    np.testing.assert_allclose(mp["loss"][0], m1["loss"], rtol=1e-5)
+  assert int(sj.find_state(one.opt_state).count) == 5  # three steps in consolidation
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a[0], b, rtol=1e-4, atol=1e-5),
+               rep.params, one.params)

@@ -28,11 +28,14 @@ TINY = str(ROOT / "experiments" / "configs" / "tiny.flags")
 STEPS, EVERY = 8, 2
 # SALAAD: its summary restores the final checkpoint (the end of run that used
 # to fail on process 1 and hang both).  One subspace iteration in the initial
-# SVD keeps the compiled initialisation small.
+# SVD keeps the compiled initialisation small, and the ADMM rounds alone (no
+# consolidation: its factor step, cuts and second pass are sharded in
+# test_pretrain_app's test_sharded_salaad_matches_one_device) keep the
+# three processes' compilations short.
 ARGS = [f"--flagfile={TINY}", f"--steps={STEPS}", "--batch_size=8", "--log_every=1",
         "--eval_every=0", "--eval_batches=2", f"--checkpoint_every={EVERY}",
         "--keep_checkpoints=10", "--every_k=2", "--warmup_steps=2", "--init_iters=1",
-        "--mesh_fsdp=4"]
+        "--mesh_fsdp=4", "--consolidate_from=0"]
 # Seconds for one launch: mostly compilation (SALAAD over a 4-device FSDP
 # mesh), measured at 7+ minutes per program on a 2-core machine under a load
 # of 30.  No persistent compilation cache: a process that found its programs
