@@ -9,7 +9,7 @@ import numpy as np
 import optax
 import pytest
 from absl import flags
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st_
 
 import salaad_jax as sj
@@ -376,6 +376,12 @@ def test_global_cut_keeps_the_best_gain_per_cost_within_the_share(seed, drop, by
                         [jnp.asarray(x, jnp.float32) for x in sparses], drop, keep=keep,
                         overhead=overhead)
   want = _cut_oracle(sigmas, sparses, drop, keep, overhead)
+  # The cut is exact up to the float32 rounding of its budget: a budget within
+  # 1e-5 of a boundary of the greedy's running cost (drop 1e-6, say) may fall
+  # either side of it, so such draws are not a test of the cut.
+  near = [_cut_oracle(sigmas, sparses, min(max(drop + e, 0.0), 1.0),
+                      None if keep is None else keep * (1 - e), overhead) for e in (-1e-5, 1e-5)]
+  assume(near[0] == near[1] == want)
   for i, (kt, ks) in enumerate(got):
     kt, ks = np.asarray(kt), np.asarray(ks).ravel()
     assert {j for j in range(kt.size) if kt[j]} == {j for (b, k, j) in want if b == i and k == "t"}
