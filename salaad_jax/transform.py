@@ -31,9 +31,10 @@ from salaad_jax import block as blk
 from salaad_jax import compact
 from salaad_jax import consolidate as cons
 from salaad_jax import controller as ctl
+from salaad_jax import cut_schedule as cut_lib
 from salaad_jax.hparams import (_HPARAM_RULES, _BlockHparams, _block_hparams,
                                  _check_value, _concrete_float, _parse_sparse_mode,
-                                 _static_budgets, _static_float, _static_int)
+                                 _static_float, _static_int)
 from salaad_jax import prox
 from salaad_jax.opt_state import FactorState, PER_BLOCK_FIELDS, SalaadState, placeholder
 from salaad_jax import schedules as sched
@@ -144,43 +145,11 @@ def _make(inner: Optional[optax.GradientTransformation], learning_rate, *,
   if consolidate_factor_lr != 1.0 and not factored:
     raise ValueError("consolidate_factor_lr scales the factors' steps: it needs "
                      "consolidate_params='factors'")
-  consolidate_global_dropout = _static_float("consolidate_global_dropout",
-                                             consolidate_global_dropout)
-  _check_value("consolidate_global_dropout", consolidate_global_dropout, "", 0.0, 1.0,
-               low_open=False)
-  if consolidate_global_dropout and not factored:
-    raise ValueError("consolidate_global_dropout trains cuts of the factors: it needs "
-                     "consolidate_params='factors'")
-  consolidate_cut_budgets = _static_budgets(consolidate_cut_budgets)
-  if consolidate_cut_budgets and not factored:
-    raise ValueError("consolidate_cut_budgets trains cuts of the factors: it needs "
-                     "consolidate_params='factors'")
-  consolidate_cut_overhead = _static_float("consolidate_cut_overhead", consolidate_cut_overhead)
-  _check_value("consolidate_cut_overhead", consolidate_cut_overhead, "", 0.0, None,
-               low_open=False)
-  if consolidate_cut_overhead and not consolidate_cut_budgets:
-    raise ValueError("consolidate_cut_overhead prices the cuts of consolidate_cut_budgets: "
-                     "pass those too")
-  consolidate_cut_jitter = _static_float("consolidate_cut_jitter", consolidate_cut_jitter)
-  _check_value("consolidate_cut_jitter", consolidate_cut_jitter, "", 0.0, 1.0, low_open=False)
-  if consolidate_cut_jitter and not consolidate_cut_budgets:
-    raise ValueError("consolidate_cut_jitter moves the cuts of consolidate_cut_budgets: "
-                     "pass those too")
-  consolidate_cut_joint = _static_float("consolidate_cut_joint", consolidate_cut_joint)
-  _check_value("consolidate_cut_joint", consolidate_cut_joint, "", 0.0, 1.0, low_open=False)
-  if consolidate_cut_joint == 1.0:
-    raise ValueError("consolidate_cut_joint must be < 1: the whole structure keeps a share "
-                     "of the loss")
-  if consolidate_cut_joint and not any(b < 1.0 for b in consolidate_cut_budgets):
-    raise ValueError("consolidate_cut_joint adds the loss at a cut of consolidate_cut_budgets: "
-                     "pass at least one budget below 1")
-  # With the joint loss the cut is drawn among the budgets below 1 (the whole
-  # structure is in every step's loss).
-  drawn_budgets = tuple(b for b in consolidate_cut_budgets
-                        if b < 1.0 or not consolidate_cut_joint)
-  if consolidate_cut_budgets and consolidate_global_dropout:
-    raise ValueError("consolidate_cut_budgets and consolidate_global_dropout both choose "
-                     "each step's cut: pass one of them")
+  schedule = cut_lib.CutSchedule.from_options(
+      factored=factored, seed=seed, consolidate_from=consolidate_from,
+      global_dropout=consolidate_global_dropout, budgets=consolidate_cut_budgets,
+      overhead=consolidate_cut_overhead, jitter=consolidate_cut_jitter,
+      joint=consolidate_cut_joint)
   if sparse_capacity is not None and not (isinstance(sparse_capacity, str)
                                          and sparse_capacity == "auto"):
     if isinstance(sparse_capacity, str):
@@ -477,7 +446,7 @@ def _make(inner: Optional[optax.GradientTransformation], learning_rate, *,
   def update_coupled(updates, state, params=None, **extra_args):
     check_params(params)
     grad_fn = extra_args.pop("grad_fn", None)  # ours: not passed to inner
-    if consolidate_cut_joint and grad_fn is None:
+    if schedule.joint and grad_fn is None:
       raise ValueError("consolidate_cut_joint needs the gradient at the cut: call "
                        "update(grads, state, params, grad_fn=f), f(params) -> the gradients "
                        "of this step's loss at params (salaad_jax.train.train_step does)")
@@ -511,44 +480,14 @@ def _make(inner: Optional[optax.GradientTransformation], learning_rate, *,
                            lambda: fac.factors)
     return new_updates, new_state._replace(factored=FactorState(factors, f_inner))
 
-  def cut_drop(count):
-    """The share the global cut drops at the factor step of ``count``: 0
-    without ``consolidate_global_dropout`` and at the first factor step (its
-    params are the whole projection), else q ~ U(0, p) drawn from the count."""
-    q = jax.random.uniform(jax.random.fold_in(jax.random.key(seed + 2), count))
-    return jnp.where(count == consolidate_from + 1, 0.0, consolidate_global_dropout * q)
-
-  def cut_keep(count, layout: _Layout, leaves):
-    """The structure parameters the cut at ``count`` keeps with
-    ``consolidate_cut_budgets``: one budget b drawn uniformly from the
-    count, b times the model's parameter count (every leaf at full size)
-    less its parameters outside the blocks; everything at the first factor
-    step."""
+  def cuts(sigmas, sparse, count, layout: _Layout, leaves):
+    """{block: (kept triplets, kept entries)} of the step ``count``'s cut
+    (``cut_schedule.CutSchedule``), budgets relative to the model's parameter count
+    (every leaf at full size); None when no cut is trained."""
     total = sum(math.prod(jnp.shape(v)) for v in leaves)
     outside = sum(math.prod(jnp.shape(v)) for v, info in zip(leaves, layout.infos)
                   if info is None)
-    k_pick, k_jit = jax.random.split(jax.random.fold_in(jax.random.key(seed + 2), count))
-    pick = jax.random.randint(k_pick, (), 0, len(drawn_budgets))
-    b = jnp.asarray(drawn_budgets, _F32)[pick]
-    if consolidate_cut_jitter:  # a budget below 1 moves by U(-j, j)
-      u = jax.random.uniform(k_jit, minval=-1.0, maxval=1.0)
-      b = jnp.where(b < 1.0, b + consolidate_cut_jitter * u, b)
-    return jnp.where(count == consolidate_from + 1, jnp.inf, b * total - outside)
-
-  def cuts(sigmas, sparse, count, layout: _Layout, leaves):
-    """{block: (kept triplets, kept entries)} of ``consolidate.global_cut``
-    at ``cut_drop(count)`` or ``cut_keep(count)``; None without global
-    dropout or cut budgets."""
-    if not (consolidate_global_dropout or consolidate_cut_budgets):
-      return None
-    keys = sorted(sparse)
-    sig, sp = [sigmas[i] for i in keys], [sparse[i] for i in keys]
-    if consolidate_cut_budgets:
-      kept = cons.global_cut(sig, sp, keep=cut_keep(count, layout, leaves),
-                             overhead=consolidate_cut_overhead)
-    else:
-      kept = cons.global_cut(sig, sp, cut_drop(count))
-    return dict(zip(keys, kept))
+    return schedule.cuts(sigmas, sparse, count, total, outside)
 
   def cut_of(flat, sparse, kept, layout: _Layout, x):
     """The params with every block at its cut ``kept`` of L + S."""
@@ -577,7 +516,7 @@ def _make(inner: Optional[optax.GradientTransformation], learning_rate, *,
     sparse = {i: compact.as_dense(flat["sparse"][i], info.matrix_shape).astype(_F32)
               for i, info in enumerate(layout.infos) if info is not None}
     kept = cuts(flat["lr_s"], sparse, state.count, layout, x)
-    w = consolidate_cut_joint
+    w = schedule.joint
     if w:  # the gradient at the cut; the leaves outside the blocks mix here
       g_cut = tdef.flatten_up_to(grad_fn(unflat(cut_of(flat, sparse, kept, layout, x))))
       g_in = [gi if info is not None else
