@@ -94,7 +94,7 @@ def _make(inner: Optional[optax.GradientTransformation], learning_rate, *,
           alpha_init, beta_init, state_dtype, dual_dtype, spread_rounds, seed,
           sparse_capacity="auto", target_schedule=None, rho_schedule=None,
           consolidate_from=None, consolidate_structure="target", consolidate_dropout=0.0,
-          consolidate_params="projection", consolidate_factor_lr=1.0,
+          consolidate_support="largest", consolidate_params="projection", consolidate_factor_lr=1.0,
           consolidate_global_dropout=0.0, consolidate_cut_budgets=(),
           consolidate_cut_overhead=0.0, consolidate_cut_jitter=0.0,
           consolidate_cut_joint=0.0):
@@ -102,6 +102,12 @@ def _make(inner: Optional[optax.GradientTransformation], learning_rate, *,
   if consolidate_structure not in cons.STRUCTURES:
     raise ValueError(f"consolidate_structure must be one of {cons.STRUCTURES}, "
                      f"got {consolidate_structure!r}")
+  if consolidate_support not in cons.SUPPORTS:
+    raise ValueError(f"consolidate_support must be one of {cons.SUPPORTS}, "
+                     f"got {consolidate_support!r}")
+  if consolidate_support != "largest" and consolidate_structure != "target":
+    raise ValueError("consolidate_support chooses the support of structure 'target': it "
+                     "needs consolidate_structure='target'")
   if consolidate_params not in cons.PARAMETERISATIONS:
     raise ValueError(f"consolidate_params must be one of {cons.PARAMETERISATIONS}, "
                      f"got {consolidate_params!r}")
@@ -367,10 +373,13 @@ def _make(inner: Optional[optax.GradientTransformation], learning_rate, *,
     if consolidate_dropout:  # the params hold a truncation: step the full L + S
       full = jax.vmap(prox.dense)(f) + mat(sub["sparse"]) + mat([u_leaves[i] for i in idx])
       z = jnp.where(first, xs, full)
-    one = lambda x, f_, s_, rt, dt: cons.project_block(
-        x, f_, s_, first, rt, dt, consolidate_structure, cfg.svt_iters, cfg.svt == "exact")
+    one = lambda x, f_, s_, rt, dt, key: cons.project_block(
+        x, f_, s_, first, rt, dt, consolidate_structure, cfg.svt_iters, cfg.svt == "exact",
+        support_key=key)
+    keys = (jnp.stack([cons.support_key(seed, i) for i in idx])
+            if consolidate_support == "random" else jnp.full((len(idx),), jnp.nan))
     f, s, x_proj = jax.vmap(one)(z, f, mat(sub["sparse"]), hps.rank_target,
-                                 hps.density_target)
+                                 hps.density_target, keys)
     dens = jax.vmap(prox.density)(s)  # before the capacity: > cap / (m n) marks an overflow
     stored = s
     if cap is not None:
@@ -674,6 +683,11 @@ _DOC_ARGS = """
     consolidate_structure: 'target' (rank ceil(r* min(m, n)), the d* largest
       residual entries) or 'current' (the controller's rank and support),
       chosen at the first consolidation step.
+    consolidate_support: with structure 'target', the support Omega_i of S
+      chosen at the first consolidation step: 'largest' (the d* m n largest
+      |X_i - L_i|) or 'random' (d* m n entries drawn uniformly, seeded by
+      ``seed`` and the block; a control that isolates what the chosen
+      support is worth, as SLTrain's random support).
     consolidate_dropout: p in [0, 1): during consolidation the params hold
       L + S with a random trailing share q ~ U(0, p) of every block's
       triplets and smallest S entries removed (nested dropout), while the
@@ -740,6 +754,7 @@ def salaad(inner: optax.GradientTransformation, *, structure=None,
            consolidate_from: Optional[int] = None,
            consolidate_structure: str = "target",
            consolidate_dropout: float = 0.0,
+           consolidate_support: str = "largest",
            consolidate_params: str = "projection",
            consolidate_factor_lr: float = 1.0,
            consolidate_global_dropout: float = 0.0,
@@ -775,6 +790,7 @@ def salaad_decoupled(learning_rate, *, structure=None,
                      consolidate_from: Optional[int] = None,
                      consolidate_structure: str = "target",
                      consolidate_dropout: float = 0.0,
+                     consolidate_support: str = "largest",
                      consolidate_params: str = "projection",
                      consolidate_factor_lr: float = 1.0,
                      consolidate_global_dropout: float = 0.0,

@@ -130,6 +130,10 @@ class TrainConfig:
   consolidate_structure: str = _f("target", "consolidated structure: target (rank "
                                   "ceil(r* min(m,n)), the d* largest entries) or current "
                                   "(the controller's)", choices=("target", "current"))
+  consolidate_support: str = _f("largest", "consolidated structure 'target': S's support, "
+                                "the d* largest |X - L| entries (largest) or d* m n entries "
+                                "drawn at random (random: a control)",
+                                choices=("largest", "random"))
   consolidate_params: str = _f("projection", "how consolidation trains L + S: projection (a "
                                "dense AdamW step, then the projection onto the structure) "
                                "or factors (L's factors and S's values trained directly, "
@@ -274,6 +278,10 @@ def validate(config: TrainConfig) -> TrainConfig:
       config.coupling != "coupled" or config.consolidate_dropout > 0):
     raise TrainError("--consolidate_params=factors needs --coupling=coupled and "
                      "--consolidate_dropout=0")
+  if (consolidating and config.consolidate_support != "largest"
+      and config.consolidate_structure != "target"):
+    raise TrainError(f"--consolidate_support={config.consolidate_support} chooses the support "
+                     "of --consolidate_structure=target")
   if config.consolidate_factor_lr <= 0:
     raise TrainError(f"--consolidate_factor_lr={config.consolidate_factor_lr} must be > 0")
   if (consolidating and config.consolidate_global_dropout > 0

@@ -50,7 +50,7 @@ _REFERENCE = dict(
     salaad_mode="adaptive", sparse_mode="soft", svt="exact", max_rank=0,
     alpha_init="zero", beta_init=0.0, coupling="coupled", rho_mode="fixed",
     target_schedule_end=0.0, consolidate_from=0.0, sparse_capacity="none",
-    consolidate_params="projection", consolidate_factor_lr=1.0, consolidate_global_dropout=0.0,
+    consolidate_params="projection", consolidate_support="largest", consolidate_factor_lr=1.0, consolidate_global_dropout=0.0,
     consolidate_cut_budgets="", consolidate_cut_bitmaps=False, consolidate_cut_jitter=0.0,
     consolidate_cut_joint=0.0)
 
