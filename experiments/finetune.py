@@ -6,7 +6,11 @@ r"""Fine-tune a pretrained run with LoRA, SALR, LoSA or SALAAD.
 
 ``--init_workdir`` is a finished ``experiments.pretrain`` run of a dense
 Llama (``--method=dense``, ``salaad`` or ``galore``); its model, vocabulary,
-tokenizer and dtypes are used unless given here.  Every TrainConfig field is a
+tokenizer and dtypes are used unless given here.  Instead of it,
+``--init_from_hf=DIR`` starts from a Hugging Face LLaMA checkpoint (e.g. one
+``experiments.export --format=hf`` wrote): the model preset of its shape and
+its vocabulary are used unless given (and the tokenizer an export of ours
+names).  Every TrainConfig field is a
 flag (``--helpfull``), method options with ``--method_option key=value``:
 
   * ``lora``: rank (8), alpha (16);
@@ -47,7 +51,7 @@ flags.FLAGS.set_default("method", "lora")
 _WORKDIR = flags.DEFINE_string("workdir", None, "run directory (created; resumed if it "
                                "holds a checkpoint)", required=True)
 _INIT = flags.DEFINE_string("init_workdir", None, "workdir of the pretrained run to start "
-                            "from", required=True)
+                            "from (or give --init_from_hf)")
 
 
 def finetune_config(flag_values=flags.FLAGS) -> TrainConfig:
@@ -60,12 +64,41 @@ def finetune_config(flag_values=flags.FLAGS) -> TrainConfig:
     raise TrainError(f"--method={config.method}: fine-tuning methods are "
                      f"{list(FINETUNE_METHODS)}")
   init = flag_values["init_workdir"].value
+  if bool(init) == bool(config.init_from_hf):
+    raise TrainError("give the pretrained model with one of --init_workdir (a run) or "
+                     "--init_from_hf (a Hugging Face LLaMA directory)")
+  if config.init_from_hf:
+    inherited = {k: v for k, v in hf_model_settings(config.init_from_hf).items()
+                 if not flag_values[k].present}
+    return config.replace(init_from_hf=os.path.abspath(config.init_from_hf), **inherited)
   try:
     source = cfg_lib.read_config(init)
   except TrainError as e:
     raise TrainError(f"--init_workdir: {e}") from None
   inherited = {k: getattr(source, k) for k in INHERITED if not flag_values[k].present}
   return config.replace(init_from=os.path.abspath(init), **inherited)
+
+
+def hf_model_settings(directory: str) -> dict:
+  """--model (the preset of the checkpoint's shape), --vocab_size and, for an
+  export of ours, --tokenizer of a Hugging Face LLaMA directory."""
+  from salaad_jax.deploy import hf  # pylint: disable=import-outside-toplevel
+  from salaad_jax.models.configs import CONFIGS  # pylint: disable=import-outside-toplevel
+  try:
+    config, _ = hf.read_config(directory)
+  except hf.HFError as e:
+    raise TrainError(f"--init_from_hf: {e}") from None
+  shape = lambda c: (c.d_model, c.d_ff, c.n_heads, c.n_layers, c.tie_embeddings)
+  presets = [name for name, c in CONFIGS.items() if shape(c) == shape(config)]
+  if not presets:
+    raise TrainError(f"--init_from_hf={directory}: no model preset has its shape (d_model "
+                     f"{config.d_model}, d_ff {config.d_ff}, {config.n_heads} heads, "
+                     f"{config.n_layers} layers); presets: {list(CONFIGS)}")
+  out = {"model": presets[0], "vocab_size": config.vocab_size}
+  tokenizer = hf.read_provenance(directory).get("tokenizer")
+  if tokenizer:
+    out["tokenizer"] = tokenizer
+  return out
 
 
 @common.exits_promptly
@@ -93,7 +126,8 @@ def main(argv):
   if run_dir != workdir:
     fields = {k: v for k, v in summary.items() if k != "format_version"}
     fields["step"] = sum(c.steps for c, _ in runs)
-    fields["extra"] = {**fields.get("extra", {}), "init_from": config.init_from,
+    fields["extra"] = {**fields.get("extra", {}),
+                       "init_from": config.init_from or config.init_from_hf,
                        "rounds": len(runs),
                        "final_round_workdir": os.path.abspath(run_dir)}
     summary = summary_lib.write_summary(workdir, **fields, write=multihost.is_primary())

@@ -159,6 +159,8 @@ def write_run_summary(config: TrainConfig, workdir: str, result: dict, **extra: 
     fp = run_footprint(config)
   if config.init_from:
     extra = {"init_from": os.path.abspath(config.init_from), **extra}
+  if config.init_from_hf:
+    extra = {"init_from_hf": os.path.abspath(config.init_from_hf), **extra}
   return write_summary(workdir, method=config.method, params=int(fp.params),
                        bytes=int(fp.bytes), perplexity=float(ppl), loss=float(loss),
                        sparsity=sparsity, dense_params=_dense_params(config),
