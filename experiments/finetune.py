@@ -36,6 +36,7 @@ from absl import app, flags
 
 from experiments import common
 from salaad_jax.baselines.finetune import losa_rounds
+from salaad_jax.deploy import hf
 from salaad_jax.deploy import summary as summary_lib
 from salaad_jax.train import TrainConfig, TrainError
 from salaad_jax.train import config as cfg_lib
@@ -68,8 +69,11 @@ def finetune_config(flag_values=flags.FLAGS) -> TrainConfig:
     raise TrainError("give the pretrained model with one of --init_workdir (a run) or "
                      "--init_from_hf (a Hugging Face LLaMA directory)")
   if config.init_from_hf:
-    inherited = {k: v for k, v in hf_model_settings(config.init_from_hf).items()
-                 if not flag_values[k].present}
+    try:
+      settings = hf.model_settings(config.init_from_hf)
+    except hf.HFError as e:
+      raise TrainError(f"--init_from_hf={config.init_from_hf}: {e}") from None
+    inherited = {k: v for k, v in settings.items() if not flag_values[k].present}
     return config.replace(init_from_hf=os.path.abspath(config.init_from_hf), **inherited)
   try:
     source = cfg_lib.read_config(init)
@@ -77,28 +81,6 @@ def finetune_config(flag_values=flags.FLAGS) -> TrainConfig:
     raise TrainError(f"--init_workdir: {e}") from None
   inherited = {k: getattr(source, k) for k in INHERITED if not flag_values[k].present}
   return config.replace(init_from=os.path.abspath(init), **inherited)
-
-
-def hf_model_settings(directory: str) -> dict:
-  """--model (the preset of the checkpoint's shape), --vocab_size and, for an
-  export of ours, --tokenizer of a Hugging Face LLaMA directory."""
-  from salaad_jax.deploy import hf  # pylint: disable=import-outside-toplevel
-  from salaad_jax.models.configs import CONFIGS  # pylint: disable=import-outside-toplevel
-  try:
-    config, _ = hf.read_config(directory)
-  except hf.HFError as e:
-    raise TrainError(f"--init_from_hf: {e}") from None
-  shape = lambda c: (c.d_model, c.d_ff, c.n_heads, c.n_layers, c.tie_embeddings)
-  presets = [name for name, c in CONFIGS.items() if shape(c) == shape(config)]
-  if not presets:
-    raise TrainError(f"--init_from_hf={directory}: no model preset has its shape (d_model "
-                     f"{config.d_model}, d_ff {config.d_ff}, {config.n_heads} heads, "
-                     f"{config.n_layers} layers); presets: {list(CONFIGS)}")
-  out = {"model": presets[0], "vocab_size": config.vocab_size}
-  tokenizer = hf.read_provenance(directory).get("tokenizer")
-  if tokenizer:
-    out["tokenizer"] = tokenizer
-  return out
 
 
 @common.exits_promptly

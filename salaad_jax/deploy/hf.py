@@ -456,6 +456,26 @@ def read_provenance(path: str) -> dict:
     return json.load(f)
 
 
+def model_settings(path: str) -> dict[str, Any]:
+  """The TrainConfig settings that train a Llama of a Hugging Face
+  directory's shape: ``model`` (the preset of its widths, heads and layers),
+  ``vocab_size`` and, for an export of ours, ``tokenizer``.  HFError when no
+  preset has its shape."""
+  from salaad_jax.models.configs import CONFIGS  # pylint: disable=import-outside-toplevel
+  config, _ = read_config(path)
+  shape = lambda c: (c.d_model, c.d_ff, c.n_heads, c.n_layers, c.tie_embeddings)
+  presets = [name for name, c in CONFIGS.items() if shape(c) == shape(config)]
+  if not presets:
+    raise HFError(f"no model preset has its shape (d_model {config.d_model}, d_ff "
+                  f"{config.d_ff}, {config.n_heads} heads, {config.n_layers} layers"
+                  f"{', tied' if config.tie_embeddings else ''}); presets: {list(CONFIGS)}")
+  out = {"model": presets[0], "vocab_size": config.vocab_size}
+  tokenizer = read_provenance(path).get("tokenizer")
+  if tokenizer:
+    out["tokenizer"] = tokenizer
+  return out
+
+
 def make_readable(directory: str) -> None:
   """Gives ``directory`` (made by mkdtemp, mode 0700) and its files the
   modes of the process's umask, as a plain mkdir / open would."""

@@ -7,19 +7,19 @@
   its own value as id; NUL's symbol (U+0100, 'Ā') is the special eos token.
   Decoding maps the symbols back to bytes and reads them as UTF-8 with
   replacement characters, as ``ByteTokenizer.decode`` does.
-* ``SentencePieceTokenizer``: its ``.model`` copied as ``tokenizer.model``,
-  loaded as ``T5Tokenizer`` when its special ids are T5's (pad 0, eos 1,
-  unk 2) and as ``LlamaTokenizer`` otherwise, both without added bos/eos.
-  transformers converts it to a ``tokenizers`` pipeline, which agrees with
-  SentencePiece on ordinary text; unknown characters and runs of spaces can
-  tokenize differently (the conversion's, not ours).
+* ``SentencePieceTokenizer``: ``tokenizer.json`` made by transformers'
+  generic SentencePiece converter (``SpmConverter``: the model's own
+  normalizer, pieces and unknown id), with no bos/eos added, so the ids are
+  SentencePiece's; the ``.model`` is copied beside as ``tokenizer.model``.
+  Decoding agrees except for unknown pieces (SentencePiece writes ' ⁇ ',
+  transformers the unknown token).
 """
 
 from __future__ import annotations
 
 import os
 import shutil
-from typing import Optional
+import types
 
 from salaad_jax.data import tokenizers as tk
 from salaad_jax.deploy.hf import HFError, write_json
@@ -73,24 +73,20 @@ def _write_byte(directory: str, max_len: int) -> list[str]:
   return ["tokenizer.json", "tokenizer_config.json"]
 
 
-def _special_ids(tok) -> dict[str, Optional[int]]:
-  sp = tok._sp  # pylint: disable=protected-access
-  ids = {"pad": sp.pad_id(), "eos": sp.eos_id(), "unk": sp.unk_id(), "bos": sp.bos_id()}
-  return {k: (int(v) if v >= 0 else None) for k, v in ids.items()}
-
-
 def _write_sentencepiece(directory: str, tok, max_len: int) -> list[str]:
+  from transformers.convert_slow_tokenizer import SpmConverter  # pylint: disable=import-outside-toplevel
+  # The generic converter reads the model's own normalizer, pieces and
+  # unknown id (the model-specific ones, e.g. T5's or LLaMA's, assume theirs).
+  SpmConverter(types.SimpleNamespace(vocab_file=tok.spec)).converted().save(
+      os.path.join(directory, "tokenizer.json"))
   shutil.copyfile(tok.spec, os.path.join(directory, "tokenizer.model"))
-  ids = _special_ids(tok)
-  piece = lambda i: None if i is None else tok._sp.id_to_piece(i)  # pylint: disable=protected-access
-  t5 = (ids["pad"], ids["eos"], ids["unk"]) == (0, 1, 2)
-  config = {"tokenizer_class": "T5Tokenizer" if t5 else "LlamaTokenizer",
-            "model_max_length": max_len, "clean_up_tokenization_spaces": False,
-            "add_bos_token": False, "add_eos_token": False, "legacy": False,
-            "eos_token": piece(ids["eos"]), "unk_token": piece(ids["unk"])}
-  if t5:
-    config.update(pad_token=piece(ids["pad"]), extra_ids=0)
-  else:
-    config.update(bos_token=piece(ids["bos"]))
+  sp = tok._sp  # pylint: disable=protected-access
+  config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": max_len,
+            "clean_up_tokenization_spaces": False, "add_bos_token": False,
+            "add_eos_token": False}
+  for name, i in (("eos", sp.eos_id()), ("unk", sp.unk_id()), ("bos", sp.bos_id()),
+                  ("pad", sp.pad_id())):
+    if i >= 0:
+      config[f"{name}_token"] = sp.id_to_piece(i)
   write_json(directory, "tokenizer_config.json", config)
-  return ["tokenizer.model", "tokenizer_config.json"]
+  return ["tokenizer.json", "tokenizer.model", "tokenizer_config.json"]
