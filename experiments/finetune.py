@@ -6,7 +6,11 @@ r"""Fine-tune a pretrained run with LoRA, SALR, LoSA or SALAAD.
 
 ``--init_workdir`` is a finished ``experiments.pretrain`` run of a dense
 Llama (``--method=dense``, ``salaad`` or ``galore``); its model, vocabulary,
-tokenizer and dtypes are used unless given here.  Every TrainConfig field is a
+tokenizer and dtypes are used unless given here.  Instead of it,
+``--init_from_hf=DIR`` starts from a Hugging Face LLaMA checkpoint (e.g. one
+``experiments.export --format=hf`` wrote): the model preset of its shape and
+its vocabulary are used unless given (and the tokenizer an export of ours
+names).  Every TrainConfig field is a
 flag (``--helpfull``), method options with ``--method_option key=value``:
 
   * ``lora``: rank (8), alpha (16);
@@ -32,6 +36,7 @@ from absl import app, flags
 
 from experiments import common
 from salaad_jax.baselines.finetune import losa_rounds
+from salaad_jax.deploy import hf
 from salaad_jax.deploy import summary as summary_lib
 from salaad_jax.train import TrainConfig, TrainError
 from salaad_jax.train import config as cfg_lib
@@ -47,7 +52,7 @@ flags.FLAGS.set_default("method", "lora")
 _WORKDIR = flags.DEFINE_string("workdir", None, "run directory (created; resumed if it "
                                "holds a checkpoint)", required=True)
 _INIT = flags.DEFINE_string("init_workdir", None, "workdir of the pretrained run to start "
-                            "from", required=True)
+                            "from (or give --init_from_hf)")
 
 
 def finetune_config(flag_values=flags.FLAGS) -> TrainConfig:
@@ -60,6 +65,16 @@ def finetune_config(flag_values=flags.FLAGS) -> TrainConfig:
     raise TrainError(f"--method={config.method}: fine-tuning methods are "
                      f"{list(FINETUNE_METHODS)}")
   init = flag_values["init_workdir"].value
+  if bool(init) == bool(config.init_from_hf):
+    raise TrainError("give the pretrained model with one of --init_workdir (a run) or "
+                     "--init_from_hf (a Hugging Face LLaMA directory)")
+  if config.init_from_hf:
+    try:
+      settings = hf.model_settings(config.init_from_hf)
+    except hf.HFError as e:
+      raise TrainError(f"--init_from_hf={config.init_from_hf}: {e}") from None
+    inherited = {k: v for k, v in settings.items() if not flag_values[k].present}
+    return config.replace(init_from_hf=os.path.abspath(config.init_from_hf), **inherited)
   try:
     source = cfg_lib.read_config(init)
   except TrainError as e:
@@ -93,7 +108,8 @@ def main(argv):
   if run_dir != workdir:
     fields = {k: v for k, v in summary.items() if k != "format_version"}
     fields["step"] = sum(c.steps for c, _ in runs)
-    fields["extra"] = {**fields.get("extra", {}), "init_from": config.init_from,
+    fields["extra"] = {**fields.get("extra", {}),
+                       "init_from": config.init_from or config.init_from_hf,
                        "rounds": len(runs),
                        "final_round_workdir": os.path.abspath(run_dir)}
     summary = summary_lib.write_summary(workdir, **fields, write=multihost.is_primary())

@@ -162,6 +162,8 @@ def write_run_summary(config: TrainConfig, workdir: str, result: dict, **extra: 
     fp = run_footprint(config)
   if config.init_from:
     extra = {"init_from": os.path.abspath(config.init_from), **extra}
+  if config.init_from_hf:
+    extra = {"init_from_hf": os.path.abspath(config.init_from_hf), **extra}
   extra = {"compute": train_compute(config, _model_config(config)).as_dict(),
            "wall_s": float(result.get("wall_time_sec", 0.0)), **extra}
   return write_summary(workdir, method=config.method, params=int(fp.params),

@@ -49,6 +49,9 @@ class TrainConfig:
   seed: int = _f(0, "seed of the parameter initialisation")
   init_from: str = _f("", "workdir of a trained run whose final parameters start this "
                       "one (fine-tuning; same model and vocabulary); '': the initialiser")
+  init_from_hf: str = _f("", "a Hugging Face LLaMA directory (config.json and safetensors "
+                         "weights, e.g. one experiments.export wrote) whose weights start "
+                         "this run (same model shape); '': the initialiser")
 
   # --- data ------------------------------------------------------------------
   source: str = _f("synthetic", "data: 'synthetic[:k=v,...]', 'tfds:<name>' (e.g. "
@@ -306,7 +309,14 @@ def validate(config: TrainConfig) -> TrainConfig:
     raise TrainError("--rho_mode=tanh needs --rho_ramp_width > 0 and --rho_ramp_factor > 0")
   if not isinstance(config.method_options, dict):
     raise TrainError("method_options must be a dict")
+  if config.init_from and config.init_from_hf:
+    raise TrainError("give one starting point: --init_from or --init_from_hf, not both")
   return config
+
+
+def starts_pretrained(config: TrainConfig) -> bool:
+  """Whether the run starts from trained weights (--init_from or --init_from_hf)."""
+  return bool(config.init_from or config.init_from_hf)
 
 
 def sparse_capacity_value(config: TrainConfig):

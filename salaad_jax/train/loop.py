@@ -125,7 +125,7 @@ class _Trainer:
     initial = initial_params(config, self.parts.method, self.parts.model_config,
                              calibration_batches(lambda: calibration_dataset(config)),
                              saved_params(checkpoint_dir(workdir))
-                             if config.init_from else None)
+                             if cfg_lib.starts_pretrained(config) else None)
     self.executor = make_executor(config, self.parts.model, self.parts.method, self.parts.tx,
                                   devices, initial)
     del initial
@@ -256,7 +256,8 @@ class _Trainer:
     params = self.executor.to_global(state).params
     count = lambda tree: int(sum(x.size for x in jax.tree.leaves(tree)))
     trained = count(split_constants(params)[0])
-    if self.config.init_from and self.parts.method.from_pretrained is not None:
+    if (cfg_lib.starts_pretrained(self.config)
+        and self.parts.method.from_pretrained is not None):
       return f"{trained:,} trained on a frozen base, {count(params):,} values in all"
     return f"{count(params):,} params"
 

@@ -12,7 +12,7 @@ from salaad_jax.models import Llama, LlamaConfig
 from salaad_jax.train import sharding as shd
 from salaad_jax.train.checkpoint import (CheckpointError, Checkpointer, checkpoint_dir,
                                          saved_params)
-from salaad_jax.train.config import TrainConfig, read_config
+from salaad_jax.train.config import TrainConfig, read_config, starts_pretrained
 from salaad_jax.train.methods import Method
 from salaad_jax.train.state import applied_params, build, init_state
 
@@ -70,8 +70,8 @@ def load_run(workdir: str, step: Optional[int] = None, mesh: Optional[Mesh] = No
   parts = build(config)
   directory = checkpoint_dir(workdir)
   initial = None
-  if config.init_from:
-    # A run started from another one (--init_from) has the shapes of its
+  if starts_pretrained(config):
+    # A run started from another one (--init_from, --init_from_hf) has the shapes of its
     # starting point (e.g. LoRA ranks): those of the saved params.
     initial = saved_params(directory, step)
     if initial is None:

@@ -1,4 +1,6 @@
-"""Starting a run from another run's trained weights (``--init_from``).
+"""Starting a run from trained weights: another run's (``--init_from``) or a
+Hugging Face LLaMA checkpoint's (``--init_from_hf``, read by
+``salaad_jax.deploy.hf.import_hf``).
 
 The run in ``init_from`` (any workdir of ``train_and_evaluate`` whose model
 is a dense Llama: dense, salaad, galore or a fine-tuning method) is restored
@@ -6,7 +8,9 @@ and reduced to the Llama params it applies; the new run starts from those
 (``Method.from_pretrained`` maps them to what the method trains, e.g.
 frozen base plus LoRA adapters).  The new run's own checkpoints make it
 resumable as usual, and a resumed or loaded run reads its shapes from its
-own checkpoint (the ``init_from`` run is then not needed).
+own checkpoint (the ``init_from`` run is then not needed).  A Hugging Face
+checkpoint must have this run's model shape (vocabulary, widths, heads,
+layers, tied head); its weights are cast to the run's parameter dtype.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ import numpy as np
 
 from salaad_jax.models import Llama, LlamaConfig
 from salaad_jax.train.checkpoint import UnreadableCheckpointError
-from salaad_jax.train.config import TrainConfig, TrainError
+from salaad_jax.train.config import TrainConfig, TrainError, starts_pretrained
 from salaad_jax.train.methods import Method
 from salaad_jax.train.run import load_run
 from salaad_jax.train.state import applied_params
@@ -61,11 +65,23 @@ def pretrained_params(workdir: str, model_config: LlamaConfig) -> Params:
   return params
 
 
+def hf_params(directory: str, model_config: LlamaConfig) -> Params:
+  """The Llama params of a Hugging Face LLaMA directory of this model's
+  shape, in the run's parameter dtype; TrainError otherwise."""
+  from salaad_jax.deploy.hf import HFError, import_hf  # pylint: disable=import-outside-toplevel
+  try:
+    _, params = import_hf(directory, model_config)
+  except (HFError, ImportError) as e:
+    raise TrainError(f"--init_from_hf={directory}: {e}") from None
+  return jax.tree.map(lambda x: jax.numpy.asarray(x, model_config.param_dtype), params)
+
+
 def initial_params(config: TrainConfig, method: Method, model_config: LlamaConfig,
                    next_batch: Callable[[], dict], saved: Optional[Params] = None
                    ) -> Optional[Params]:
   """The starting ``TrainState.params`` of ``config``: None for a run from
-  the initialiser, else built from the ``--init_from`` run.  ``saved``: the
+  the initialiser, else built from the ``--init_from`` run or the
+  ``--init_from_hf`` checkpoint.  ``saved``: the
   abstract params of the run's own checkpoint, when it has one
   (``checkpoint.saved_params``); a resumed run takes its shapes from there,
   without the ``--init_from`` run.
@@ -73,14 +89,18 @@ def initial_params(config: TrainConfig, method: Method, model_config: LlamaConfi
   Raises:
     TrainError: a fine-tuning method without ``--init_from``, or a bad one.
   """
-  if not config.init_from:
+  if not starts_pretrained(config):
     if method.from_pretrained is not None:
       raise TrainError(f"--method={method.name} fine-tunes a trained model: give "
-                       "--init_from=<workdir of a dense or salaad run>")
+                       "--init_from=<workdir of a dense or salaad run> or "
+                       "--init_from_hf=<Hugging Face LLaMA directory>")
     return None
   if saved is not None:
     return saved
-  params = pretrained_params(config.init_from, model_config)
+  if config.init_from_hf:
+    params = hf_params(config.init_from_hf, model_config)
+  else:
+    params = pretrained_params(config.init_from, model_config)
   if method.from_pretrained is None:
     return params
   rng = jax.random.fold_in(jax.random.key(config.seed), 1)
