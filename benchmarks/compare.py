@@ -99,8 +99,8 @@ fine-tuning is the first row.
 
 Every run resumes from its workdir, so rerunning the same command after a
 crash or a kill continues where it stopped and redoes no finished run or
-trial (evaluations are kept in ``<workdir>/evaluations.json``; deployments
-are re-evaluated, which takes seconds).
+trial, and re-evaluates nothing (every evaluation and deployment is kept in
+the run's ``evaluations.json``, ``benchmarks.compare_eval``).
 
 The comparison before this protocol (every run ``--steps`` steps, untuned
 baselines, seeds 0-2, the first 10 batches of the held-out tail in float32,
@@ -606,9 +606,11 @@ def deploy_seed(plan: Plan, seed: int, dirs: dict[str, str], summaries: dict[str
       common_kw = dict(unit=plan.unit, fmt=r["fmt"], params=r["params"], bytes_=r["bytes"],
                        perplexity=r["perplexity"], workdir=wd, dense=plan.dense,
                        summary=summary)
-      if r["source"] == "posthoc":
+      if r["source"] == "posthoc":  # the dense run split: its workdir and compute
         if f in plan.targets:
-          out.append(dict(_row("posthoc", seed, budget=budget_text(f), **common_kw), **kept))
+          out.append(dict(_row("posthoc", seed, budget=budget_text(f),
+                               **dict(common_kw, workdir=dirs["dense"],
+                                      summary=summaries.get("dense"))), **kept))
         continue
       if f == 1.0 and r["allocation"] == alloc:
         out.append(dict(_row(f"{name}_trained" if name == "salaad" else name, seed,

@@ -5,8 +5,9 @@ An :class:`Evaluation` is a split, a number of batches spread over it (or
 all of it) and the dtype the weights are rounded to (the one the bytes are
 priced in).  A trained run's perplexity under it is cached in
 ``<workdir>/evaluations.json`` (keyed by the evaluation and the run's
-step), so a rerun of the command re-evaluates nothing it has; deployments
-go through ``deploy.capacity_spectrum`` with the same evaluation.
+step), and so are a SALAAD run's deployments (``deploy.capacity_spectrum``
+with the same evaluation, keyed also by the budgets and allocations), so a
+rerun of the command re-evaluates nothing it has.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import os
 from typing import Any, Callable, Optional, Sequence
 
 from salaad_jax.deploy import spectrum as sp
+from salaad_jax.deploy.summary import read_summary
 from salaad_jax.train.run import load_run
 
 CACHE_FILE = "evaluations.json"
@@ -99,10 +101,20 @@ def deployments(workdir: str, fractions: Sequence[float], allocations: Sequence[
   model in ``unit``) by each of ``allocations``, with the post-hoc split of
   ``dense_workdir`` (global allocation) when given; ``capacity_spectrum``'s
   rows of those series."""
+  cache = _read_cache(workdir)
+  key = json.dumps(["deployments", evaluation.key, sorted(fractions), list(allocations), unit,
+                    fmt, dense_workdir and os.path.abspath(dense_workdir),
+                    read_summary(workdir)["step"]])
+  if key in cache:
+    return cache[key]
   rows = sp.capacity_spectrum(workdir, list(fractions),
                               methods=tuple(dict.fromkeys(allocations)),
                               dense_workdir=dense_workdir, posthoc=dense_workdir is not None,
                               unit=unit, fmt=fmt, progress=progress,
                               **evaluation.spectrum_kwargs())
-  return [r for r in rows if r["source"] in ("salaad", "posthoc")
+  rows = [{k: v for k, v in r.items() if k != "batch_losses"} for r in rows
+          if r["source"] in ("salaad", "posthoc")
           and (r["source"] == "salaad" or r["allocation"] == "global")]
+  cache[key] = rows
+  _write_cache(workdir, cache)
+  return rows

@@ -127,6 +127,19 @@ def _dense_params(config: TrainConfig) -> int:
   return int(make_method("dense").footprint(_model_config(config)).params)
 
 
+def _wall_time(workdir: str, result: dict) -> float:
+  """The run's wall time: this process's, or for a finished run restored
+  again, the one its summary already records."""
+  from salaad_jax.deploy.summary import read_summary  # pylint: disable=import-outside-toplevel
+  try:
+    before = read_summary(workdir)
+  except ValueError:
+    before = {}
+  if before.get("step") == int(result["step"]) and "wall_s" in before.get("extra", {}):
+    return float(before["extra"]["wall_s"])
+  return float(result.get("wall_time_sec", 0.0))
+
+
 def write_run_summary(config: TrainConfig, workdir: str, result: dict, **extra: Any) -> dict:
   """Writes ``<workdir>/summary.json`` (method, params, bytes, validation
   perplexity and loss of the deployed model, step, dense_params, and for
@@ -165,7 +178,7 @@ def write_run_summary(config: TrainConfig, workdir: str, result: dict, **extra: 
   if config.init_from_hf:
     extra = {"init_from_hf": os.path.abspath(config.init_from_hf), **extra}
   extra = {"compute": train_compute(config, _model_config(config)).as_dict(),
-           "wall_s": float(result.get("wall_time_sec", 0.0)), **extra}
+           "wall_s": _wall_time(workdir, result), **extra}
   return write_summary(workdir, method=config.method, params=int(fp.params),
                        bytes=int(fp.bytes), perplexity=float(ppl), loss=float(loss),
                        sparsity=sparsity, dense_params=_dense_params(config),
