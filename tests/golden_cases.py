@@ -90,12 +90,13 @@ def loss(params):
              for p, q in zip(jax.tree.leaves(params), jax.tree.leaves(t)))
 
 
-def run(name: str, steps: int = STEPS):
-  """(params, state) after ``steps`` steps of case ``name``."""
+def run(name: str, steps: int = STEPS, start=None):
+  """(params, state) after ``steps`` steps of case ``name``, from the
+  initial params and state or from ``start`` = (params, state)."""
   make, joint = CASES[name]
   tx = make()
   params = initial_params()
-  state = tx.init(params)
+  params, state = start if start is not None else (params, tx.init(params))
   grad_fn = jax.grad(loss)
 
   @jax.jit

@@ -41,16 +41,31 @@ def test_golden_comparison_can_fail():
       _assert_matches(gc.flatten({"params": params, "opt_state": state}), want, "admm")
 
 
-def test_checkpoint_of_earlier_code_restores(tmp_path):
+def _restored():
   tx, _ = gc.CASES[gc.CHECKPOINT_CASE]
   abstract = jax.eval_shape(lambda p: {"params": p, "opt_state": tx().init(p)},
                             gc.initial_params())
   ckpt = Checkpointer(str(gc.CHECKPOINT), reader=True)
   restored, data = ckpt.restore(abstract, gc.CHECKPOINT_STEP)
   ckpt.close()
+  return restored, data
+
+
+def test_checkpoint_of_earlier_code_restores():
+  restored, data = _restored()
   assert data == {"position": 3}
   state = restored["opt_state"]
   assert isinstance(state, SalaadState) and isinstance(state.factored, FactorState)
   assert int(state.count) == gc.CHECKPOINT_STEP
   with np.load(gc.FIXTURES / "checkpoint_state.npz") as want:
     _assert_matches(gc.flatten(restored), want, "checkpoint")
+
+
+def test_resumed_run_with_cut_budgets_draws_the_same_cuts():
+  """A run resumed from the checkpoint (a new transform, three cut budgets,
+  jitter) ends where the uninterrupted run ends."""
+  restored, _ = _restored()
+  params, state = gc.run(gc.CHECKPOINT_CASE, gc.STEPS - gc.CHECKPOINT_STEP,
+                         start=(restored["params"], restored["opt_state"]))
+  with np.load(gc.fixture_path(gc.CHECKPOINT_CASE)) as want:
+    _assert_matches(gc.flatten({"params": params, "opt_state": state}), want, "resumed")
