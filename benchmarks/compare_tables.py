@@ -84,15 +84,20 @@ def aggregate(rows: Sequence[Mapping[str, Any]], reference: Optional[str] = "den
 
 # Runs at several budgets: a run row also has ``budget`` (the fraction as
 # text, '' for a model not cut to a budget: dense, SALAAD's trained run).
-ROW_ORDER = ("dense", "salaad_trained", "salaad", "sltrain", "lowrank", "lost", "galore",
-             "posthoc")
+ROW_ORDER = ("dense", "salaad_trained", "salaad", "salaad_no_admm", "salaad_no_admm_random",
+             "salaad_one_pass", "salaad_reference", "sltrain", "lowrank", "lost", "galore",
+             "posthoc", "salaad_curve_cut", "salaad_curve_global")
 BUDGET_CSV_COLUMNS = ("method", "seed", "budget", "unit", "format", "rank", "kept_rank",
                       "kept_nnz", "params", "bytes", "params_fraction", "bytes_fraction",
-                      "perplexity", "x_perplexity", "steps", "wall_s", "workdir")
+                      "perplexity", "x_perplexity", "steps", "tokens", "passes", "train_flops",
+                      "wall_s", "workdir")
 
 
-def _budget_key(row: Mapping[str, Any]) -> tuple[float, int]:
-  return (float(row["budget"]) if row["budget"] else -1.0, ROW_ORDER.index(row["method"]))
+def _budget_key(row: Mapping[str, Any]) -> tuple[float, int, str]:
+  """(budget, the method's place in ``ROW_ORDER`` (others after, by name))."""
+  method = row["method"]
+  place = ROW_ORDER.index(method) if method in ROW_ORDER else len(ROW_ORDER)
+  return (float(row["budget"]) if row["budget"] else -1.0, place, method)
 
 
 def ordered(rows: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
@@ -175,10 +180,11 @@ def scatter_plot(rows: Sequence[Mapping[str, Any]], path: str, title: str) -> st
 
 
 def budget_plot(rows: Sequence[Mapping[str, Any]], path: str, title: str,
-                curve: str = "salaad", reference: str = "dense") -> str:
+                curve=("salaad",), reference: str = "dense") -> str:
   """Mean validation perplexity (log scale) against mean deployment bytes of
-  aggregated rows (``aggregate`` by method and budget): ``curve`` as one
-  line through its budgets, every other method as points (one marker per
+  aggregated rows (``aggregate`` by method and budget): each method of
+  ``curve`` (a name or names) as a line through its budgets, every other
+  method as points (one marker per
   method), ``reference`` also as a horizontal line; error bars ± the
   standard deviation over seeds.  Draws on a ``matplotlib.figure.Figure``."""
   from matplotlib import ticker  # pylint: disable=import-outside-toplevel
@@ -186,14 +192,15 @@ def budget_plot(rows: Sequence[Mapping[str, Any]], path: str, title: str,
   fig = Figure(figsize=(8, 5))
   ax = fig.add_subplot()
   markers = iter("osD^v<>pPX*h" * 4)
+  curves = (curve,) if isinstance(curve, str) else tuple(curve)
   for method, group in group_rows(rows).items():
     group = sorted(group, key=lambda r: r["bytes"])
     x = [r["bytes"] for r in group]
     y = [r["perplexity"] for r in group]
     e = [r.get("perplexity_std") or 0.0 for r in group]
-    if method == curve:
-      ax.errorbar(x, y, yerr=e, fmt="-o", lw=2, ms=6, capsize=3, color="C3", label=method,
-                  zorder=3)
+    if method in curves:
+      ax.errorbar(x, y, yerr=e, fmt="-o", lw=2, ms=5, capsize=3,
+                  color=f"C{3 + curves.index(method)}", label=method, zorder=3)
     else:
       ax.errorbar(x, y, yerr=e, fmt=next(markers), ls="none", ms=6, capsize=3, label=method)
     if method == reference:

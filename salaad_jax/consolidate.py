@@ -62,6 +62,12 @@ from salaad_jax import prox
 
 _F32 = jnp.float32
 STRUCTURES = ("target", "current")
+SUPPORTS = ("largest", "random")
+
+
+def support_key(seed: int, block: int) -> jax.Array:
+  """The raw key of block ``block``'s random consolidation support."""
+  return jax.random.key_data(jax.random.fold_in(jax.random.key(seed + 7919), block))
 PARAMETERISATIONS = ("projection", "factors")
 
 
@@ -71,7 +77,7 @@ def target_rank(rank_target, k: int) -> jax.Array:
 
 
 def project_block(x, f: prox.Factors, s, first, rank_target, density_target,
-                  structure: str, svd_iters: int, exact: bool):
+                  structure: str, svd_iters: int, exact: bool, support_key=None):
   """One consolidation projection of one block (matrix view, float32).
 
   Args:
@@ -82,6 +88,9 @@ def project_block(x, f: prox.Factors, s, first, rank_target, density_target,
     structure: 'target' or 'current'.
     svd_iters: warm-started subspace iterations (fast path).
     exact: use an exact SVD instead.
+    support_key: None or a float placeholder (the support of the d* m n
+      largest |X - L|), or raw key data (``support_key``): with structure
+      'target', d* m n entries drawn uniformly instead.
   Returns (factors, S, X_proj) with X_proj = L + S.
   """
   m, n = x.shape
@@ -100,7 +109,10 @@ def project_block(x, f: prox.Factors, s, first, rank_target, density_target,
   g = prox.Factors(g.u, sig, g.v)
   rest = x - prox.dense(g)
   if structure == "target":
-    top = jnp.abs(rest) >= prox.topk_threshold(rest, density_target)
+    score = jnp.abs(rest)
+    if support_key is not None and jnp.issubdtype(support_key.dtype, jnp.integer):
+      score = jax.random.uniform(jax.random.wrap_key_data(support_key), rest.shape)
+    top = score >= prox.topk_threshold(score, density_target)
     support = jnp.where(first, top, support)
   s_new = jnp.where(support, rest, 0.0)
   return g, s_new, prox.dense(g) + s_new

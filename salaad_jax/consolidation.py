@@ -31,21 +31,26 @@ _F32 = jnp.float32
 # --------------------------------------------------------------------------
 
 
-def project_group(blocks: opt_state.Blocks, xs, us, hps, first, drop, cap, opts: Options):
+def project_group(blocks: opt_state.Blocks, xs, us, hps, first, drop, cap, opts: Options,
+                  idx: list[int]):
   """The projection (``consolidate.project_block``) of a group of blocks at
   the new X ``xs`` (g, m, n); returns their fields and X_next (L + S, or with
   nested dropout its truncation ``consolidate.truncated``).  ``us``: the
   steps X - X_old, needed with nested dropout only (the params then hold a
   truncation: the full L + S is stepped).  With a capacity, S is projected
-  onto it (``compact.project``) and X_next uses that S."""
+  onto it (``compact.project``) and X_next uses that S.  ``idx``: the
+  blocks' leaf indices (they seed a random support)."""
   c = opts.consolidation
   z = xs
   if c.dropout:
     z = jnp.where(first, xs, jax.vmap(prox.dense)(blocks.factors) + blocks.sparse + us)
-  one = lambda x, f, s, r_t, d_t: cons.project_block(
-      x, f, s, first, r_t, d_t, c.structure, opts.static.svt_iters, opts.static.svt == "exact")
+  one = lambda x, f, s, r_t, d_t, key: cons.project_block(
+      x, f, s, first, r_t, d_t, c.structure, opts.static.svt_iters, opts.static.svt == "exact",
+      support_key=key)
+  keys = (jnp.stack([cons.support_key(opts.seed, i) for i in idx])
+          if c.support == "random" else jnp.full((len(idx),), jnp.nan))
   f, s, x_next = jax.vmap(one)(z, blocks.factors, blocks.sparse, hps.rank_target,
-                               hps.density_target)
+                               hps.density_target, keys)
   dens = jax.vmap(prox.density)(s)  # before the capacity: > cap / (m n) marks an overflow
   stored = s
   if cap is not None:
@@ -73,7 +78,7 @@ def project_step(updates, new_x: list, fields: dict, count, layout: Layout, opts
     xs = mat(new_x)
     hps = stack_hparams([layout.hparams[i] for i in idx])
     blocks, x_next = project_group(opt_state.gather(fields, idx, infos), xs, mat(u), hps,
-                                   first, drop, layout.caps[idx[0]], opts)
+                                   first, drop, layout.caps[idx[0]], opts, idx)
     fields = opt_state.scatter(fields, idx, infos, blocks)
     for j, (i, inf) in enumerate(zip(idx, infos)):
       delta = st.from_matrix(x_next[j] - xs[j], inf)

@@ -48,6 +48,7 @@ class Consolidation:
 
   start: Optional[int] = None
   structure: str = "target"
+  support: str = "largest"
   dropout: float = 0.0
   params: str = "projection"
   factor_lr: float = 1.0
@@ -107,12 +108,9 @@ class Options:
   consolidation: Consolidation
 
 
-def _check_choices(*, mode, consolidate_structure, consolidate_params, rho, svt, alpha_init,
+def _check_choices(*, mode, consolidate_params, rho, svt, alpha_init,
                    target_schedule, rho_schedule):
   ctl.check_mode(mode)
-  if consolidate_structure not in cons.STRUCTURES:
-    raise ValueError(f"consolidate_structure must be one of {cons.STRUCTURES}, "
-                     f"got {consolidate_structure!r}")
   if consolidate_params not in cons.PARAMETERISATIONS:
     raise ValueError(f"consolidate_params must be one of {cons.PARAMETERISATIONS}, "
                      f"got {consolidate_params!r}")
@@ -186,10 +184,19 @@ def _parse_cuts(*, factored: bool, seed: int, global_dropout, budgets, overhead,
 
 
 def parse_consolidation(*, coupled: bool, seed: int, consolidate_from, consolidate_structure,
-                         consolidate_dropout, consolidate_params, consolidate_factor_lr,
-                         **cut_options) -> Consolidation:
+                        consolidate_support, consolidate_dropout, consolidate_params,
+                        consolidate_factor_lr, **cut_options) -> Consolidation:
   """The checked :class:`Consolidation` (``parse`` uses it; so does the
   validation of the training flags, ``train.config``)."""
+  if consolidate_structure not in cons.STRUCTURES:
+    raise ValueError(f"consolidate_structure must be one of {cons.STRUCTURES}, "
+                     f"got {consolidate_structure!r}")
+  if consolidate_support not in cons.SUPPORTS:
+    raise ValueError(f"consolidate_support must be one of {cons.SUPPORTS}, "
+                     f"got {consolidate_support!r}")
+  if consolidate_support != "largest" and consolidate_structure != "target":
+    raise ValueError("consolidate_support chooses the support of structure 'target': it "
+                     "needs consolidate_structure='target'")
   if consolidate_from is not None:
     consolidate_from = _static_int("consolidate_from", consolidate_from)
     if consolidate_from < 0:
@@ -211,8 +218,8 @@ def parse_consolidation(*, coupled: bool, seed: int, consolidate_from, consolida
       budgets=cut_options["consolidate_cut_budgets"],
       overhead=cut_options["consolidate_cut_overhead"],
       jitter=cut_options["consolidate_cut_jitter"], joint=cut_options["consolidate_cut_joint"])
-  return Consolidation(consolidate_from, consolidate_structure, dropout, consolidate_params,
-                       factor_lr, cuts)
+  return Consolidation(consolidate_from, consolidate_structure, consolidate_support, dropout,
+                       consolidate_params, factor_lr, cuts)
 
 
 def _parse_capacity(sparse_capacity):
@@ -231,13 +238,11 @@ def parse(*, coupled: bool, structure, include_embedding, include_head, row_axes
           rho, rank_target, density_target, k_alpha, k_beta, k_d, deriv_start, energy, mode,
           sparse_mode, svt, svt_iters, init_iters, max_rank, alpha_init, beta_init,
           state_dtype, dual_dtype, sparse_capacity, spread_rounds, seed, target_schedule,
-          rho_schedule, consolidate_from, consolidate_structure, consolidate_params,
-          **consolidate_options) -> Options:
+          rho_schedule, consolidate_from, consolidate_params, **consolidate_options) -> Options:
   """The checked :class:`Options` of ``salaad`` (``coupled``) or
   ``salaad_decoupled``; ValueError naming the option for a bad value or
   combination."""
-  _check_choices(mode=mode, consolidate_structure=consolidate_structure,
-                 consolidate_params=consolidate_params, rho=rho, svt=svt,
+  _check_choices(mode=mode, consolidate_params=consolidate_params, rho=rho, svt=svt,
                  alpha_init=alpha_init, target_schedule=target_schedule,
                  rho_schedule=rho_schedule)
   static = _parse_static(mode=mode, sparse_mode=sparse_mode, svt=svt, svt_iters=svt_iters,
@@ -246,8 +251,7 @@ def parse(*, coupled: bool, structure, include_embedding, include_head, row_axes
   _check_value("beta_init", beta_init, "", 0.0, None, low_open=False)
   consolidation = parse_consolidation(
       coupled=coupled, seed=seed, consolidate_from=consolidate_from,
-      consolidate_structure=consolidate_structure, consolidate_params=consolidate_params,
-      **consolidate_options)
+      consolidate_params=consolidate_params, **consolidate_options)
   sparse_capacity = _parse_capacity(sparse_capacity)
   if spread_rounds and _concrete_float(every_k) is None:
     raise ValueError("spread_rounds needs a concrete every_k (not an injected hyperparameter)")
@@ -329,6 +333,11 @@ OPTIONS_DOC = """
     consolidate_structure: 'target' (rank ceil(r* min(m, n)), the d* largest
       residual entries) or 'current' (the controller's rank and support),
       chosen at the first consolidation step.
+    consolidate_support: with structure 'target', the support Omega_i of S
+      chosen at the first consolidation step: 'largest' (the d* m n largest
+      |X_i - L_i|) or 'random' (d* m n entries drawn uniformly, seeded by
+      ``seed`` and the block; a control that isolates what the chosen
+      support is worth, as SLTrain's random support).
     consolidate_dropout: p in [0, 1): during consolidation the params hold
       L + S with a random trailing share q ~ U(0, p) of every block's
       triplets and smallest S entries removed (nested dropout), while the

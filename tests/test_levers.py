@@ -670,7 +670,7 @@ def test_config_fields_become_transform_options():
     (dict(target_schedule_end=2.0), "--target_schedule_end=2.0"),
     (dict(rho_mode="tanh", rho_ramp_width=0.0), "--rho_mode=tanh needs"),
     (dict(consolidate_params="factors", consolidate_from=0.5, consolidate_dropout=0.2),
-     r"consolidate_params='factors' trains .* no consolidate_dropout"),
+     r"--consolidate_params='factors' trains .* no --consolidate_dropout"),
     (dict(consolidate_params="factors", consolidate_from=0.5, coupling="decoupled"),
      r"consolidate_params='factors' trains .* needs the coupled"),
     (dict(consolidate_factor_lr=0.0), "--consolidate_factor_lr=0.0 must be > 0"),

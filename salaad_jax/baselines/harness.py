@@ -28,6 +28,7 @@ import numpy as np
 from salaad_jax.baselines import accounting
 from salaad_jax.baselines.registry import make_method
 from salaad_jax.baselines.spec import REFERENCE_RANKS, MethodSpec
+from salaad_jax.train.compute import train_compute
 from salaad_jax.train.config import TrainConfig, TrainError
 from salaad_jax.train.methods import get_method, method_options, register_method
 
@@ -135,7 +136,9 @@ def write_run_summary(config: TrainConfig, workdir: str, result: dict, **extra: 
 
   SALAAD is deployed as its surrogate L + S: its numbers are the
   surrogate's, with the dense iterate's perplexity under
-  ``extra.dense_iterate_perplexity``.
+  ``extra.dense_iterate_perplexity``.  Every summary records the run's
+  training compute under ``extra.compute`` (steps, tokens, passes, FLOPs:
+  ``salaad_jax.train.compute``) and its wall time under ``extra.wall_s``.
 
   With several processes every one calls it (the checkpoint is restored
   collectively) and process 0 writes the file.
@@ -159,6 +162,8 @@ def write_run_summary(config: TrainConfig, workdir: str, result: dict, **extra: 
     fp = run_footprint(config)
   if config.init_from:
     extra = {"init_from": os.path.abspath(config.init_from), **extra}
+  extra = {"compute": train_compute(config, _model_config(config)).as_dict(),
+           "wall_s": float(result.get("wall_time_sec", 0.0)), **extra}
   return write_summary(workdir, method=config.method, params=int(fp.params),
                        bytes=int(fp.bytes), perplexity=float(ppl), loss=float(loss),
                        sparsity=sparsity, dense_params=_dense_params(config),

@@ -57,6 +57,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, NamedTuple, Optional, Union
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from salaad_jax import stats
@@ -177,16 +178,48 @@ class _Batches:
     return iter(self._batches[:num_batches])
 
 
-class BatchEvaluator:
-  """Mean loss and its standard error over a fixed list of validation batches."""
+def spread_batches(dataset, num_batches: Optional[int]) -> list:
+  """``num_batches`` batches of ``dataset.eval_batches()`` spread evenly over
+  the whole split (the first and the last included), or every batch of the
+  split for None / 0; a split without a known length (the synthetic
+  corpus) gives its first ``num_batches``."""
+  total = getattr(dataset, "num_eval_batches", None)
+  if total is None:
+    return list(dataset.eval_batches(num_batches or None))
+  total = total()
+  if not num_batches or num_batches >= total:
+    return list(dataset.eval_batches())
+  wanted = set(np.unique(np.round(np.linspace(0, total - 1, num_batches)).astype(int)).tolist())
+  return [b for i, b in enumerate(dataset.eval_batches()) if i in wanted]
 
-  def __init__(self, batches):
+
+def rounded(params, dtype):
+  """``params`` with every floating leaf rounded to ``dtype`` (e.g. the bf16
+  the deployment bytes are priced in) and back to its own dtype; None:
+  ``params`` as they are."""
+  if dtype is None:
+    return params
+  def cast(x):
+    if not jnp.issubdtype(jnp.asarray(x).dtype, jnp.floating):
+      return x
+    return jnp.asarray(x).astype(dtype).astype(jnp.asarray(x).dtype)
+
+  return jax.tree.map(cast, params)
+
+
+class BatchEvaluator:
+  """Mean loss and its standard error over a fixed list of validation
+  batches, the weights rounded to ``weight_dtype`` first (None: as they are)."""
+
+  def __init__(self, batches, weight_dtype=None):
     self.batches = [jax.device_put(b) for b in batches]
+    self.weight_dtype = weight_dtype
     if not self.batches:
       raise SpectrumError("the validation split yields no batch")
 
   def __call__(self, model, params) -> dict[str, Any]:
     from salaad_jax.train import evaluate  # pylint: disable=import-outside-toplevel
+    params = rounded(params, self.weight_dtype)
     per = [evaluate(model, params, _Batches([b]), None) for b in self.batches]
     losses = np.array([r["loss"] for r in per], np.float64)
     tokens = np.array([r["tokens"] for r in per], np.float64)
@@ -394,6 +427,7 @@ def capacity_spectrum(run_or_workdir, budgets, *, methods: Sequence[str] = ("hpa
                       eval_split: Optional[str] = None, unit: str = "params",
                       fmt: str = "coo", dtype="bfloat16", gamma: float = 0.5,
                       step: Optional[int] = None, calibration_batches: int = 0,
+                      eval_spread: bool = False, eval_weight_dtype=None,
                       progress: Progress = print) -> list[dict[str, Any]]:
   """Validation loss/perplexity, parameters and bytes of a run at every budget.
 
@@ -430,6 +464,11 @@ def capacity_spectrum(run_or_workdir, budgets, *, methods: Sequence[str] = ("hpa
       ranks triplets and entries by the output error they cause
       (``calibration.activation_weights``, ``spectra(row_weights=...)``);
       the post-hoc rows take the dense model's own moments.
+    eval_spread: the ``eval_batches`` batches spread evenly over the whole
+      split (``spread_batches``) instead of its first ones.
+    eval_weight_dtype: None, or the dtype every evaluated model's weights
+      are rounded to first (e.g. 'bfloat16', the dtype the bytes are priced
+      in; the deployed X_hat is rounded as a whole).
     progress: called with one line per evaluation (None: silent).
 
   Returns:
@@ -461,8 +500,9 @@ def capacity_spectrum(run_or_workdir, budgets, *, methods: Sequence[str] = ("hpa
   targets = _resolve(wanted, total * scale, rest * scale, unit)
   dense_run, dense_dir = _dense_run_of(dense_workdir, run, say)
   summaries = [_read_baseline(w) for w in baseline_workdirs]
-  evaluator = _evaluator(run.config, eval_split or run.config.eval_split,
-                         eval_batches or run.config.eval_batches)
+  evaluator = make_evaluator(run.config, eval_split or run.config.eval_split,
+                             eval_batches or run.config.eval_batches, spread=eval_spread,
+                             weight_dtype=eval_weight_dtype)
   say(f"P_model {total} params ({fmt_bytes(total * b_w)} in {dtype}), outside the blocks "
       f"{rest} ({rest / total:.1%}: the smallest budget); {len(blocks.blocks)} blocks; "
       f"{len(evaluator.batches)} validation batches")
@@ -527,12 +567,19 @@ def _read_baseline(workdir) -> tuple[str, dict]:
     raise SpectrumError(f"baseline: {e}") from None
 
 
-def _evaluator(config, split: str, num_batches: int) -> BatchEvaluator:
+def make_evaluator(config, split: str, num_batches: Optional[int], *, spread: bool = False,
+                   weight_dtype=None) -> BatchEvaluator:
+  """The evaluator of ``split`` of ``config``'s data: its first
+  ``num_batches`` batches, or with ``spread`` as many spread over the whole
+  split (``spread_batches``; 0 or None: all of it), the weights rounded to
+  ``weight_dtype``."""
   from salaad_jax.train import TrainError, make_eval_dataset  # pylint: disable=import-outside-toplevel
   try:
     # Whole batches: with several processes each evaluates its own copy of the run.
     ds = make_eval_dataset(config, split, whole_batches=True)
-    return BatchEvaluator(ds.eval_batches(num_batches))
+    batches = (spread_batches(ds, num_batches) if spread
+               else ds.eval_batches(num_batches))
+    return BatchEvaluator(batches, weight_dtype)
   except TrainError as e:
     raise SpectrumError(str(e)) from None
 

@@ -14,6 +14,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 from typing import Any, Mapping
 
 from salaad_jax import options
@@ -131,6 +132,10 @@ class TrainConfig:
   consolidate_structure: str = _f("target", "consolidated structure: target (rank "
                                   "ceil(r* min(m,n)), the d* largest entries) or current "
                                   "(the controller's)", choices=("target", "current"))
+  consolidate_support: str = _f("largest", "consolidated structure 'target': S's support, "
+                                "the d* largest |X - L| entries (largest) or d* m n entries "
+                                "drawn at random (random: a control)",
+                                choices=("largest", "random"))
   consolidate_params: str = _f("projection", "how consolidation trains L + S: projection (a "
                                "dense AdamW step, then the projection onto the structure) "
                                "or factors (L's factors and S's values trained directly, "
@@ -295,6 +300,7 @@ def _check_consolidation(config: TrainConfig) -> None:
         coupled=config.coupling == "coupled", seed=config.seed,
         consolidate_from=int(round(config.consolidate_from * config.steps)),
         consolidate_structure=config.consolidate_structure,
+        consolidate_support=config.consolidate_support,
         consolidate_dropout=config.consolidate_dropout,
         consolidate_params=config.consolidate_params,
         consolidate_factor_lr=config.consolidate_factor_lr if factors else 1.0,
@@ -303,7 +309,7 @@ def _check_consolidation(config: TrainConfig) -> None:
         consolidate_cut_jitter=config.consolidate_cut_jitter if budgets else 0.0,
         consolidate_cut_joint=config.consolidate_cut_joint if budgets else 0.0)
   except ValueError as e:  # the options are the flags of the same names
-    raise TrainError(f"--consolidate_* flags: {e}") from None
+    raise TrainError(re.sub(r"\b(consolidate_\w+)", r"--\1", str(e))) from None
 
 
 def sparse_capacity_value(config: TrainConfig):

@@ -237,6 +237,7 @@ def salaad_kwargs(config: TrainConfig) -> dict[str, Any]:
       target_schedule=target_schedule, rho_schedule=rho_schedule,
       consolidate_from=consolidate_from, consolidate_structure=config.consolidate_structure,
       consolidate_dropout=config.consolidate_dropout,
+      consolidate_support=config.consolidate_support,
       consolidate_params="factors" if factors else "projection",
       consolidate_factor_lr=config.consolidate_factor_lr if factors else 1.0,
       consolidate_global_dropout=config.consolidate_global_dropout if factors else 0.0,
