@@ -41,34 +41,34 @@ SHAPES = {"a": {"kernel": (16, 12)}, "b": {"kernel": (16, 12)}, "c": {"kernel": 
           "d": {"kernel": (20, 8)}, "e": {"bias": (12,)}}
 
 _COMMON = dict(every_k=2, rho=0.5, rank_target=0.3, density_target=0.1, deriv_start=2)
-_CONSOLIDATE = dict(_COMMON, consolidate_from=CONSOLIDATE_FROM)
+CONSOLIDATE = dict(_COMMON, consolidate_from=CONSOLIDATE_FROM)
 
 
-def _adam():
+def adam():
   return optax.chain(optax.clip_by_global_norm(1.0), optax.adam(0.05))
 
 
 # name -> (transform factory, whether update gets grad_fn)
 CASES = {
-    "admm": (lambda: sj.salaad(_adam(), alpha_init="sigma_k", **_COMMON), False),
+    "admm": (lambda: sj.salaad(adam(), alpha_init="sigma_k", **_COMMON), False),
     "admm_decoupled_spread": (lambda: optax.chain(optax.adam(0.05), sj.salaad_decoupled(
         0.05, spread_rounds=True, sparse_capacity=None, sparse_mode="topk",
         target_schedule=schedules.cubic_looseness(4.0),
         rho_schedule=schedules.tanh_rho_ramp(2.0, 2.0), **_COMMON)), False),
-    "projection": (lambda: sj.salaad(_adam(), **_CONSOLIDATE), False),
+    "projection": (lambda: sj.salaad(adam(), **CONSOLIDATE), False),
     "projection_dropout": (lambda: sj.salaad(
-        _adam(), consolidate_structure="current", consolidate_dropout=0.3, **_CONSOLIDATE),
+        adam(), consolidate_structure="current", consolidate_dropout=0.3, **CONSOLIDATE),
         False),
     "factors_budgets": (lambda: sj.salaad(
-        _adam(), consolidate_params="factors", consolidate_factor_lr=2.0,
+        adam(), consolidate_params="factors", consolidate_factor_lr=2.0,
         consolidate_cut_budgets=(0.4, 0.7, 1.0), consolidate_cut_overhead=1 / 16,
-        consolidate_cut_jitter=0.05, **_CONSOLIDATE), False),
+        consolidate_cut_jitter=0.05, **CONSOLIDATE), False),
     "factors_global_dropout": (lambda: sj.salaad(
-        _adam(), consolidate_params="factors", consolidate_global_dropout=0.5,
-        **_CONSOLIDATE), False),
+        adam(), consolidate_params="factors", consolidate_global_dropout=0.5,
+        **CONSOLIDATE), False),
     "factors_joint": (lambda: sj.salaad(
-        _adam(), consolidate_params="factors", consolidate_cut_budgets=(0.5, 1.0),
-        consolidate_cut_joint=0.5, **_CONSOLIDATE), True),
+        adam(), consolidate_params="factors", consolidate_cut_budgets=(0.5, 1.0),
+        consolidate_cut_joint=0.5, **CONSOLIDATE), True),
 }
 
 
@@ -94,7 +94,11 @@ def run(name: str, steps: int = STEPS, start=None):
   """(params, state) after ``steps`` steps of case ``name``, from the
   initial params and state or from ``start`` = (params, state)."""
   make, joint = CASES[name]
-  tx = make()
+  return run_transform(make(), steps, start, joint)
+
+
+def run_transform(tx, steps: int, start=None, joint: bool = False):
+  """:func:`run` for the transform ``tx`` (``joint``: its update takes grad_fn)."""
   params = initial_params()
   params, state = start if start is not None else (params, tx.init(params))
   grad_fn = jax.grad(loss)
