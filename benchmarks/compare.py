@@ -305,7 +305,7 @@ def splits() -> tuple[str, str]:
   synthetic = _SOURCE.value.startswith("synthetic")
   selection = _SELECTION_SPLIT.value or ("validation" if synthetic else "validation[:50%]")
   reported = _EVAL_SPLIT.value or ("test" if synthetic else "validation[50%:]")
-  if selection == reported:
+  if selection == reported and _TUNE_TRIALS.value > 0 and not _TUNED.value:
     common.fail(f"--selection_split and --eval_split are both {reported!r}: settings would be "
                 "chosen on the reported batches")
   return selection, reported
@@ -585,8 +585,7 @@ def deploy_seed(plan: Plan, seed: int, dirs: dict[str, str], summaries: dict[str
   for name in salaad_runs(plan):
     wd, summary = dirs[name], summaries[name]
     alloc = budgets_lib.salaad_allocation(config_lib.read_config(wd), plan.unit, plan.fmt)
-    fill = summary["bytes" if plan.unit == "bytes" else "params"] / plan.dense[plan.unit]
-    curve = _curve(fill) if name == "salaad" else []
+    curve = _curve(1.0) if name == "salaad" else []  # those above the structure: cached
     fractions = sorted({*plan.targets, *curve, 1.0})
     print(f"== seed {seed}: {name} deployed at {len(fractions)} budgets ({alloc})", flush=True)
     try:
@@ -597,6 +596,10 @@ def deploy_seed(plan: Plan, seed: int, dirs: dict[str, str], summaries: dict[str
     except sp.SpectrumError as e:
       common.fail(str(e))
     by_value = {budgets_lib.target(plan.mcfg, f, plan.unit): f for f in fractions}
+    whole = next(r for r in spectrum if r["source"] == "salaad" and r["allocation"] == alloc
+                 and by_value[r["budget_value"]] == 1.0)
+    fill = whole[f"{plan.unit}_fraction"]  # what the structure fills
+    curve = [f for f in curve if f <= fill + 1e-9]
     for r in spectrum:
       f = by_value[r["budget_value"]]
       kept = dict(kept_rank=r["kept_rank"], kept_nnz=r["kept_nnz"])

@@ -32,6 +32,9 @@ ENV = app_env(1)
 TINY = model_config(TrainConfig(model="tiny", vocab_size=256))
 COMMON = ["--source=synthetic:order=1", "--steps=4", "--batch_size=4", "--seq_len=16",
           "--eval_batches=2"]
+# The comparison as it was before the fair protocol (compare's docstring).
+LEGACY = ["--match=tokens", "--tune_trials=0", "--allow_tuning_seeds", "--controls=",
+          "--curve_step=0", "--eval_split=validation", "--noeval_spread", "--eval_dtype=float32"]
 
 
 def _compare(*args, timeout=900):
@@ -225,7 +228,7 @@ def compared(tmp_path_factory):
   runs it; the others wait for it and read its output)."""
 
   def build(path):
-    done = _compare(*COMMON, "--methods=dense,salaad,sltrain", "--seeds=0,1",
+    done = _compare(*COMMON, *LEGACY, "--methods=dense,salaad,sltrain", "--seeds=0,1",
                     "--budgets=0.6,0.4", "--unit=bytes", "--spectrum_budgets=0.5,1.0",
                     "--salaad_option=k_beta=0.5", "--salaad_option=every_k=2",
                     f"--out={path / 'cmp'}", "--finetune_source=synthetic:order=1,seed=7",
@@ -258,8 +261,9 @@ def test_results_have_one_row_per_method_seed_and_budget(compared):
                      "bytes", 0.03, "auto")
       assert (int(r["rank"]), int(r["bytes"]), r["format"] or None) == (
           got.rank, got.bytes, got.fmt)
-      s = read_summary(r["workdir"])
-      assert float(r["perplexity"]) == s["perplexity"]
+      s = read_summary(r["workdir"])  # trained on the same batches as evaluated here
+      assert float(r["perplexity"]) == pytest.approx(s["perplexity"], rel=1e-5)
+      assert int(r["steps"]) == 4 and int(r["tokens"]) == 4 * 4 * 16
       assert r["workdir"].endswith(f"seed_{r['seed']}/{r['method']}_r{got.rank}")
   # One SALAAD run per seed: every deployed row comes from it, larger budgets keep more.
   for seed in ("0", "1"):
@@ -353,7 +357,7 @@ def test_rerun_resumes_without_training(compared, tmp_path):
   shutil.copytree(shared, out)
   metrics = out / "runs" / "seed_0" / "sltrain_r4" / "metrics.jsonl"
   logged = metrics.read_text().count('"train"')
-  again = _compare(*COMMON, "--methods=dense,sltrain", "--seeds=0", "--budgets=0.4",
+  again = _compare(*COMMON, *LEGACY, "--methods=dense,sltrain", "--seeds=0", "--budgets=0.4",
                    f"--out={out}")
   assert again.returncode == 0, again.stderr[-3000:]
   assert metrics.read_text().count('"train"') == logged > 0
@@ -372,6 +376,11 @@ BAD_INPUT = [
     (["--salaad_option=k_alpa=1"], "'k_alpa' is not a TrainConfig field"),
     (["--salaad_option=rank_target=2"], "--rank_target=2.0 must lie in (0, 1)"),
     (["--source=/no/such/file.txt"], "/no/such/file.txt"),
+    (["--methods=dense", "--seeds=100", "--tune_seeds=100"], "seed 100 was a tuning seed"),
+    (["--methods=dense,salaad", "--seeds=1,10"], "seed 1 chose the SALAAD preset"),
+    (["--controls=no_admm,other"], "unknown ['other']"),
+    (["--tuned=no_such_name"], "no tuned settings 'no_such_name'"),
+    (["--tune_trials=1", "--selection_split=test", "--eval_split=test"], "both 'test'"),
 ]
 
 
@@ -395,3 +404,72 @@ def test_bad_input_is_a_short_error(refused, case):
   assert needle in done.stderr
   assert "Traceback" not in done.stderr
   assert not (base / str(case) / "results.csv").exists()
+
+
+# ---------------------------------------------------------------------------
+# The fair protocol: tuning, matched FLOPs, controls, the curve.
+# ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def fair(tmp_path_factory):
+  """The default protocol on a few steps: two trials per method on seed 100,
+  one reported seed, the no-ADMM control."""
+
+  def build(path):
+    done = _compare(*COMMON, "--steps=6", "--methods=dense,salaad", "--seeds=10",
+                    "--budgets=0.4,0.5,0.6", "--tune_trials=2", "--tune_seeds=100",
+                    "--controls=no_admm", f"--out={path / 'fair'}", timeout=1800)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+  out = cached_dir(tmp_path_factory, "fair", build) / "fair"
+  return out, _csv(out / "results.csv")
+
+
+@pytest.mark.slow
+def test_fair_protocol_tunes_equally_and_matches_flops(fair):
+  out, rows = fair
+  from benchmarks import compare_protocol as protocol  # pylint: disable=import-outside-toplevel
+  from salaad_jax.train import compute  # pylint: disable=import-outside-toplevel
+  record = json.loads((out / "tuned.json").read_text())
+  assert record["tune_seeds"] == [100] and set(record["methods"]) == {"dense", "salaad"}
+  for method, r in record["methods"].items():
+    assert len(r["trials"]) == 2  # the same number for every method
+    assert r["trials"][0]["settings"]["lr"] == 3e-3  # trial 0: the defaults
+    scores = [t["score"] for t in r["trials"]]
+    assert r["chosen"]["trial"] == int(np.argmin(scores))
+    for k in range(2):  # every trial trained on the tuning seed, none on a reported one
+      assert (out / "tuning" / "seed_100" / f"{method}_t{k}" / "summary.json").exists()
+  assert not (out / "tuning" / "seed_10").exists()
+  # Matched FLOPs: SALAAD trains --steps, dense the step count closest to its FLOPs.
+  by = {(r["method"], r["budget"]): r for r in rows}
+  salaad = cfg_lib.read_config(by["salaad_trained", ""]["workdir"])
+  target = compute.train_compute(salaad, TINY).train_flops
+  assert int(by["salaad_trained", ""]["steps"]) == 6
+  dense = cfg_lib.read_config(by["dense", ""]["workdir"])
+  assert dense.lr == record["methods"]["dense"]["chosen"]["settings"]["lr"]
+  assert dense.steps == compute.steps_for_flops(dense.replace(steps=6), TINY, target)
+  for name in ("dense", "salaad_trained", "salaad_no_admm"):
+    assert float(by[name, ""]["train_flops"]) == pytest.approx(
+        compute.train_compute(cfg_lib.read_config(by[name, ""]["workdir"]), TINY).train_flops)
+  # The control: the tuned recipe, its structure chosen at step 0.
+  control = cfg_lib.read_config(by["salaad_no_admm", ""]["workdir"])
+  assert control.consolidate_from == protocol.CONTROLS["no_admm"][1]["consolidate_from"]
+  assert control.consolidate_factor_lr == salaad.consolidate_factor_lr
+  assert {("salaad_no_admm", b) for b in ("0.4", "0.5", "0.6")} <= set(by)
+  # It trained its cut at 40 % (the budget below the 50 % its structure fills).
+  assert cfg_lib.cut_budgets(salaad) and cfg_lib.cut_budgets(salaad)[-1] == 1.0
+  # The curve: every 0.05 from 0.3 up to what the structure fills, both allocators.
+  fill = float(by["salaad_trained", ""]["bytes_fraction"])
+  for alloc in ("cut", "global"):
+    budgets = sorted(float(r["budget"]) for r in rows if r["method"] == f"salaad_curve_{alloc}")
+    assert budgets == [b for b in (0.3, 0.35, 0.4, 0.45, 0.5, 0.55) if b <= fill + 1e-9]
+  table = (out / "results.md").read_text()
+  assert "training FLOPs" in table
+  assert "Tuning: 2 trials per method" in table and "`salaad_no_admm`" in table
+  assert "split `test`" in table  # reported on a split the selection never saw
+  # The chosen settings are reused by path: no new trial, and the tuning
+  # seed is refused as a reported seed.
+  again = _compare(*COMMON, "--steps=6", "--methods=dense,salaad", "--seeds=100",
+                   f"--tuned={out / 'tuned.json'}", f"--out={out}")
+  assert again.returncode != 0 and "seed 100 was a tuning seed" in again.stderr
