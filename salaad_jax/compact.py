@@ -27,9 +27,9 @@ import jax.numpy as jnp
 _F32 = jnp.float32
 
 # sparse_capacity='auto': kappa = min(1, AUTO_FACTOR d*).  The controller holds
-# d_S near d* on average, but single blocks spike above it in some rounds: on
-# tinyshakespeare, 2 d* bound in 18-25 % of the rounds and cost 0.65 deployed
-# perplexity; 3 d* binds in 4-7 % with no measurable cost (benchmarks/RESULTS.md).
+# d_S near d* on average, but single blocks spike above it in some rounds; 3 d*
+# is the factor measured without a quality cost (benchmarks/RESULTS.md, "What
+# the compact S costs").
 AUTO_FACTOR = 3.0
 
 

@@ -12,7 +12,7 @@ With ``consolidate_params='factors'`` a step may train a cut of the surrogate
   the draw is among the budgets below 1, the whole structure being in every
   step's loss.
 
-The first factor step always trains the whole projection.  Draws depend on
+The first factor step always trains the whole projection (``whole``).  Draws depend on
 the seed and the step count only, so a resumed run draws the same cuts.
 """
 
@@ -24,61 +24,21 @@ import jax
 import jax.numpy as jnp
 
 from salaad_jax import consolidate as cons
-from salaad_jax.hparams import _check_value, _static_budgets, _static_float
 
 _F32 = jnp.float32
 
 
 @dataclasses.dataclass(frozen=True)
 class CutSchedule:
-  """The consolidation options that choose each factor step's cut (validated
-  by :meth:`from_options`)."""
+  """The consolidation options that choose each factor step's cut (checked
+  by ``options.parse``)."""
 
   seed: int
-  first_step: int  # the count of the first factor step (the whole projection)
   global_dropout: float = 0.0
   budgets: tuple = ()
   overhead: float = 0.0
   jitter: float = 0.0
   joint: float = 0.0
-
-  @classmethod
-  def from_options(cls, *, factored: bool, seed: int, consolidate_from, global_dropout,
-                   budgets, overhead, jitter, joint) -> "CutSchedule":
-    """The schedule of the transform's options; ValueError naming the option
-    for a bad value or combination."""
-    global_dropout = _static_float("consolidate_global_dropout", global_dropout)
-    _check_value("consolidate_global_dropout", global_dropout, "", 0.0, 1.0, low_open=False)
-    if global_dropout and not factored:
-      raise ValueError("consolidate_global_dropout trains cuts of the factors: it needs "
-                       "consolidate_params='factors'")
-    budgets = _static_budgets(budgets)
-    if budgets and not factored:
-      raise ValueError("consolidate_cut_budgets trains cuts of the factors: it needs "
-                       "consolidate_params='factors'")
-    overhead = _static_float("consolidate_cut_overhead", overhead)
-    _check_value("consolidate_cut_overhead", overhead, "", 0.0, None, low_open=False)
-    if overhead and not budgets:
-      raise ValueError("consolidate_cut_overhead prices the cuts of consolidate_cut_budgets: "
-                       "pass those too")
-    jitter = _static_float("consolidate_cut_jitter", jitter)
-    _check_value("consolidate_cut_jitter", jitter, "", 0.0, 1.0, low_open=False)
-    if jitter and not budgets:
-      raise ValueError("consolidate_cut_jitter moves the cuts of consolidate_cut_budgets: "
-                       "pass those too")
-    joint = _static_float("consolidate_cut_joint", joint)
-    _check_value("consolidate_cut_joint", joint, "", 0.0, 1.0, low_open=False)
-    if joint == 1.0:
-      raise ValueError("consolidate_cut_joint must be < 1: the whole structure keeps a share "
-                       "of the loss")
-    if joint and not any(b < 1.0 for b in budgets):
-      raise ValueError("consolidate_cut_joint adds the loss at a cut of consolidate_cut_budgets: "
-                       "pass at least one budget below 1")
-    if budgets and global_dropout:
-      raise ValueError("consolidate_cut_budgets and consolidate_global_dropout both choose "
-                       "each step's cut: pass one of them")
-    first = -1 if consolidate_from is None else consolidate_from + 1
-    return cls(seed, first, global_dropout, budgets, overhead, jitter, joint)
 
   @property
   def active(self) -> bool:
@@ -93,36 +53,37 @@ class CutSchedule:
   def _key(self, count):
     return jax.random.fold_in(jax.random.key(self.seed + 2), count)
 
-  def drop(self, count):
-    """The share global dropout drops at ``count``: q ~ U(0, p), 0 at the
-    first factor step."""
+  def drop(self, count, whole):
+    """The share global dropout drops at ``count``: q ~ U(0, p), 0 when
+    ``whole`` (the first factor step)."""
     q = jax.random.uniform(self._key(count))
-    return jnp.where(count == self.first_step, 0.0, self.global_dropout * q)
+    return jnp.where(whole, 0.0, self.global_dropout * q)
 
-  def keep(self, count, total: int, outside: int):
+  def keep(self, count, total: int, outside: int, whole):
     """The structure parameters the cut at ``count`` keeps with cut budgets:
     b total - outside for a budget b drawn from the count (``total`` the
     model's parameter count with every leaf at full size, ``outside`` its
-    parameters outside the blocks); everything at the first factor step."""
+    parameters outside the blocks); everything when ``whole``."""
     k_pick, k_jit = jax.random.split(self._key(count))
     drawn = self.drawn_budgets
     b = jnp.asarray(drawn, _F32)[jax.random.randint(k_pick, (), 0, len(drawn))]
     if self.jitter:  # a budget below 1 moves by U(-j, j)
       u = jax.random.uniform(k_jit, minval=-1.0, maxval=1.0)
       b = jnp.where(b < 1.0, b + self.jitter * u, b)
-    return jnp.where(count == self.first_step, jnp.inf, b * total - outside)
+    return jnp.where(whole, jnp.inf, b * total - outside)
 
-  def cuts(self, sigmas: dict, sparse: dict, count, total: int, outside: int):
+  def cuts(self, sigmas: dict, sparse: dict, count, total: int, outside: int, whole):
     """{block: (kept triplets, kept entries)} of ``consolidate.global_cut``
-    at the step ``count`` (``sigmas``, ``sparse``: per block); None when no
-    cut is trained."""
+    at the step ``count`` (``sigmas``, ``sparse``: per block; ``whole``: the
+    first factor step, which keeps everything); None when no cut is
+    trained."""
     if not self.active:
       return None
     keys = sorted(sparse)
     sig, sp = [sigmas[i] for i in keys], [sparse[i] for i in keys]
     if self.budgets:
-      kept = cons.global_cut(sig, sp, keep=self.keep(count, total, outside),
+      kept = cons.global_cut(sig, sp, keep=self.keep(count, total, outside, whole),
                              overhead=self.overhead)
     else:
-      kept = cons.global_cut(sig, sp, self.drop(count))
+      kept = cons.global_cut(sig, sp, self.drop(count, whole))
     return dict(zip(keys, kept))

@@ -9,6 +9,13 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import optax
+
+from salaad_jax import compact
+from salaad_jax import prox
+from salaad_jax import structure as st
+
+_F32 = jnp.float32
 
 
 class SalaadState(NamedTuple):
@@ -75,6 +82,97 @@ def placeholder():
 def is_placeholder(x) -> bool:
   """Whether ``x`` is a :func:`placeholder`."""
   return getattr(x, "shape", None) == (0,)
+
+
+# --------------------------------------------------------------------------
+# The per-block fields of a group of blocks, stacked.
+# --------------------------------------------------------------------------
+
+
+class Blocks(NamedTuple):
+  """The per-block fields of a group of g blocks of one matrix shape (m, n),
+  stacked and in float32 matrix views: what a phase's step vmaps over.
+
+  Attributes:
+    factors: L = u diag(s) v^T, ``prox.Factors`` of (g, m, r), (g, r), (g, n, r).
+    sparse: S, (g, m, n) as :func:`gather` gives it; to :func:`scatter`, S as
+      it is to be stored: a ``compact.CompactSparse`` of (g, c) arrays when
+      the blocks have a capacity c, (g, m, n) otherwise.
+    dual: the scaled dual U, (g, m, n).
+    alpha, beta, rank_rate, density: (g,).
+  """
+  factors: prox.Factors
+  sparse: Any
+  dual: jax.Array
+  alpha: jax.Array
+  beta: jax.Array
+  rank_rate: jax.Array
+  density: jax.Array
+
+
+def fields_of(state: SalaadState, treedef) -> dict[str, list]:
+  """The per-block fields of ``state`` as lists over the params' leaves."""
+  return {f: list(treedef.flatten_up_to(getattr(state, f))) for f in PER_BLOCK_FIELDS}
+
+
+def select(fields: dict[str, list], idx: list[int]) -> dict[str, list]:
+  """The fields of the blocks ``idx`` only (numbered 0, 1, ... in that order)."""
+  return {f: [v[i] for i in idx] for f, v in fields.items()}
+
+
+def put(fields: dict[str, list], idx: list[int], sub: dict[str, list]) -> dict[str, list]:
+  """``fields`` with the blocks ``idx`` replaced by ``sub`` (as :func:`select` gives)."""
+  out = {f: list(v) for f, v in fields.items()}
+  for f, v in sub.items():
+    for j, i in enumerate(idx):
+      out[f][i] = v[j]
+  return out
+
+
+def gather(fields: dict[str, list], idx: list[int], infos: list) -> Blocks:
+  """The blocks ``idx`` (``infos``: their ``BlockInfo``) of ``fields``, stacked."""
+  stack = lambda name: jnp.stack([jnp.asarray(fields[name][i], _F32) for i in idx])
+  return Blocks(
+      prox.Factors(stack("lr_u"), stack("lr_s"), stack("lr_v")),
+      jnp.stack([compact.as_dense(fields["sparse"][i], inf.matrix_shape)
+                 for i, inf in zip(idx, infos)]),
+      jnp.stack([st.as_matrix(jnp.asarray(fields["dual"][i], _F32), inf)
+                 for i, inf in zip(idx, infos)]),
+      stack("alpha"), stack("beta"), stack("rank_rate"), stack("density"))
+
+
+def store_sparse(s, info, old):
+  """S_i as stored: compact (``s`` already a ``CompactSparse``) or dense in
+  the param's shape, in the storage dtype of ``old``."""
+  if isinstance(old, compact.CompactSparse):
+    return compact.CompactSparse(s.values.astype(old.values.dtype), s.index)
+  return st.from_matrix(s, info).astype(old.dtype)
+
+
+def scatter(fields: dict[str, list], idx: list[int], infos: list,
+            blocks: Blocks) -> dict[str, list]:
+  """``fields`` with the blocks ``idx`` replaced by ``blocks``, each in its
+  storage (S compact or in the param's shape, U in the param's shape, both
+  in the dtypes they had)."""
+  out = {k: list(v) for k, v in fields.items()}
+  for j, (i, inf) in enumerate(zip(idx, infos)):
+    at = lambda tree, j=j: jax.tree.map(lambda a: a[j], tree)
+    out["lr_u"][i], out["lr_s"][i], out["lr_v"][i] = at(tuple(blocks.factors))
+    out["sparse"][i] = store_sparse(at(blocks.sparse), inf, fields["sparse"][i])
+    out["dual"][i] = st.from_matrix(blocks.dual[j], inf).astype(fields["dual"][i].dtype)
+    out["alpha"][i], out["beta"][i] = blocks.alpha[j], blocks.beta[j]
+    out["rank_rate"][i], out["density"][i] = blocks.rank_rate[j], blocks.density[j]
+  return out
+
+
+def advance(state: SalaadState, treedef, fields: dict[str, list], inner_state,
+            every_k) -> SalaadState:
+  """``state`` one step on: the count, n = count // K, ``fields`` and the
+  inner optimiser's state."""
+  count = optax.safe_increment(state.count)
+  trees = {f: jax.tree_util.tree_unflatten(treedef, v) for f, v in fields.items()}
+  return state._replace(count=count, num_rounds=count // jnp.asarray(every_k, jnp.int32),
+                        inner_state=inner_state, **trees)
 
 
 # The state as checkpoints written before ``factored`` existed hold it.

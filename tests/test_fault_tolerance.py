@@ -119,6 +119,7 @@ def copy_of(reference: Path, tmp_path: Path) -> Path:
   return wd
 
 
+@pytest.mark.slow  # starts and kills the pretraining app
 def test_kill_9_at_random_steps_then_resume_is_bit_identical(reference, tmp_path):
   wd = tmp_path / "run"
   kills = sorted(random.Random(13).sample(range(2, STEPS), 3))

@@ -90,7 +90,10 @@ def test_sharded_mesh_matches_jit():
   p, s = p_sh, s_sh
   for _ in range(4):
     p, s = step(p, s, x_sh)
-  assert p["a"]["kernel"].sharding.spec == P("data") or len(p["a"]["kernel"].sharding.device_set) == N_DEV
+  # The kernels and their SALAAD state stay split over the devices (not
+  # gathered onto every one).
+  for leaf in (p["a"]["kernel"], s.dual["a"]["kernel"]):
+    assert not leaf.sharding.is_fully_replicated, leaf.sharding
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), p, ref_p)
   np.testing.assert_allclose(s.dual["b"]["kernel"], ref_s.dual["b"]["kernel"], rtol=1e-4, atol=1e-5)
 

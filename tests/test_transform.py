@@ -197,18 +197,25 @@ def test_controller_never_goes_negative_when_targets_exceed_reach(deriv_start):
 @pytest.mark.parametrize("sparse_mode", ["topk", "rows", "2:4"])
 def test_sparse_modes(sparse_mode):
   _, state, _ = _quadratic_toy(0.25, 0.25, 150, sparse_mode=sparse_mode)
+  metrics = sj.block_metrics(state)
+  rows_kept = []
   for path, s in sj.sparse_parts(state).items():
     s = np.asarray(s)
     d = float(np.mean(s != 0))
+    assert d > 0.0, f"{path}: S is zero"
+    np.testing.assert_allclose(float(metrics[path]["density"]), d, atol=1e-6)
     if sparse_mode == "topk":
       assert d <= 0.25 + 1e-6 and d > 0.2
     elif sparse_mode == "rows":
       rows_nz = np.any(s != 0, axis=1)
       # Whole rows are either kept or dropped.
       np.testing.assert_array_equal(np.all(s[rows_nz] != 0, axis=1), True)
+      rows_kept.append(rows_nz.mean())
     else:
       groups = (s != 0).reshape(s.shape[0] // 4, 4, s.shape[1]).sum(axis=1)
-      assert groups.max() <= 2
+      assert groups.max() == 2 and d <= 0.5
+  if sparse_mode == "rows":
+    assert min(rows_kept) < 1.0  # some block drops rows
 
 
 def test_hard_cut_mode_sets_density_exactly():

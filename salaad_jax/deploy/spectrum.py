@@ -54,7 +54,7 @@ import os
 import re
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any, Optional, Union
+from typing import Any, NamedTuple, Optional, Union
 
 import jax
 import jax.numpy as jnp
@@ -333,6 +333,92 @@ def _budget_text(b: Budget) -> str:
 # ---------------------------------------------------------------------------
 
 
+def _run_of(run_or_workdir, step, say):
+  """(run, workdir) of a ``Run`` or a workdir (loaded; workdir '' for a run)."""
+  if not isinstance(run_or_workdir, (str, os.PathLike)):
+    return run_or_workdir, ""
+  workdir = os.fspath(run_or_workdir)
+  say(f"loading {workdir}")
+  return _load(workdir, step, f"workdir {workdir!r}"), workdir
+
+
+def _dense_run_of(dense_workdir, run, say):
+  """(dense run, its workdir), checked to be ``run``'s architecture; (None, None)."""
+  if dense_workdir is None:
+    return None, None
+  dense_dir = os.fspath(dense_workdir)
+  say(f"loading {dense_dir}")
+  dense_run = _load(dense_dir, None, f"dense_workdir {dense_dir!r}")
+  _check_same_model(run, dense_run, f"dense_workdir {dense_dir!r}")
+  return dense_run, dense_dir
+
+
+def _dense_row(base, series, owner, wd, total, b_w, evaluator, say) -> dict[str, Any]:
+  """The reference row of a dense model (``owner``'s params as they are)."""
+  t0 = time.time()
+  row = dict(base, series=series, source="dense", allocation=None, params=total,
+             params_fraction=1.0, bytes=total * b_w, bytes_fraction=1.0,
+             step=owner.step, workdir=wd, **evaluator(owner.model, owner.params))
+  say(f"{series}: ppl {ppl_text(row)} ({time.time() - t0:.1f}s)")
+  return row
+
+
+class _Pricing(NamedTuple):
+  """How a budget is priced and allocated (``capacity_spectrum``'s arguments)."""
+  unit: str
+  gamma: float
+  fmt: str
+  dtype: Any
+
+
+def _posthoc_series(run, of, of_dir, blocks, of_dense: bool, posthoc_rank, posthoc_density,
+                    calibrate, say):
+  """The post-hoc series of ``capacity_spectrum``: the split of ``of``'s
+  weights at the run's r* and d* (or the given ones)."""
+  rank = run.config.rank_target if posthoc_rank is None else posthoc_rank
+  density = run.config.density_target if posthoc_density is None else posthoc_density
+  say(f"post-hoc split (truncated SVD at rank {rank:g} min(m, n) + top {density:g} of the "
+      f"residual) of {'the dense run' if of_dense else 'the SALAAD run X'}")
+  dec = _posthoc_source(of.params, blocks, rank, density)
+  label = "posthoc[dense]" if of_dense else "posthoc[own X]"
+  return (label, "posthoc", of, of_dir, spectra(of.params, dec, row_weights=calibrate(of)))
+
+
+def _budget_rows(series_list, targets, methods, pricing: _Pricing, full: float, evaluator,
+                 base: dict, say) -> list[dict[str, Any]]:
+  """One row per series, allocation method and budget (``full``: 100 % in
+  the budgets' unit); an allocation already evaluated is not evaluated again."""
+  rows, count, n_eval = [], 0, len(series_list) * len(methods) * len(targets)
+  unit, dtype = pricing.unit, pricing.dtype
+  for label, src, owner, wd, blks in series_list:
+    cache: dict[tuple, dict] = {}
+    for method in methods:
+      for budget, value in targets:
+        count += 1
+        t0 = time.time()
+        alloc = _allocate(blks, value, method, unit, pricing.gamma, pricing.fmt, dtype)
+        counts = acc.account(owner.params, alloc, alloc.fmt, dtype)
+        key = _allocation_key(alloc)
+        reused = key in cache
+        if not reused:
+          cache[key] = evaluator(owner.model, dense_reconstruction(owner.params, blks, alloc))
+        r = dict(base, series=f"{label}/{method}", source=src, allocation=method,
+                 budget=_budget_text(budget), unit=unit, budget_value=value,
+                 budget_fraction=value / full, fmt=alloc.fmt,
+                 params=counts["params"],
+                 params_fraction=counts["params_fraction"], bytes=counts["bytes"],
+                 bytes_fraction=counts["bytes_fraction"], rel_error=alloc.relative_error,
+                 kept_rank=sum(alloc.ranks.values()), kept_nnz=sum(alloc.nnz.values()),
+                 solver=alloc.solver or None, step=owner.step, workdir=wd, **cache[key])
+        rows.append(r)
+        say(f"[{count}/{n_eval}] {r['series']} budget {r['budget']} "
+            f"({r['budget_fraction']:.1%} of {unit}): P {r['params']} "
+            f"({r['params_fraction']:.1%}), {fmt_bytes(r['bytes'])}, ppl {ppl_text(r)}"
+            f"{' (an allocation already evaluated)' if reused else ''} "
+            f"({time.time() - t0:.1f}s)")
+  return rows
+
+
 def capacity_spectrum(run_or_workdir, budgets, *, methods: Sequence[str] = ("hpa", "global"),
                       dense_workdir: Optional[str] = None, posthoc: bool = True,
                       posthoc_rank: Optional[float] = None,
@@ -403,12 +489,7 @@ def capacity_spectrum(run_or_workdir, budgets, *, methods: Sequence[str] = ("hpa
     raise SpectrumError(f"calibration_batches must be an integer >= 0, got {calibration_batches!r}")
 
   # Runs, budgets and summaries are all checked before anything is evaluated.
-  if isinstance(run_or_workdir, (str, os.PathLike)):
-    workdir = os.fspath(run_or_workdir)
-    say(f"loading {workdir}")
-    run = _load(workdir, step, f"workdir {workdir!r}")
-  else:
-    run, workdir = run_or_workdir, ""
+  run, workdir = _run_of(run_or_workdir, step, say)
   calibrate = _calibrator(run.config, calibration_batches, say)
   blocks = spectra(run.params, _salaad_source(run, f"workdir {workdir!r}" if workdir
                                               else "the run"),
@@ -417,12 +498,7 @@ def capacity_spectrum(run_or_workdir, budgets, *, methods: Sequence[str] = ("hpa
   b_w = acc.value_bytes(dtype)
   scale = 1 if unit == "params" else b_w
   targets = _resolve(wanted, total * scale, rest * scale, unit)
-  dense_run, dense_dir = None, None
-  if dense_workdir is not None:
-    dense_dir = os.fspath(dense_workdir)
-    say(f"loading {dense_dir}")
-    dense_run = _load(dense_dir, None, f"dense_workdir {dense_dir!r}")
-    _check_same_model(run, dense_run, f"dense_workdir {dense_dir!r}")
+  dense_run, dense_dir = _dense_run_of(dense_workdir, run, say)
   summaries = [_read_baseline(w) for w in baseline_workdirs]
   evaluator = make_evaluator(run.config, eval_split or run.config.eval_split,
                              eval_batches or run.config.eval_batches, spread=eval_spread,
@@ -431,60 +507,22 @@ def capacity_spectrum(run_or_workdir, budgets, *, methods: Sequence[str] = ("hpa
       f"{rest} ({rest / total:.1%}: the smallest budget); {len(blocks.blocks)} blocks; "
       f"{len(evaluator.batches)} validation batches")
 
-  rows: list[dict[str, Any]] = []
   base = dict(budget=None, unit=None, budget_value=None, budget_fraction=None, fmt=None,
               rel_error=None, kept_rank=None, kept_nnz=None, solver=None)
-
-  def dense_row(series, owner, wd):
-    t0 = time.time()
-    rows.append(dict(base, series=series, source="dense", allocation=None, params=total,
-                     params_fraction=1.0, bytes=total * b_w, bytes_fraction=1.0,
-                     step=owner.step, workdir=wd, **evaluator(owner.model, owner.params)))
-    say(f"{series}: ppl {ppl_text(rows[-1])} ({time.time() - t0:.1f}s)")
-
-  dense_row("dense X (salaad run)", run, workdir)
+  dense = [("dense X (salaad run)", run, workdir)]
   if dense_run is not None:
-    dense_row(f"dense ({dense_run.config.method} run)", dense_run, dense_dir)
+    dense.append((f"dense ({dense_run.config.method} run)", dense_run, dense_dir))
+  rows = [_dense_row(base, series, owner, wd, total, b_w, evaluator, say)
+          for series, owner, wd in dense]
 
   series_list = [("salaad", "salaad", run, workdir, blocks)]
   if posthoc:
     of, of_dir = (dense_run, dense_dir) if dense_run is not None else (run, workdir)
-    rank = run.config.rank_target if posthoc_rank is None else posthoc_rank
-    density = run.config.density_target if posthoc_density is None else posthoc_density
-    say(f"post-hoc split (truncated SVD at rank {rank:g} min(m, n) + top {density:g} of the "
-        f"residual) of {'the dense run' if dense_run is not None else 'the SALAAD run X'}")
-    dec = _posthoc_source(of.params, blocks, rank, density)
-    label = "posthoc[dense]" if dense_run is not None else "posthoc[own X]"
-    series_list.append((label, "posthoc", of, of_dir,
-                        spectra(of.params, dec, row_weights=calibrate(of))))
-
-  count, n_eval = 0, len(series_list) * len(methods) * len(targets)
-  for label, src, owner, wd, blks in series_list:
-    cache: dict[tuple, dict] = {}
-    for method in methods:
-      for budget, value in targets:
-        count += 1
-        t0 = time.time()
-        alloc = _allocate(blks, value, method, unit, gamma, fmt, dtype)
-        counts = acc.account(owner.params, alloc, alloc.fmt, dtype)
-        key = _allocation_key(alloc)
-        reused = key in cache
-        if not reused:
-          cache[key] = evaluator(owner.model, dense_reconstruction(owner.params, blks, alloc))
-        r = dict(base, series=f"{label}/{method}", source=src, allocation=method,
-                 budget=_budget_text(budget), unit=unit, budget_value=value,
-                 budget_fraction=value / (total * scale), fmt=alloc.fmt,
-                 params=counts["params"],
-                 params_fraction=counts["params_fraction"], bytes=counts["bytes"],
-                 bytes_fraction=counts["bytes_fraction"], rel_error=alloc.relative_error,
-                 kept_rank=sum(alloc.ranks.values()), kept_nnz=sum(alloc.nnz.values()),
-                 solver=alloc.solver or None, step=owner.step, workdir=wd, **cache[key])
-        rows.append(r)
-        say(f"[{count}/{n_eval}] {r['series']} budget {r['budget']} "
-            f"({r['budget_fraction']:.1%} of {unit}): P {r['params']} "
-            f"({r['params_fraction']:.1%}), {fmt_bytes(r['bytes'])}, ppl {ppl_text(r)}"
-            f"{' (an allocation already evaluated)' if reused else ''} "
-            f"({time.time() - t0:.1f}s)")
+    series_list.append(_posthoc_series(
+        run, of, of_dir, blocks, dense_run is not None, posthoc_rank, posthoc_density,
+        calibrate, say))
+  rows += _budget_rows(series_list, targets, methods, _Pricing(unit, gamma, fmt, dtype),
+                       total * scale, evaluator, base, say)
 
   for where, s in summaries:
     rows.append(_baseline_row(base, where, s, total, b_w))

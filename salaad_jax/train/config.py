@@ -14,8 +14,10 @@ import dataclasses
 import json
 import math
 import os
+import re
 from typing import Any, Mapping
 
+from salaad_jax import options
 from salaad_jax.models.configs import CONFIGS
 
 
@@ -271,40 +273,13 @@ def validate(config: TrainConfig) -> TrainConfig:
       raise TrainError(f"--sparse_capacity={config.sparse_capacity!r} must be 'auto', "
                        "'none' or a fraction in (0, 1]")
   for name in ("target_schedule_end", "consolidate_from", "rho_ramp_center",
-               "consolidate_dropout", "consolidate_global_dropout"):
+               "consolidate_dropout", "consolidate_global_dropout", "consolidate_cut_jitter",
+               "consolidate_cut_joint"):
     if getattr(config, name) >= 1.0:
       raise TrainError(f"--{name}={getattr(config, name)} must lie in [0, 1)")
-  # The consolidation options act only while consolidation is on (a preset
-  # may set them; --consolidate_from=0 switches it off whatever they say).
-  consolidating = config.consolidate_from > 0
-  if consolidating and config.consolidate_params == "factors" and (
-      config.coupling != "coupled" or config.consolidate_dropout > 0):
-    raise TrainError("--consolidate_params=factors needs --coupling=coupled and "
-                     "--consolidate_dropout=0")
-  if (consolidating and config.consolidate_support != "largest"
-      and config.consolidate_structure != "target"):
-    raise TrainError(f"--consolidate_support={config.consolidate_support} chooses the support "
-                     "of --consolidate_structure=target")
   if config.consolidate_factor_lr <= 0:
     raise TrainError(f"--consolidate_factor_lr={config.consolidate_factor_lr} must be > 0")
-  if (consolidating and config.consolidate_global_dropout > 0
-      and config.consolidate_params != "factors"):
-    raise TrainError("--consolidate_global_dropout needs --consolidate_params=factors")
-  budgets = cut_budgets(config)
-  if consolidating and budgets and (config.consolidate_params != "factors"
-                                    or config.consolidate_global_dropout > 0):
-    raise TrainError("--consolidate_cut_budgets needs --consolidate_params=factors and "
-                     "--consolidate_global_dropout=0")
-  if config.consolidate_cut_joint >= 1.0:
-    raise TrainError(f"--consolidate_cut_joint={config.consolidate_cut_joint} must lie in "
-                     "[0, 1)")
-  if (config.consolidate_cut_joint and consolidating and budgets
-      and not any(b < 1.0 for b in budgets)):  # no cuts (e.g. consolidation off): unused
-    raise TrainError(f"--consolidate_cut_joint={config.consolidate_cut_joint} adds a cut's "
-                     "loss: it needs a --consolidate_cut_budgets budget below 1")
-  if config.consolidate_cut_jitter >= 1.0:
-    raise TrainError(f"--consolidate_cut_jitter={config.consolidate_cut_jitter} must lie in "
-                     "[0, 1)")
+  _check_consolidation(config)
   if config.rho_mode == "tanh" and not (config.rho_ramp_width > 0 and config.rho_ramp_factor > 0):
     raise TrainError("--rho_mode=tanh needs --rho_ramp_width > 0 and --rho_ramp_factor > 0")
   if not isinstance(config.method_options, dict):
@@ -317,6 +292,34 @@ def validate(config: TrainConfig) -> TrainConfig:
 def starts_pretrained(config: TrainConfig) -> bool:
   """Whether the run starts from trained weights (--init_from or --init_from_hf)."""
   return bool(config.init_from or config.init_from_hf)
+
+
+def _check_consolidation(config: TrainConfig) -> None:
+  """The consolidation flags together, by the transform's own rules
+  (``options.parse_consolidation``).  They act only while consolidation is
+  on (a preset may set them; --consolidate_from=0 switches it off whatever
+  they say), and as the transform is given them (``methods.salaad_kwargs``:
+  the factors' learning rate only in factors, jitter and the joint loss only
+  with cut budgets)."""
+  budgets = cut_budgets(config)
+  if config.consolidate_from <= 0:
+    return
+  factors = config.consolidate_params == "factors"
+  try:
+    options.parse_consolidation(
+        coupled=config.coupling == "coupled", seed=config.seed,
+        consolidate_from=int(round(config.consolidate_from * config.steps)),
+        consolidate_structure=config.consolidate_structure,
+        consolidate_support=config.consolidate_support,
+        consolidate_dropout=config.consolidate_dropout,
+        consolidate_params=config.consolidate_params,
+        consolidate_factor_lr=config.consolidate_factor_lr if factors else 1.0,
+        consolidate_global_dropout=config.consolidate_global_dropout,
+        consolidate_cut_budgets=budgets, consolidate_cut_overhead=0.0,
+        consolidate_cut_jitter=config.consolidate_cut_jitter if budgets else 0.0,
+        consolidate_cut_joint=config.consolidate_cut_joint if budgets else 0.0)
+  except ValueError as e:  # the options are the flags of the same names
+    raise TrainError(re.sub(r"\b(consolidate_\w+)", r"--\1", str(e))) from None
 
 
 def sparse_capacity_value(config: TrainConfig):

@@ -6,35 +6,26 @@ flag file wins over the preset) by :func:`salaad_jax.train.flags.config_from_fla
 and programmatically by :func:`config_with_preset`.
 
 * ``reference`` — the authors' settings (SALAAD.md §2, §4, §5, §7): exact SVD,
-  gains k_alpha 0.2, k_beta 0.002 (60M and smaller) / 0.0013 (130M and up),
-  k_d 0.01 (1.0 on embedding/head), n_d 1500, alpha_0 = beta_0 = 0, e = 0.999,
-  r* 0.15, d* 0.05, fixed rho 1e-6 / 3e-7 (embedding, head) up to 60M and
-  1e-8 / 3e-7 from 130M, K 10 (25 at 350M, 5 at 1B), no schedules, no
-  consolidation, S stored dense (``sparse_capacity='none'``: with these slow
-  gains S's density stays far above d* for most of training, 0.28-0.32 after
-  1000 tiny-model steps, so the default capacity of 3 d* would cut S to its
-  largest entries all along; on the tiny model that took the deployment at
-  60 % of the dense bytes from 7.22 to 9.16, benchmarks/RESULTS.md).
-* ``recommended`` — this project's measured best on the tiny model
-  (benchmarks/RESULTS.md, "Levers"): the structure is chosen by the first
-  1 % of training (the reference's controller, fast SVT), then the surrogate
-  is trained in its own coordinates (*consolidation in factors*: L's factors
-  B, A and S's values on its support, at rank ceil(r* min(m, n)) and density
-  0.08) with the factors' learning rate 3x the run's (SLTrain's alpha / r
-  plays that role); L stays an SVD, so the run deploys at any budget.  rho
-  1e-3 for the tiny and small models.  r* sizes the structure for the
-  *middle* of the budgets it will be deployed at (``benchmarks.compare
-  --salaad_fill``): for the tiny model 0.12, 50 % of the dense bytes with a
-  bitmap S; elsewhere 0.2 until measured.  Measured against it: a longer
-  ADMM phase (consolidation from 10-80 % of training) costs 0.6-0.7
-  perplexity at 50 % of the bytes, and the factors at the run's learning
-  rate cost 0.5.  The tiny model also trains its cut at 40 % of the dense
-  bytes: each step's loss is 0.4 the whole structure's plus 0.6 the cut's
-  (``consolidate_cut_joint``; two passes per step), which took the selection
-  set from 7.08 / 6.92 / 6.92 (the steps alternating between the cut and
-  the whole) to 7.07 / 6.69 / 6.69 at 40 / 50 / 60 %.  The small model
-  keeps the previous recipe (projected consolidation from 80 %): the factors
-  at 3x lr were much worse there.
+  the reference gains, n_d 1500, alpha_0 = beta_0 = 0, e = 0.999, r* 0.15,
+  d* 0.05, fixed rho (smaller on the embedding and head, and from 130M), K
+  10 (25 at 350M, 5 at 1B), no schedules, no consolidation, S stored dense
+  (``sparse_capacity='none'``: with these slow gains S's density stays far
+  above d* for most of training, so a capacity of 3 d* would cut S all along).
+* ``recommended`` — this project's measured best on the tiny model: the
+  structure is chosen by the first 1 % of training (the reference's
+  controller, fast SVT), then the surrogate is trained in its own
+  coordinates (*consolidation in factors*: L's factors B, A and S's values
+  on its support, at rank ceil(r* min(m, n)) and density 0.08) with the
+  factors' learning rate 3x the run's (SLTrain's alpha / r plays that role);
+  L stays an SVD, so the run deploys at any budget.  r* sizes the structure
+  for the *middle* of the budgets it will be deployed at
+  (``benchmarks.compare --salaad_fill``).  The tiny model also trains its
+  cut at 40 % of the dense bytes with the joint loss
+  (``consolidate_cut_joint``); the small model keeps projected
+  consolidation late in training.
+
+Every choice, and what it was measured against, is in benchmarks/RESULTS.md
+("Levers"; "The reference preset").
 """
 
 from __future__ import annotations
