@@ -21,10 +21,11 @@ For each model size, in one process:
     (the split without S), what a time-pricing allocator gives on a device
     where the sparse product costs more than it saves.
 
-A budget is a fraction of the dense model's bytes (b_w P_model), or, where the
-parameters outside the blocks alone take more than that (the embedding and
-head of 60m are 56 % of it), of the blocks' bytes (rest kept whole); the
-table gives both fractions.
+A budget is a fraction of the dense model's bytes (b_w P_model), or, for a
+model where the parameters outside the blocks alone take more than the
+smallest budget (the embedding and head of 60m are 56 % of it), every
+budget is a fraction of the blocks' bytes (rest kept whole); the table
+gives both fractions.
 
 Measured per variant: prefill latency (one forward of ``--prefill`` =
 batch x seq tokens, all logits), decode throughput (greedy, one
@@ -90,13 +91,17 @@ def _block_params(alloc) -> int:
   return sum(b.m * b.n for b in alloc.blocks)
 
 
-def budget_bytes(fraction: float, dense_bytes: int, block_bytes: int) -> tuple[int, str]:
-  """The byte budget of ``fraction``: of the dense bytes when that exceeds
-  what the parameters outside the blocks take, else of the blocks' bytes."""
+def budget_bytes(fraction: float, dense_bytes: int, block_bytes: int, of: str) -> int:
+  """The byte budget of ``fraction`` of the dense bytes (of='model') or of
+  the blocks' bytes, the rest kept whole (of='blocks')."""
   rest = dense_bytes - block_bytes
-  if fraction * dense_bytes > rest:
-    return int(fraction * dense_bytes), "model"
-  return int(rest + fraction * block_bytes), "blocks"
+  return int(fraction * dense_bytes) if of == "model" else int(rest + fraction * block_bytes)
+
+
+def budget_basis(fractions, dense_bytes: int, block_bytes: int) -> str:
+  """'model' when every budget exceeds what the parameters outside the
+  blocks take, else 'blocks' (one basis for all budgets of a model)."""
+  return "model" if min(fractions) * dense_bytes > dense_bytes - block_bytes else "blocks"
 
 
 class Variant:
@@ -182,11 +187,12 @@ def _deployments(cfg, dense_params, variants):
                     if needs_lowrank else None)
   print(f"  post-hoc split and spectra: {time.perf_counter() - t0:.0f}s", flush=True)
   out = {}
+  probe = deploy.allocate(blocks, 1.0, unit="bytes", fmt=_FMT.value)
+  dense_bytes = accounting.account(None, probe, "dense")["dense_bytes"]
+  of = budget_basis([b for b, _ in variants], dense_bytes, 2 * _block_params(probe))
   for budget, product in variants:
     src = lowrank_blocks if product == "lowrank" else blocks
-    probe = deploy.allocate(src, 1.0, unit="bytes", fmt=_FMT.value)
-    dense_bytes = accounting.account(None, probe, "dense")["dense_bytes"]
-    value, of = budget_bytes(budget, dense_bytes, 2 * _block_params(probe))
+    value = budget_bytes(budget, dense_bytes, 2 * _block_params(probe), of)
     alloc = deploy.allocate(src, value, unit="bytes", fmt=_FMT.value)
     art = deploy.compress(f32, src, alloc, _FMT.value, "bfloat16")
     counts = accounting.account(None, alloc, _FMT.value, "bfloat16")
