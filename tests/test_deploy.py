@@ -296,6 +296,13 @@ def test_loaded_artifact_equals_dense_reconstruction(trained, tmp_path):
     ref = _DENSE_APPLY({"params": deploy.dense_reconstruction(params, state, alloc)}, _tokens())
     np.testing.assert_allclose(jax.jit(model.apply)({"params": loaded}, _tokens()), ref,
                                atol=2e-5, rtol=1e-5)
+  # Loaded in the runtime form: indices decoded at load, the same logits.
+  model, loaded, _ = deploy.load(tmp_path / "global", product="ell")
+  assert "sp_row_ptr" not in str(jax.tree_util.tree_structure(loaded))
+  np.testing.assert_allclose(jax.jit(model.apply)({"params": loaded}, _tokens()), ref,
+                             atol=2e-5, rtol=1e-5)
+  with pytest.raises(ValueError, match="product"):
+    deploy.load(tmp_path / "global", product="bcsr")
 
 
 def _with_empty_blocks(alloc, empty):

@@ -9,8 +9,8 @@ import pytest
 from flax import traverse_util
 
 from salaad_jax.models import (CONFIGS, Llama, LlamaConfig, count_params,
-                               cross_entropy_loss, generate, get_config,
-                               init_params)
+                               cross_entropy_loss, generate, generate_uncached,
+                               get_config, init_cache, init_params)
 from salaad_jax.models.llama import RMSNorm, apply_rotary
 
 F32_TINY = get_config("tiny", dtype=jnp.float32)
@@ -336,3 +336,44 @@ def test_generate_sampling(f32_model):
   assert bool(jnp.all((c >= 0) & (c < F32_TINY.vocab_size)))
   with pytest.raises(ValueError, match="max_len"):
     generate(model, params, prompt, F32_TINY.max_len, jax.random.key(1))
+
+
+# ------------------------------------------------------------------ KV cache
+
+
+def test_cached_decoding_gives_the_full_forward_logits(f32_model):
+  model, params, apply = f32_model
+  tokens = _tokens(12, 2, 9, F32_TINY.vocab_size)
+  cache = init_cache(model, 2)
+  assert cache["layers_0"]["attn"]["cached_key"].shape == (
+      2, F32_TINY.max_len, F32_TINY.n_heads, F32_TINY.head_dim)
+  step = jax.jit(lambda c, t: model.apply({"params": params, "cache": c}, t,
+                                          decode=True, mutable=["cache"]))
+  logits, state = step(cache, tokens[:, :4])  # a prompt, then one at a time
+  pieces = [logits]
+  for t in range(4, 9):
+    logits, state = step(state["cache"], tokens[:, t:t + 1])
+    pieces.append(logits)
+  assert int(state["cache"]["cache_index"]) == 9
+  np.testing.assert_allclose(jnp.concatenate(pieces, 1),
+                             apply({"params": params}, tokens), atol=1e-5)
+  with pytest.raises(ValueError, match="init_cache"):
+    model.apply({"params": params, "cache": cache}, tokens[:1, :1], decode=True,
+                mutable=["cache"])
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_cached_generation_matches_uncached_token_for_token(f32_model, temperature):
+  model, params, _ = f32_model
+  prompt = _tokens(13, 3, 5, F32_TINY.vocab_size)
+  args = (model, params, prompt, 24, jax.random.key(4), temperature)
+  cached = jax.jit(generate, static_argnums=(0, 3))(*args)
+  uncached = jax.jit(generate_uncached, static_argnums=(0, 3))(*args)
+  assert cached.shape == (3, 29)
+  np.testing.assert_array_equal(cached, uncached)
+  # The comparison can fail: another key draws other tokens.
+  if temperature:
+    other = jax.jit(generate, static_argnums=(0, 3))(*args[:4], jax.random.key(5), 1.0)
+    assert not np.array_equal(other, cached)
+  np.testing.assert_array_equal(generate(model, params, prompt, 0, jax.random.key(0)),
+                                prompt)

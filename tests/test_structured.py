@@ -11,7 +11,8 @@ import pytest
 import salaad_jax as sj
 from salaad_jax import deploy
 from salaad_jax.models import (BlockLayout, Llama, LlamaConfig, StructuredDense, generate,
-                               init_params, structured_dense)
+                               generate_uncached, init_params, runtime, structured_dense)
+from salaad_jax.models.structured import ell_product
 
 FORMATS = ("coo", "csr", "bitmap")
 
@@ -80,7 +81,9 @@ def test_layer_rejects_a_layout_of_another_shape():
   with pytest.raises(ValueError, match="stores a \\(12, 9\\) matrix"):
     layer.init(jax.random.key(0), jnp.ones((1, 12)))
   with pytest.raises(ValueError, match="sparse format"):
-    BlockLayout(4, 4, 1, 1, "ell")
+    BlockLayout(4, 4, 1, 1, "csc")
+  with pytest.raises(ValueError, match="width"):
+    BlockLayout(4, 4, 1, 5, "ell", width=1)
 
 
 # ---------------------------------------------------------------------------
@@ -159,3 +162,74 @@ def test_artifact_stores_compact_arrays(model_and_blocks):
   assert node.get("lr_a", jnp.zeros((32, 0))).shape == (32, b.rank)
   assert node.get("sp_values", jnp.zeros(0)).shape == (b.nnz,)
   assert art.layouts["layers_0/mlp/up_proj"] == BlockLayout(32, 40, b.rank, b.nnz, "coo")
+
+
+# ---------------------------------------------------------------------------
+# The runtime form: indices decoded at load, the faster products.
+# ---------------------------------------------------------------------------
+
+PRODUCTS = ("coo", "ell", "dense", "auto")
+
+
+@pytest.mark.parametrize("product", PRODUCTS)
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_runtime_products_match_dense_reconstruction(model_and_blocks, fmt, product):
+  params, blocks = model_and_blocks
+  alloc = _with_empty_parts(deploy.allocate(blocks, 0.7))
+  art = deploy.compress(params, blocks, alloc, fmt, "float32")
+  rt_params, rt_layouts = runtime.prepare(art.params, art.layouts, product, auto_rows=4,
+                                          auto_repeats=1)
+  model = Llama(CFG, dense_cls=structured_dense(rt_layouts))
+  tokens = _tokens()
+  ref = _DENSE_APPLY({"params": deploy.dense_reconstruction(params, blocks, alloc)}, tokens)
+  got = jax.jit(model.apply)({"params": rt_params}, tokens)
+  np.testing.assert_allclose(got, ref, atol=3e-5, rtol=1e-5)
+  if product == "ell":  # every structured block with entries reads ELL arrays
+    assert {lay.fmt for lay in rt_layouts.values() if lay.nnz} == {"ell"}
+    assert not any("sp_bitmap" in str(p) or "sp_row_ptr" in str(p)
+                   for p in jax.tree_util.tree_flatten_with_path(rt_params)[0])
+  if product == "dense":  # only the all-empty block stays structured
+    assert all(lay.rank == lay.nnz == 0 for lay in rt_layouts.values())
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_runtime_ell_in_bfloat16_is_within_bf16_tolerance(model_and_blocks, fmt):
+  params, blocks = model_and_blocks
+  alloc = deploy.allocate(blocks, 0.7)
+  art = deploy.compress(params, blocks, alloc, fmt, "bfloat16")
+  rt_params, rt_layouts = runtime.prepare(art.params, art.layouts, "ell")
+  cfg = CFG.replace(param_dtype="bfloat16", dtype="bfloat16")
+  got = jax.jit(Llama(cfg, dense_cls=structured_dense(rt_layouts)).apply)(
+      {"params": rt_params}, _tokens())
+  ref = _DENSE_APPLY({"params": deploy.dense_reconstruction(params, blocks, alloc)}, _tokens())
+  assert float(jnp.max(jnp.abs(got - ref))) < 0.05 * float(jnp.max(jnp.abs(ref)))
+
+
+@pytest.mark.parametrize("rows", [3, 40])  # the direct gather and the x^T row gather
+def test_ell_product_matches_the_matrix(rows):
+  a, b, s = _block(m=12, n=10, density=0.4)
+  r, c = np.nonzero(s)
+  ell_rows, ell_values = runtime.ell_arrays(r.astype(np.int32), c.astype(np.int32),
+                                            s[r, c].astype(np.float32), 10)
+  assert ell_rows.shape == (10, np.bincount(c, minlength=10).max())
+  x = np.random.default_rng(3).normal(size=(rows, 12)).astype(np.float32)
+  got = jax.jit(ell_product)(jnp.asarray(x), jnp.asarray(ell_rows), jnp.asarray(ell_values))
+  np.testing.assert_allclose(got, x @ s, atol=1e-5)
+
+
+def test_prepare_rejects_an_unknown_product(model_and_blocks):
+  params, blocks = model_and_blocks
+  art = deploy.compress(params, blocks, deploy.allocate(blocks, 0.7), "coo", "float32")
+  with pytest.raises(ValueError, match="structured product"):
+    runtime.prepare(art.params, art.layouts, "bcsr")
+
+
+@pytest.mark.parametrize("product", ("ell", "dense"))
+def test_structured_kv_cache_generation_matches_uncached(model_and_blocks, product):
+  params, blocks = model_and_blocks
+  art = deploy.compress(params, blocks, deploy.allocate(blocks, 0.7), "bitmap", "float32")
+  rt_params, rt_layouts = runtime.prepare(art.params, art.layouts, product)
+  model = Llama(CFG, dense_cls=structured_dense(rt_layouts))
+  prompt = _tokens()[:, :3]
+  args = (model, rt_params, prompt, 10, jax.random.key(0), 0.0)
+  np.testing.assert_array_equal(generate(*args), generate_uncached(*args))

@@ -44,6 +44,7 @@ from salaad_jax.deploy.compress import Artifact, compress, drop_empty
 from salaad_jax.deploy.spectra import Blocks, spectra
 from salaad_jax.models.configs import LlamaConfig
 from salaad_jax.models.llama import Llama
+from salaad_jax.models.runtime import PRODUCTS, prepare
 from salaad_jax.models.structured import BlockLayout, structured_dense
 
 MANIFEST = "manifest.json"
@@ -211,13 +212,17 @@ def _with_stored_empties(target, stored):
   return out
 
 
-def load(path: str):
+def load(path: str, product: Optional[str] = None):
   """(model, params, manifest) of an exported artifact.
 
   ``model`` is the Llama that evaluates ``params`` (None when the artifact
   was exported without a model config; ``params`` then come back as
-  stored).
+  stored).  With a ``product`` ('coo', 'ell', 'dense', 'auto':
+  ``models.runtime.prepare``) the structured blocks come back in that
+  runtime form, their indices decoded here, once; without one, as stored.
   """
+  if product is not None and product not in PRODUCTS:
+    raise ValueError(f"product must be one of {PRODUCTS} or None, got {product!r}")
   path = os.path.abspath(path)
   manifest = read_manifest(path)
   ckpt = ocp.StandardCheckpointer()
@@ -225,9 +230,13 @@ def load(path: str):
   if manifest["model_config"] is None:
     return None, drop_empty(ckpt.restore(directory)), manifest
   config = LlamaConfig(**manifest["model_config"])
-  model = model_for(config, layouts_of(manifest), manifest["fmt"], manifest["dtype"])
+  layouts = layouts_of(manifest)
+  model = model_for(config, layouts, manifest["fmt"], manifest["dtype"])
   target = _with_stored_empties(_abstract_params(model), _stored_tree(ckpt, directory))
   params = drop_empty(ckpt.restore(directory, target))
+  if product is not None and manifest["fmt"] != "dense":
+    params, layouts = prepare(params, layouts, product)
+    model = model_for(config, layouts, manifest["fmt"], manifest["dtype"])
   return model, params, manifest
 
 

@@ -6,6 +6,8 @@ from salaad_jax.models.llama import (
     count_params,
     cross_entropy_loss,
     generate,
+    generate_uncached,
+    init_cache,
     init_params,
 )
 
@@ -16,7 +18,9 @@ __all__ = [
     "count_params",
     "cross_entropy_loss",
     "generate",
+    "generate_uncached",
     "get_config",
+    "init_cache",
     "init_params",
 ]
 from salaad_jax.models.structured import BlockLayout, StructuredDense, structured_dense

@@ -40,7 +40,8 @@ from salaad_jax.models.configs import LlamaConfig
 
 __all__ = [
     "RMSNorm", "apply_rotary", "rotary_angles", "Attention", "MLP", "Block",
-    "Llama", "init_params", "count_params", "cross_entropy_loss", "generate",
+    "Llama", "init_params", "init_cache", "count_params", "cross_entropy_loss",
+    "generate", "generate_uncached",
 ]
 
 Array = jax.Array
@@ -117,13 +118,21 @@ class Attention(nn.Module):
   q = x W_q, k = x W_k, v = x W_v split into h heads of d_h = d / h;
   out = softmax(R(q) R(k)^T / sqrt(d_h) + M) v, M_ts = -inf for s > t;
   result = concat_h(out) W_o. Logits and softmax are float32.
+
+  With ``decode=True`` (the Flax cache-collection pattern of the lm1b
+  example) the keys and values live in the ``cache`` collection:
+  ``cached_key`` / ``cached_value`` (batch, max_len, h, d_h) and
+  ``cache_index`` i (int32). A call on s tokens writes their k, v at
+  [i, i + s), lets query t (at absolute index i + t) attend to the cached
+  keys 0..i+t, and advances i by s: a prompt of any length, then one token
+  at a time, gives the logits of the uncached forward over the whole prefix.
   """
 
   config: LlamaConfig
   dense_cls: DenseCls = nn.Dense
 
   @nn.compact
-  def __call__(self, x: Array, positions: Array) -> Array:
+  def __call__(self, x: Array, positions: Array, decode: bool = False) -> Array:
     cfg = self.config
     batch, seq, _ = x.shape
     heads_shape = (batch, seq, cfg.n_heads, cfg.head_dim)
@@ -133,10 +142,37 @@ class Attention(nn.Module):
     q = apply_rotary(q.reshape(heads_shape), positions, cfg.rope_theta)
     k = apply_rotary(k.reshape(heads_shape), positions, cfg.rope_theta)
     v = v.reshape(heads_shape)
-    out = jax.nn.dot_product_attention(q, k, v, is_causal=True)
+    if decode:
+      k, v, mask = self._cached(k, v)
+      out = jax.nn.dot_product_attention(q, k, v, mask=mask)
+    else:
+      out = jax.nn.dot_product_attention(q, k, v, is_causal=True)
     out = out.reshape(batch, seq, cfg.d_model)
     return _dense(self.dense_cls, cfg.d_model, "o_proj", cfg,
                   _residual_std(cfg))(out)
+
+  def _cached(self, k: Array, v: Array) -> tuple[Array, Array, Array]:
+    """Writes k, v into the cache; (all keys, all values, mask (1,1,s,max_len))."""
+    cfg = self.config
+    batch, seq = k.shape[:2]
+    shape = (batch, cfg.max_len, cfg.n_heads, cfg.head_dim)
+    cached_k = self.variable("cache", "cached_key", jnp.zeros, shape, k.dtype)
+    cached_v = self.variable("cache", "cached_value", jnp.zeros, shape, v.dtype)
+    index = self.variable("cache", "cache_index",
+                          lambda: jnp.array(0, jnp.int32))
+    if cached_k.value.shape != shape:
+      raise ValueError(
+          f"the KV cache holds shape {cached_k.value.shape} but this call needs "
+          f"{shape}; build it with init_cache(model, batch={batch}).")
+    i = index.value
+    cached_k.value = jax.lax.dynamic_update_slice(
+        cached_k.value, k.astype(cached_k.value.dtype), (0, i, 0, 0))
+    cached_v.value = jax.lax.dynamic_update_slice(
+        cached_v.value, v.astype(cached_v.value.dtype), (0, i, 0, 0))
+    index.value = i + seq
+    query_at = i + jnp.arange(seq, dtype=jnp.int32)
+    mask = jnp.arange(cfg.max_len, dtype=jnp.int32)[None, :] <= query_at[:, None]
+    return cached_k.value, cached_v.value, mask[None, None]
 
 
 class MLP(nn.Module):
@@ -161,12 +197,12 @@ class Block(nn.Module):
   dense_cls: DenseCls = nn.Dense
 
   @nn.compact
-  def __call__(self, x: Array, positions: Array) -> Array:
+  def __call__(self, x: Array, positions: Array, decode: bool = False) -> Array:
     cfg = self.config
     norm = functools.partial(RMSNorm, eps=cfg.norm_eps, dtype=cfg.dtype,
                              param_dtype=cfg.param_dtype)
     x = x + Attention(cfg, self.dense_cls, name="attn")(
-        norm(name="attn_norm")(x), positions)
+        norm(name="attn_norm")(x), positions, decode)
     x = x + MLP(cfg, self.dense_cls, name="mlp")(norm(name="mlp_norm")(x))
     return x
 
@@ -191,15 +227,19 @@ class Llama(nn.Module):
 
   @nn.compact
   def __call__(self, tokens: Array, *, positions: Array | None = None,
-               deterministic: bool = True) -> Array:
+               deterministic: bool = True, decode: bool = False) -> Array:
     """Logits for every position.
 
     Args:
       tokens: int[batch, seq] token ids, seq <= config.max_len.
       positions: optional int[batch, seq] or int[seq] rotary positions;
-        defaults to 0..seq-1. Causality always follows the sequence index.
+        defaults to 0..seq-1 (with ``decode``: the cache index onwards).
+        Causality always follows the sequence index.
       deterministic: accepted for API symmetry with dropout models; this
         model has no dropout, so it has no effect.
+      decode: read and extend the KV cache (the ``cache`` collection, from
+        ``init_cache``; apply with ``mutable=["cache"]``): the tokens are
+        the continuation of those already cached.
 
     Returns:
       float32[batch, seq, vocab_size] logits.
@@ -217,6 +257,11 @@ class Llama(nn.Module):
           f"sequence length {seq} exceeds LlamaConfig.max_len={cfg.max_len}.")
     if positions is None:
       positions = jnp.arange(seq, dtype=jnp.int32)
+      if decode:  # the absolute index of the first token
+        start = self.variable("cache", "cache_index",
+                              lambda: jnp.array(0, jnp.int32))
+        positions = positions + start.value
+        start.value = start.value + seq
     positions = jnp.broadcast_to(jnp.asarray(positions), (batch, seq))
 
     embed = nn.Embed(cfg.vocab_size, cfg.d_model, dtype=cfg.dtype,
@@ -225,7 +270,7 @@ class Llama(nn.Module):
                      name="embed")
     x = embed(tokens)
     for i in range(cfg.n_layers):
-      x = Block(cfg, self.dense_cls, name=f"layers_{i}")(x, positions)
+      x = Block(cfg, self.dense_cls, name=f"layers_{i}")(x, positions, decode)
     x = RMSNorm(eps=cfg.norm_eps, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
                 name="final_norm")(x)
 
@@ -289,21 +334,18 @@ def cross_entropy_loss(logits: Array, targets: Array,
   return jnp.sum(losses * weights) / jnp.maximum(count, 1.0), count
 
 
-def generate(model: Llama, params: Any, prompt_tokens: Array,
-             max_new_tokens: int, rng: Array,
-             temperature: float | Array = 1.0) -> Array:
-  """Autoregressive sampling without a KV cache.
+def init_cache(model: Llama, batch: int) -> dict:
+  """An empty KV cache for ``model`` (the ``cache`` collection of
+  ``model.apply(..., decode=True, mutable=["cache"])``): per layer k and v of
+  shape (batch, max_len, h, d_h) in the compute dtype, and the indices at 0.
+  Parameters are not initialised (the shapes come from ``jax.eval_shape``)."""
+  tokens = jnp.zeros((batch, 1), jnp.int32)
+  shapes = jax.eval_shape(
+      lambda: model.init(jax.random.key(0), tokens, decode=True))["cache"]
+  return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
 
-  A fixed buffer int32[batch, P + N] (P = prompt length, N = max_new_tokens)
-  is filled one token per `lax.fori_loop` step; each step runs the full
-  forward pass (causality makes the unfilled tail irrelevant) and draws
-  y ~ softmax(logits_{P+i-1} / temperature), or argmax when
-  temperature <= 0 (greedy). Jit-friendly with N static; temperature may be
-  traced.
 
-  Returns:
-    int32[batch, P + N]: the prompt followed by the sampled tokens.
-  """
+def _check_generate_args(model: Llama, prompt_tokens, max_new_tokens: int):
   prompt_tokens = jnp.asarray(prompt_tokens, jnp.int32)
   if prompt_tokens.ndim == 1:
     prompt_tokens = prompt_tokens[None]
@@ -311,12 +353,76 @@ def generate(model: Llama, params: Any, prompt_tokens: Array,
   total = prompt_len + int(max_new_tokens)
   if prompt_len < 1:
     raise ValueError("generate needs a prompt of at least one token.")
+  if int(max_new_tokens) < 0:
+    raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}.")
   if total > model.config.max_len:
     raise ValueError(
         f"prompt length {prompt_len} + max_new_tokens {max_new_tokens} = "
         f"{total} exceeds LlamaConfig.max_len={model.config.max_len}.")
   buffer = jnp.zeros((batch, total), jnp.int32)
-  buffer = jax.lax.dynamic_update_slice(buffer, prompt_tokens, (0, 0))
+  return jax.lax.dynamic_update_slice(buffer, prompt_tokens, (0, 0)), prompt_len
+
+
+def _next_token(last: Array, rng: Array, i, temperature: Array) -> Array:
+  """y ~ softmax(last / temperature) with key fold_in(rng, i), or argmax when
+  temperature <= 0; int32[batch]."""
+  greedy = jnp.argmax(last, axis=-1)
+  sampled = jax.random.categorical(
+      jax.random.fold_in(rng, i), last / jnp.maximum(temperature, 1e-6), axis=-1)
+  return jnp.where(temperature > 0, sampled, greedy).astype(jnp.int32)
+
+
+def generate(model: Llama, params: Any, prompt_tokens: Array,
+             max_new_tokens: int, rng: Array,
+             temperature: float | Array = 1.0) -> Array:
+  """Autoregressive sampling with a KV cache.
+
+  The prompt (P tokens) runs once through ``model`` with ``decode=True``,
+  filling the cache (``init_cache``); each of the N = max_new_tokens steps
+  then runs one token and draws y_i ~ softmax(logits / temperature) with key
+  fold_in(rng, i), or argmax when temperature <= 0 (greedy): the same draws
+  as ``generate_uncached``, at O(1) tokens of work per step instead of a
+  full forward. Jit-friendly with N static; temperature may be traced.
+
+  Returns:
+    int32[batch, P + N]: the prompt followed by the sampled tokens.
+  """
+  buffer, prompt_len = _check_generate_args(model, prompt_tokens, max_new_tokens)
+  n = int(max_new_tokens)
+  if n == 0:
+    return buffer
+  temperature = jnp.asarray(temperature, jnp.float32)
+  cache = init_cache(model, buffer.shape[0])
+
+  def run(tokens, cache):
+    logits, state = model.apply({"params": params, "cache": cache}, tokens,
+                                decode=True, mutable=["cache"])
+    return logits[:, -1], state["cache"]
+
+  last, cache = run(buffer[:, :prompt_len], cache)
+  token = _next_token(last, rng, 0, temperature)
+  buffer = jax.lax.dynamic_update_slice(buffer, token[:, None], (0, prompt_len))
+
+  def step(i, carry):
+    buf, cache = carry
+    prev = jax.lax.dynamic_slice_in_dim(buf, prompt_len + i - 1, 1, axis=1)
+    last, cache = run(prev, cache)
+    token = _next_token(last, rng, i, temperature)
+    return jax.lax.dynamic_update_slice(buf, token[:, None], (0, prompt_len + i)), cache
+
+  return jax.lax.fori_loop(1, n, step, (buffer, cache))[0]
+
+
+def generate_uncached(model: Llama, params: Any, prompt_tokens: Array,
+                      max_new_tokens: int, rng: Array,
+                      temperature: float | Array = 1.0) -> Array:
+  """Autoregressive sampling without a KV cache (the reference of ``generate``).
+
+  A fixed buffer int32[batch, P + N] is filled one token per
+  ``lax.fori_loop`` step; each step runs the full forward pass (causality
+  makes the unfilled tail irrelevant) and draws the token as ``generate``.
+  """
+  buffer, prompt_len = _check_generate_args(model, prompt_tokens, max_new_tokens)
   temperature = jnp.asarray(temperature, jnp.float32)
 
   def step(i, buf):
@@ -324,11 +430,7 @@ def generate(model: Llama, params: Any, prompt_tokens: Array,
     logits = model.apply({"params": params}, buf)
     last = jax.lax.dynamic_index_in_dim(logits, pos - 1, axis=1,
                                         keepdims=False)
-    greedy = jnp.argmax(last, axis=-1)
-    sampled = jax.random.categorical(
-        jax.random.fold_in(rng, i),
-        last / jnp.maximum(temperature, 1e-6), axis=-1)
-    token = jnp.where(temperature > 0, sampled, greedy).astype(jnp.int32)
+    token = _next_token(last, rng, i, temperature)
     return jax.lax.dynamic_update_slice(buf, token[:, None], (0, pos))
 
   return jax.lax.fori_loop(0, int(max_new_tokens), step, buffer)

@@ -15,7 +15,18 @@ never materialised.  Sparse formats and their parameters:
     bitmap  sp_values (nnz,) in row-major order, sp_bitmap (ceil(m n / 8),)
             uint8 (numpy.packbits, big-endian bits)
 
-with low-rank parameters lr_a (m, r) and lr_b (n, r).  A part that is empty
+with low-rank parameters lr_a (m, r) and lr_b (n, r).  Those are the stored
+formats; ``salaad_jax.models.runtime.prepare`` decodes them once at load into
+a runtime format, so no index is decoded inside the forward:
+
+    ell     sp_ell_rows (n, w) int32, sp_values (n, w): column c's
+            entries (row, value) in its first slots, padded with (0, 0),
+            w = the largest column count (``BlockLayout.width``)
+
+    (x S)_c = sum_j x_{rows[c, j]} values[c, j]: a row gather of x^T, no
+    scatter.
+
+A part that is empty
 (r = 0 or nnz = 0) has no parameters.  Per-block shapes differ, so the layer
 reads them from a table keyed by the module path (e.g.
 'layers_0/attn/q_proj'); a projection not in the table keeps a dense
@@ -37,24 +48,34 @@ from flax.linen.dtypes import promote_dtype
 __all__ = ["BlockLayout", "StructuredDense", "structured_dense"]
 
 SPARSE_FORMATS = ("coo", "csr", "bitmap")
+RUNTIME_FORMATS = ("ell",)
+# Up to this many rows of x the ELL product gathers x's columns directly; above
+# it, the rows of x^T (contiguous over tokens), which vectorises.
+ELL_DIRECT_ROWS = 16
 _ZEROS = nn.initializers.zeros_init()
 
 
 @dataclasses.dataclass(frozen=True)
 class BlockLayout:
-  """Static shape of one structured block: matrix (m, n), rank, nnz, format."""
+  """Static shape of one structured block: matrix (m, n), rank, nnz, format
+  (and for the runtime format 'ell' its width w, the largest column count)."""
 
   m: int
   n: int
   rank: int
   nnz: int
   fmt: str = "coo"
+  width: int = 0
 
   def __post_init__(self):
-    if self.fmt not in SPARSE_FORMATS:
-      raise ValueError(f"sparse format must be one of {SPARSE_FORMATS}, got {self.fmt!r}")
+    if self.fmt not in SPARSE_FORMATS + RUNTIME_FORMATS:
+      raise ValueError(f"sparse format must be one of {SPARSE_FORMATS + RUNTIME_FORMATS}, "
+                       f"got {self.fmt!r}")
     if min(self.m, self.n) <= 0 or self.rank < 0 or not 0 <= self.nnz <= self.m * self.n:
       raise ValueError(f"invalid block layout {self}")
+    if self.fmt == "ell" and self.nnz and not self.nnz / self.n <= self.width <= self.m:
+      raise ValueError(f"an 'ell' block of {self.nnz} entries over {self.n} columns needs a "
+                       f"width in [nnz / n, m], got {self.width}")
 
 
 def sparse_rows_cols(layout: BlockLayout, idx: Mapping[str, jax.Array]):
@@ -73,16 +94,51 @@ def sparse_rows_cols(layout: BlockLayout, idx: Mapping[str, jax.Array]):
 
 _INDEX_PARAMS = {"coo": (("sp_rows", "nnz"), ("sp_cols", "nnz")),
                  "csr": (("sp_cols", "nnz"), ("sp_row_ptr", "m+1")),
-                 "bitmap": (("sp_bitmap", "bits"),)}
+                 "bitmap": (("sp_bitmap", "bits"),),
+                 "ell": (("sp_ell_rows", "n,w"),)}
 
 
 def index_shapes(layout: BlockLayout) -> dict[str, tuple[tuple[int, ...], Any]]:
   """{name: (shape, dtype)} of the index arrays of a block's sparse part."""
   if layout.nnz == 0:
     return {}
-  sizes = {"nnz": layout.nnz, "m+1": layout.m + 1, "bits": -(-layout.m * layout.n // 8)}
-  return {name: ((sizes[size],), jnp.uint8 if name == "sp_bitmap" else jnp.int32)
+  sizes = {"nnz": (layout.nnz,), "m+1": (layout.m + 1,),
+           "bits": (-(-layout.m * layout.n // 8),), "n,w": (layout.n, layout.width)}
+  return {name: (sizes[size], jnp.uint8 if name == "sp_bitmap" else jnp.int32)
           for name, size in _INDEX_PARAMS[layout.fmt]}
+
+
+def values_shape(layout: BlockLayout) -> tuple[int, ...]:
+  """Shape of a block's stored sparse values."""
+  return (layout.n, layout.width) if layout.fmt == "ell" else (layout.nnz,)
+
+
+def ell_product(xs: jax.Array, rows: jax.Array, values: jax.Array) -> jax.Array:
+  """x S (float32, (T, n)) for S in ELL form: rows, values (n, w).
+
+  Few rows of x (decoding): gather x[:, rows] (T, n, w) and contract w.
+  Many (prefill): accumulate over the w slots the rows of x^T gathered at
+  rows[:, j] (each a contiguous run of T values) times values[:, j], then
+  transpose once.  The accumulation sits in a ``lax.cond`` so that XLA
+  keeps its (n, T) layout instead of folding the final transpose into the
+  gather (which makes the gather strided and ~10x slower on CPU).
+  """
+  f32 = jnp.float32
+  if xs.shape[0] <= ELL_DIRECT_ROWS:
+    g = jnp.take(xs, rows, axis=1, mode="clip").astype(f32)
+    return jnp.einsum("tnw,nw->tn", g, values.astype(f32))
+
+  def accumulate(xt, rows, values):
+    acc = jnp.zeros((rows.shape[0], xt.shape[1]), f32)
+    for j in range(rows.shape[1]):
+      acc = acc + (jnp.take(xt, rows[:, j], axis=0, mode="clip").astype(f32)
+                   * values[:, j, None].astype(f32))
+    return acc
+
+  always = rows[0, 0] >= 0  # data-dependent, so XLA keeps the conditional
+  acc = jax.lax.cond(always, accumulate, lambda xt, r, v: jnp.zeros(
+      (r.shape[0], xt.shape[1]), f32), xs.T, rows, values)
+  return acc.T
 
 
 class StructuredDense(nn.Module):
@@ -137,13 +193,15 @@ class StructuredDense(nn.Module):
       out = out + jnp.dot(t.astype(dtype), jnp.asarray(b, dtype).T,
                           preferred_element_type=jnp.float32)
     if layout.nnz:
-      values = self.param("sp_values", _ZEROS, (layout.nnz,),
-                          self.param_dtype)
+      values = self.param("sp_values", _ZEROS, values_shape(layout), self.param_dtype)
       idx = {name: self.param(name, _ZEROS, shape, dt)
              for name, (shape, dt) in index_shapes(layout).items()}
-      rows, cols = sparse_rows_cols(layout, idx)
-      contrib = xs[:, rows].astype(jnp.float32) * values.astype(jnp.float32)
-      out = out.at[:, cols].add(contrib)
+      if layout.fmt == "ell":
+        out = out + ell_product(xs, idx["sp_ell_rows"], values)
+      else:
+        rows, cols = sparse_rows_cols(layout, idx)
+        contrib = xs[:, rows].astype(jnp.float32) * values.astype(jnp.float32)
+        out = out.at[:, cols].add(contrib)
     return out.astype(dtype).reshape(lead + (layout.n,))
 
 
