@@ -519,11 +519,17 @@ def _summary_row(method: str, seed: int, wd: str, summary: dict, ppl: float, pla
 def salaad_runs(plan: Plan) -> dict[str, dict]:
   """The SALAAD runs of a seed: 'salaad' and each control of --controls,
   name -> control fields."""
-  runs = {"salaad": {}} if plan.salaad is not None else {}
-  if plan.salaad is not None:
-    for name in _CONTROLS.value:
-      runs[f"salaad_{name}"] = protocol.CONTROLS[name][1]
-  return runs
+  if plan.salaad is None:
+    return {}
+  kept, _ = same_controls(plan)
+  return {"salaad": {}, **{f"salaad_{name}": fields for name, fields in kept.items()}}
+
+
+def same_controls(plan: Plan) -> tuple[dict[str, dict], list[str]]:
+  """(the controls of --controls that differ from the recipe, name -> fields;
+  those whose run would be the recipe's own, which are not run)."""
+  return protocol.distinct_controls(_CONTROLS.value,
+                                    lambda fields: plan.salaad_config(0, **fields))
 
 
 def train_seed(plan: Plan, seed: int, evaluation: ev.Evaluation
@@ -807,10 +813,13 @@ def write_outputs(plan: Plan, runs: list[dict], record: dict, evaluation: ev.Eva
         "allocator it trained for and by `global`:", columns[:3] + columns[4:6] + columns[8:10],
         curve)
   text += "\n" + tuning_table(record)
-  if _CONTROLS.value:
+  if _CONTROLS.value and plan.salaad is not None:
+    kept, same = same_controls(plan)
     text += "\nControls (SALAAD runs that differ from the recipe in one thing, same compute " \
             "and tuned settings):\n\n" + "".join(
-                f"- `salaad_{c}`: {protocol.CONTROLS[c][0]}\n" for c in _CONTROLS.value)
+                f"- `salaad_{c}`: {protocol.CONTROLS[c][0]}\n" for c in kept) + "".join(
+                f"- `salaad_{c}`: not run, its settings are the recipe's here "
+                f"({protocol.CONTROLS[c][0]})\n" for c in same)
   with open(os.path.join(out, "results.md"), "w") as f:
     f.write(text)
   tables.budget_plot([r for r in rows if not r["method"].endswith("_trained")
@@ -861,6 +870,9 @@ def main(argv):
   plan = Plan(mcfg, methods, fractions, unit, tuned, flops=untuned.flops)
   full, rest = budgets_lib.dense_size(mcfg, unit)
 
+  if plan.salaad is not None:
+    for name in same_controls(plan)[1]:
+      print(f"control {name}: its settings are the recipe's here; not run", flush=True)
   runs = []
   for i, seed in enumerate(seeds):
     rows, dirs, summaries = train_seed(plan, seed, evaluation)

@@ -66,6 +66,24 @@ CONTROLS: dict[str, tuple[str, dict[str, Any]]] = {
 }
 
 
+
+def distinct_controls(names, config_of) -> tuple[dict[str, dict[str, Any]], list[str]]:
+  """The controls of ``names`` whose run differs from the recipe's, name ->
+  fields, and those that do not (e.g. ``one_pass`` where the recipe already
+  takes one pass per step): ``config_of(fields)`` is the run's config with
+  ``fields`` over the recipe's, ``config_of({})`` the recipe's."""
+  recipe = config_of({})
+  kept, same = {}, []
+  for name in names:
+    if name not in CONTROLS:
+      raise ValueError(f"unknown control {name!r}; known: {sorted(CONTROLS)}")
+    fields = CONTROLS[name][1]
+    if config_of(fields) == recipe:
+      same.append(name)
+    else:
+      kept[name] = fields
+  return kept, same
+
 def defaults(method: str, lr: float, salaad: Optional[Mapping[str, Any]] = None,
              density: float = 0.03) -> dict:
   """Trial 0 of ``method``: its settings before tuning (SALAAD: its preset's,

@@ -103,6 +103,21 @@ def _text(n_tokens, seq, batch):
                            batch_size=batch, tokenizer=ByteTokenizer(), split="validation")
 
 
+
+@pytest.mark.parametrize("joint", [0.0, 0.6])
+def test_a_control_whose_run_is_the_recipe_is_not_run(joint):
+  from salaad_jax.train.presets import config_with_preset  # pylint: disable=import-outside-toplevel
+  recipe = config_with_preset("recommended", model="tiny", steps=50,
+                              consolidate_cut_joint=joint)
+  kept, same = protocol.distinct_controls(list(protocol.CONTROLS),
+                                          lambda fields: recipe.replace(**fields))
+  # one pass per step is the recipe's own run when its joint weight is 0
+  assert same == (["one_pass"] if joint == 0.0 else [])
+  assert set(kept) | set(same) == set(protocol.CONTROLS) and not set(kept) & set(same)
+  assert all(kept[n] == protocol.CONTROLS[n][1] for n in kept)
+  with pytest.raises(ValueError, match="unknown control 'other'"):
+    protocol.distinct_controls(["other"], lambda fields: recipe)
+
 @pytest.mark.parametrize("wanted", [1, 3, 7, 50])
 def test_spread_batches_are_evenly_spaced_over_the_whole_split(wanted):
   ds = _text(16 * 4 * 20 + 1, 16, 4)  # 20 batches
