@@ -185,6 +185,11 @@ _EVAL_DTYPE = flags.DEFINE_enum("eval_dtype", "bfloat16", ["bfloat16", "float32"
 _MATCH = flags.DEFINE_enum("match", "flops", ["flops", "tokens"],
                            "flops: every run trains for the SALAAD run's training FLOPs; "
                            "tokens: every run --steps steps")
+_TRAIN_FLOPS = flags.DEFINE_float(
+    "train_flops", None, "with --match=flops, the training FLOPs every run is matched to, "
+    "SALAAD's own run included (unset: the SALAAD run's at --steps, or the dense run's "
+    "without SALAAD); e.g. a lever's run at the FLOPs of the run it is compared with",
+    lower_bound=1.0)
 _TUNE_TRIALS = flags.DEFINE_integer("tune_trials", 4, "trials per method of --methods "
                                     "(0: no tuning, every method at its defaults)",
                                     lower_bound=0)
@@ -279,6 +284,9 @@ def _check_subset(known, allow_empty=False):
   return check
 
 
+flags.register_multi_flags_validator(
+    ["train_flops", "match"], lambda v: v["train_flops"] is None or v["match"] == "flops",
+    "--train_flops matches FLOPs: it needs --match=flops")
 flags.register_validator("seeds", _check_seeds)
 flags.register_validator("tune_seeds", _check_seeds)
 flags.register_validator("budgets", _check_budgets)
@@ -461,8 +469,10 @@ class Plan:
       common.fail(f"--budgets: {budget_text(fraction)} of the dense {self.unit}: {method}: {e}")
 
   def reference_flops(self) -> float:
-    """The FLOPs every run is matched to: the SALAAD run's at --steps (the
-    dense run's without SALAAD)."""
+    """The FLOPs every run is matched to: --train_flops, or the SALAAD run's
+    at --steps (the dense run's without SALAAD)."""
+    if _TRAIN_FLOPS.value is not None:
+      return float(_TRAIN_FLOPS.value)
     config = (base_config("salaad", 0, **self.salaad) if self.salaad is not None
               else base_config("dense", 0))
     return compute_lib.train_compute(config.replace(vocab_size=256), self.mcfg).train_flops

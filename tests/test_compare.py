@@ -379,6 +379,7 @@ BAD_INPUT = [
     (["--methods=dense", "--seeds=100", "--tune_seeds=100"], "seed 100 was a tuning seed"),
     (["--methods=dense,salaad", "--seeds=1,10"], "seed 1 chose the SALAAD preset"),
     (["--controls=no_admm,other"], "unknown ['other']"),
+    (["--match=tokens", "--train_flops=1e12"], "it needs --match=flops"),
     (["--tuned=no_such_name"], "no tuned settings 'no_such_name'"),
     (["--tune_trials=1", "--selection_split=test", "--eval_split=test"], "both 'test'"),
 ]
