@@ -36,14 +36,14 @@ Every variant is compiled and run once first; then ``--repeats`` rounds,
 each timing one call of every variant in turn for each measurement
 (interleaved, so machine load drifting during the run hits all of them
 alike); medians, and as ratio to dense the median over rounds of the
-round's time over dense's time in that round.  ``--json`` writes everything.  Runs unchanged on a GPU.
+round's time over dense's time in that round (``salaad_jax.models.timing``,
+which the capacity spectrum's forward time shares).  ``--json`` writes everything.  Runs unchanged on a GPU.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import statistics
 import time
 
 from absl import app, flags
@@ -53,7 +53,7 @@ import numpy as np
 
 from salaad_jax import deploy, models
 from salaad_jax.deploy import accounting
-from salaad_jax.models import runtime
+from salaad_jax.models import runtime, timing
 from salaad_jax.models.structured import structured_dense
 
 _MODELS = flags.DEFINE_list("models", ["small", "60m"], "model presets")
@@ -137,16 +137,12 @@ class Variant:
   def kinds(self) -> list[str]:
     return list(self.times)
 
-  def run(self, kind: str, record: bool) -> None:
-    """One timed call of ``kind`` ('prefill' or 'decode_b<batch>')."""
+  def call(self, kind: str):
+    """The call of ``kind`` ('prefill' or 'decode_b<batch>'), without arguments."""
     if kind == "prefill":
-      fn, args = self.prefill, (self.params, self.prefill_tokens)
-    else:
-      fn, args = self.decode, (self.params, *self.decode_inputs[int(kind.split("_b")[1])])
-    t = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    if record:
-      self.times[kind].append(time.perf_counter() - t)
+      return lambda: self.prefill(self.params, self.prefill_tokens)
+    inputs = self.decode_inputs[int(kind.split("_b")[1])]
+    return lambda: self.decode(self.params, *inputs)
 
 
 def structured_like(params, seed: int, std: float = 0.02, spike: float = 5.0,
@@ -234,15 +230,14 @@ def run_model(name: str, variants) -> dict:
     runs.append(Variant(f"{key[0]:g}:{key[1]}", cfg, layouts, params, prefill_tokens, prompts,
                         stored))
     infos.append(info)
-  kinds = runs[0].kinds()
-  for v in runs:
-    for kind in kinds:
-      v.run(kind, record=False)  # compiles and warms up
-  print(f"  compiled {len(runs)} variants in {time.perf_counter() - t0:.0f}s", flush=True)
-  for _ in range(_REPEATS.value):
-    for kind in kinds:  # every variant in turn, one call each: neighbours in time
-      for v in runs:
-        v.run(kind, record=True)
+  # Each round times every measurement of every variant in turn, one call
+  # each: neighbours in time (the first call of each compiles and warms up).
+  calls = [(v, kind) for kind in runs[0].kinds() for v in runs]
+  times = timing.time_rounds([v.call(kind) for v, kind in calls], _REPEATS.value)
+  for (v, kind), t in zip(calls, times):
+    v.times[kind] = t
+  print(f"  compiled and timed {len(runs)} variants in {time.perf_counter() - t0:.0f}s",
+        flush=True)
   base = runs[0]
   rows = []
   for v, info in zip(runs, infos):
@@ -250,14 +245,14 @@ def run_model(name: str, variants) -> dict:
                stored_bytes=v.stored_bytes, runtime_over_dense=v.runtime_bytes / base.runtime_bytes,
                stored_over_dense=v.stored_bytes / base.stored_bytes)
     for key, times in v.times.items():
-      med = statistics.median(times)
+      ms = timing.median_ms(times)
       # ratio per round against dense's time in the same round, then the median
-      ratio = statistics.median(t / d for t, d in zip(times, base.times[key]))
+      ratio = timing.median_ratio(times, base.times[key])
       if key == "prefill":
-        row.update(prefill_ms=1e3 * med, prefill_x_dense=ratio)
+        row.update(prefill_ms=ms, prefill_x_dense=ratio)
       else:
         b = int(key.split("_b")[1])
-        row.update({f"{key}_tok_s": b * _NEW.value / med, f"{key}_x_dense": 1.0 / ratio})
+        row.update({f"{key}_tok_s": b * _NEW.value / (1e-3 * ms), f"{key}_x_dense": 1.0 / ratio})
     rows.append(row)
   return dict(model=name, params=models.count_params(dense), rows=rows)
 

@@ -8,6 +8,12 @@ Evaluates the validation perplexity of the run deployed at each budget with
 HPA and global allocation, the post-hoc SVD + pruning baseline at the same
 budgets (of --dense_workdir, or of the run's own X), and the dense weights
 as reference; reads single points from ``summary.json`` of other runs.
+With --time_forward (the default) every deployment is also built in its
+runtime form (--time_product) and its jitted forward of one batch of the
+evaluation's shape (--time_batch rows) timed against the dense model's in
+the same process, median over --time_repeats rounds after a warm-up: the
+columns ``forward_ms`` and ``forward_vs_dense`` and the plot's second panel
+(--notime_forward leaves them out).
 Writes ``spectrum.md``, ``spectrum.csv``, ``spectrum.json`` and
 ``spectrum.png`` into --out_dir (default ``<workdir>/spectrum``), each
 atomically, once every evaluation is done.  With ``--distributed`` (and
@@ -24,6 +30,8 @@ from absl import app, flags
 from experiments import common
 from salaad_jax.deploy import spectrum as sp
 from salaad_jax.deploy import spectrum_report as report
+from salaad_jax.deploy.forward_time import ForwardTiming
+from salaad_jax.models.runtime import PRODUCTS
 from salaad_jax.train import TrainError
 from salaad_jax.train import flags as train_flags
 from salaad_jax.train import multihost
@@ -63,6 +71,17 @@ _CALIBRATION = flags.DEFINE_integer(
     "calibration_batches", 0, "training batches on which the models' input second moments "
     "weight the allocation (output error instead of weight error); 0: unweighted",
     lower_bound=0)
+_TIME = flags.DEFINE_bool("time_forward", True, "time each deployment's forward (runtime "
+                          "form) against dense: the forward_ms / forward_vs_dense columns and "
+                          "the time panel of the plot")
+_TIME_BATCH = flags.DEFINE_integer("time_batch", 0, "sequences in the timed batch (of the "
+                                   "evaluation's length); 0: the evaluation batch's",
+                                   lower_bound=0)
+_TIME_REPEATS = flags.DEFINE_integer("time_repeats", 5, "timed rounds (after one warm-up "
+                                     "call); the median is reported", lower_bound=1)
+_TIME_PRODUCT = flags.DEFINE_enum("time_product", "ell", list(PRODUCTS),
+                                  "runtime form of the timed deployments "
+                                  "(salaad_jax.models.runtime)")
 _OUT_DIR = flags.DEFINE_string("out_dir", "", "output directory; '': <workdir>/spectrum")
 train_flags.define_distributed_flags()
 
@@ -94,6 +113,13 @@ flags.register_validator("posthoc_rank", _valid(_check_fraction))
 flags.register_validator("posthoc_density", _valid(_check_fraction))
 
 
+def _forward_timing():
+  if not _TIME.value:
+    return None
+  return ForwardTiming(batch=_TIME_BATCH.value or None, repeats=_TIME_REPEATS.value,
+                       product=_TIME_PRODUCT.value)
+
+
 @common.exits_promptly
 def main(argv):
   if len(argv) > 1:
@@ -110,7 +136,8 @@ def main(argv):
         posthoc_density=_POSTHOC_DENSITY.value, baseline_workdirs=_BASELINES.value,
         eval_batches=_EVAL_BATCHES.value or None, eval_split=_EVAL_SPLIT.value or None,
         unit=_UNIT.value, fmt=_FMT.value, dtype=_DTYPE.value, gamma=_GAMMA.value,
-        step=_STEP.value, calibration_batches=_CALIBRATION.value, progress=common.say)
+        step=_STEP.value, calibration_batches=_CALIBRATION.value,
+        time_forward=_forward_timing(), progress=common.say)
   except sp.SpectrumError as e:
     common.fail(str(e))
   if not multihost.is_primary():

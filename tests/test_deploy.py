@@ -305,6 +305,48 @@ def test_loaded_artifact_equals_dense_reconstruction(trained, tmp_path):
     deploy.load(tmp_path / "global", product="bcsr")
 
 
+def test_export_records_the_forward_time_when_asked(trained, tmp_path):
+  params, state = trained
+  timing = deploy.ForwardTiming(batch=2, seq=8, repeats=2)
+  manifest = deploy.export_budget(tmp_path / "timed", params, state, 0.6, CFG,
+                                  time_forward=timing)
+  fwd = manifest["forward"]
+  # Wall-clock numbers are not asserted, only that they were measured.
+  assert min(fwd["forward_ms"], fwd["dense_forward_ms"], fwd["forward_vs_dense"]) > 0
+  assert (fwd["product"], fwd["batch"], fwd["seq"], fwd["repeats"]) == ("ell", 2, 8, 2)
+  assert fwd["device"] and fwd["backend"] == jax.default_backend()
+  assert deploy.read_manifest(tmp_path / "timed")["forward"] == fwd
+  assert "forward" not in deploy.export_budget(tmp_path / "untimed", params, state, 0.6, CFG)
+  blocks = deploy.spectra(params, state)
+  art = deploy.compress(params, blocks, deploy.allocate(blocks, 0.6), "coo")
+  with pytest.raises(ValueError, match="needs the model config"):
+    deploy.export(tmp_path / "no_config", art, time_forward=timing)
+  assert not (tmp_path / "no_config").exists()
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(batch=0), "batch must be a positive integer"),
+    (dict(seq=2.5), "seq must be a positive integer"),
+    (dict(repeats=0), "repeats and warmup must be >= 1"),
+    (dict(warmup=0), "repeats and warmup must be >= 1"),
+    (dict(product="bcsr"), "product must be one of"),
+])
+def test_forward_timing_rejects_bad_settings(kwargs, match):
+  with pytest.raises(ValueError, match=match):
+    deploy.ForwardTiming(**kwargs)
+
+
+def test_forward_timing_tokens_take_the_evaluation_batch_shape():
+  like = np.arange(12, dtype=np.int32).reshape(3, 4)
+  assert deploy.ForwardTiming().tokens(64, 16, like=like).tolist() == like.tolist()
+  tiled = deploy.ForwardTiming(batch=5, seq=2).tokens(64, 16, like=like)
+  assert tiled.tolist() == [[0, 1], [4, 5], [8, 9], [0, 1], [4, 5]]
+  drawn = deploy.ForwardTiming(batch=2).tokens(64, 16)
+  assert drawn.shape == (2, 16) and drawn.dtype == jnp.int32
+  with pytest.raises(ValueError, match="exceeds the model's max_len 16"):
+    deploy.ForwardTiming(seq=17).tokens(64, 16)
+
+
 def _with_empty_blocks(alloc, empty):
   """``alloc`` with the blocks whose path contains one of ``empty`` kept at
   rank 0 and nnz 0."""

@@ -202,12 +202,42 @@ def test_calibrated_allocation_weights_by_training_batches(runs):
      "method 'cut' prices bytes with S as a bitmap"),
     (dict(budgets=[0.5], baseline_workdirs=["/no/such/dir"]), "holds no summary"),
     (dict(budgets=[0.5], dense_workdir="/no/such/dir"), "holds no run"),
+    (dict(budgets=[0.5], time_forward="yes"), "time_forward must be a ForwardTiming"),
 ])
 def test_bad_input_raises_before_evaluating(runs, kwargs, match):
   lines = []
   with pytest.raises(sp.SpectrumError, match=match):
     sp.capacity_spectrum(str(runs[0]), progress=lines.append, **kwargs)
   assert not any(l.startswith(("[", "dense")) for l in lines), lines
+
+
+def test_forward_time_of_every_deployment_and_none_without_it(runs, tmp_path):
+  salaad, dense = runs
+  sm.write_summary(tmp_path / "base", method="sltrain", params=60000, bytes=150000,
+                   perplexity=14.0)
+  kwargs = dict(methods=("global",), dense_workdir=str(dense),
+                baseline_workdirs=[tmp_path / "base"])
+  lines = []
+  timed = sp.capacity_spectrum(str(salaad), [0.3, 0.5], progress=lines.append,
+                               time_forward=deploy.ForwardTiming(batch=2, repeats=2,
+                                                                 product="coo"), **kwargs)
+  plain = sp.capacity_spectrum(str(salaad), [0.3, 0.5], progress=None, **kwargs)
+  assert [r["series"] for r in timed] == [r["series"] for r in plain]
+  # Timing adds its fields and changes nothing else.
+  for t, p in zip(timed, plain):
+    assert {k: v for k, v in t.items() if not k.startswith("forward")} == p
+    assert not any(k.startswith("forward") for k in p)
+  # Wall-clock numbers are not asserted: only that every model was timed.
+  *models, base = timed
+  assert all(r["forward_ms"] > 0 and r["forward_vs_dense"] > 0 for r in models)
+  assert models[0]["forward_vs_dense"] == 1.0  # the dense reference itself
+  assert base["source"] == "baseline" and base["forward_ms"] is None
+  setup = models[0]["forward_setup"]
+  assert (setup["product"], setup["batch"], setup["seq"], setup["repeats"]) == ("coo", 2, 64, 2)
+  assert sum("forward" in l for l in lines if l.startswith("[")) == 4
+  assert report.columns(timed) == sp.COLUMNS + sp.TIME_COLUMNS
+  assert report.columns(plain) == sp.COLUMNS
+  assert len(report.figure(timed).axes) == 2 and len(report.figure(plain).axes) == 1
 
 
 def test_a_run_without_salaad_state_is_refused(runs):
@@ -240,16 +270,42 @@ def test_app_writes_table_csv_plot_and_reads_baselines(runs, tmp_path):
   assert sorted(os.listdir(out_dir)) == ["spectrum.csv", "spectrum.json", "spectrum.md",
                                          "spectrum.png"]
   table = list(csv.DictReader(io.StringIO((out_dir / "spectrum.csv").read_text())))
-  assert len(table) == 2 + 12 + 1 and tuple(table[0]) == sp.COLUMNS
+  assert len(table) == 2 + 12 + 1 and tuple(table[0]) == sp.COLUMNS + sp.TIME_COLUMNS
   base = table[-1]
   assert (base["series"], base["source"], base["params"], base["perplexity"]) == (
       "SLTrain r=8", "baseline", "60000", "14")
+  # --time_forward is on by default: every deployment and dense row is timed
+  # (the numbers themselves are not asserted), a baseline is not.
+  assert all(float(r["forward_ms"]) > 0 and float(r["forward_vs_dense"]) > 0
+             for r in table[:-1])
+  assert (table[0]["forward_vs_dense"], base["forward_ms"]) == ("1", "")
   md = (out_dir / "spectrum.md").read_text()
   assert "| budget | target | salaad/hpa | salaad/global | posthoc[dense]/hpa" in md
   assert "SLTrain r=8 ppl 14.000" in md and "| 0.4 | 52761 params (40.0%) |" in md
-  assert json.loads((out_dir / "spectrum.json").read_text())[0]["batch_losses"]
-  assert (out_dir / "spectrum.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+  assert "Forward time of the deployed model by budget" in md
+  first = json.loads((out_dir / "spectrum.json").read_text())[0]
+  assert first["batch_losses"] and first["forward_setup"]["product"] == "ell"
+  assert first["forward_setup"]["batch"] == 8 and first["forward_setup"]["repeats"] == 5
+  png = (out_dir / "spectrum.png").read_bytes()
+  assert png[:8] == b"\x89PNG\r\n\x1a\n" and _png_width(png) == 2 * 880  # two panels
   assert not [p for p in os.listdir(out_dir) if ".tmp" in p]
+
+
+def _png_width(png: bytes) -> int:
+  return int.from_bytes(png[16:20], "big")
+
+
+def test_app_without_forward_timing_writes_no_time_columns(runs, tmp_path):
+  out = app(f"--workdir={runs[0]}", "--budgets=0.5", "--methods=global", "--noposthoc",
+            "--notime_forward", f"--out_dir={tmp_path}")
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert "forward time:" not in out.stdout and ", forward " not in out.stdout
+  header = (tmp_path / "spectrum.csv").read_text().splitlines()[0]
+  assert tuple(header.split(",")) == sp.COLUMNS
+  rows = json.loads((tmp_path / "spectrum.json").read_text())
+  assert not any(k.startswith("forward") for r in rows for k in r)
+  assert "Forward time" not in (tmp_path / "spectrum.md").read_text()
+  assert _png_width((tmp_path / "spectrum.png").read_bytes()) == 880  # one panel
 
 
 BAD_INPUT = [
@@ -353,6 +409,32 @@ def test_table_and_plot_files(tmp_path):
   with pytest.raises(sp.SpectrumError, match="no rows"):
     report.write_table([], tmp_path / "empty")
   assert not (tmp_path / "empty").exists()
+
+
+def test_timed_table_and_plot_files(tmp_path):
+  rows = [dict(r, forward_ms=None if r["source"] == "baseline" else 2.0 + i,
+               forward_vs_dense=None if r["source"] == "baseline" else 1.0 + i / 10,
+               forward_setup=dict(product="ell", batch=8, seq=64, repeats=5, warmup=1,
+                                  device="cpu", backend="cpu"))
+          for i, r in enumerate(_fake_rows())]
+  paths = report.write_table(rows, tmp_path)
+  parsed = list(csv.DictReader(io.StringIO(Path(paths["csv"]).read_text())))
+  assert tuple(parsed[0]) == sp.COLUMNS + sp.TIME_COLUMNS
+  assert (parsed[1]["forward_ms"], parsed[1]["forward_vs_dense"]) == ("3", "1.1")
+  assert (parsed[-1]["forward_ms"], parsed[-1]["forward_vs_dense"]) == ("", "")
+  md = Path(paths["md"]).read_text()
+  assert "(ell form, 8x64 tokens, median of 5 on cpu)." in md
+  assert "| 0.5 | 500 params (50.0%) | 3 ms (1.10x dense) | 5 ms (1.30x dense) |" in md
+  assert "dense X (salaad run) ppl 9.000 ± 0.090 at 1000 params, 2.10 kB, forward 2 ms " \
+         "(1.00x dense)" in md
+  assert "forward ms | x dense |" in md
+  fig = report.figure(rows, title="t")
+  assert len(fig.axes) == 2
+  assert fig.axes[1].get_ylabel().startswith("forward time")
+  assert [l.get_label() for l in fig.axes[1].get_lines()][-1] == "dense X (salaad run): 2 ms"
+  png = report.plot(rows, tmp_path / "p.png")
+  assert _png_width(Path(png).read_bytes()) == 2 * 880
+  assert len(report.figure(_fake_rows()).axes) == 1
 
 
 def test_failed_write_keeps_the_previous_file(tmp_path, monkeypatch):

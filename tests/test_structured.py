@@ -11,7 +11,8 @@ import pytest
 import salaad_jax as sj
 from salaad_jax import deploy
 from salaad_jax.models import (BlockLayout, Llama, LlamaConfig, StructuredDense, generate,
-                               generate_uncached, init_params, runtime, structured_dense)
+                               generate_uncached, init_params, runtime, structured_dense,
+                               timing)
 from salaad_jax.models.structured import ell_product
 
 FORMATS = ("coo", "csr", "bitmap")
@@ -222,6 +223,22 @@ def test_prepare_rejects_an_unknown_product(model_and_blocks):
   art = deploy.compress(params, blocks, deploy.allocate(blocks, 0.7), "coo", "float32")
   with pytest.raises(ValueError, match="structured product"):
     runtime.prepare(art.params, art.layouts, "bcsr")
+
+
+def test_time_rounds_interleaves_warm_up_then_rounds():
+  """``models.timing``: the calls it makes and the statistics of its times
+  (what is measured is not asserted: wall-clock times are not a test)."""
+  calls = []
+  fns = [lambda: calls.append("a"), lambda: calls.append("b")]
+  times = timing.time_rounds(fns, repeats=3, warmup=2)
+  assert calls == ["a", "a", "b", "b"] + ["a", "b"] * 3
+  assert [len(t) for t in times] == [3, 3] and all(x >= 0 for t in times for x in t)
+  assert timing.median_ms([0.001, 0.003, 0.002]) == pytest.approx(2.0)
+  assert timing.median_ratio([2.0, 6.0, 3.0], [1.0, 2.0, 3.0]) == pytest.approx(2.0)
+  with pytest.raises(ValueError, match="repeats must be >= 1"):
+    timing.time_rounds(fns, repeats=0)
+  with pytest.raises(ValueError, match="as many reference times"):
+    timing.median_ratio([1.0], [1.0, 2.0])
 
 
 @pytest.mark.parametrize("product", ("ell", "dense"))

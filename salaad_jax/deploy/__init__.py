@@ -15,7 +15,8 @@ Typical use::
 Modules: ``spectra`` (canonical per-block spectra), ``allocation`` (HPA and
 global allocation), ``accounting`` (parameter counts and bytes),
 ``compress`` (truncation, dense reconstruction, compact storage),
-``export`` (Orbax artifact and manifest), ``hf`` (a Hugging Face
+``export`` (Orbax artifact and manifest), ``forward_time`` (a deployed
+model's measured forward time against dense), ``hf`` (a Hugging Face
 ``LlamaForCausalLM`` directory, and back), ``hf_tokenizer`` (our tokenizers
 as Hugging Face files), ``deployed`` (the dense weights any run deploys at a
 budget), ``compact_files`` (the compact artifact as safetensors plus
@@ -33,6 +34,7 @@ from salaad_jax.deploy.allocation import (Allocation, BlockAllocation, allocate,
 from salaad_jax.deploy.calibration import activation_weights
 from salaad_jax.deploy.compress import Artifact, compress, dense_reconstruction
 from salaad_jax.deploy.export import export, export_budget, load, read_manifest
+from salaad_jax.deploy.forward_time import ForwardTiming
 from salaad_jax.deploy.hf import HFError, export_hf, import_hf
 from salaad_jax.deploy.posthoc import posthoc_factors
 from salaad_jax.deploy.spectra import BlockSpectrum, Blocks, Decomposition, decomposition, spectra
@@ -42,7 +44,7 @@ from salaad_jax.deploy.summary import read_summary, write_summary
 
 __all__ = [
     "Allocation", "Artifact", "BlockAllocation", "BlockSpectrum", "Blocks", "Decomposition",
-    "FORMATS", "account", "activation_weights", "allocate", "allocation_error", "compress",
+    "FORMATS", "ForwardTiming", "account", "activation_weights", "allocate", "allocation_error", "compress",
     "decomposition", "dense_reconstruction", "export", "export_budget", "export_hf",
     "global_allocation", "HFError", "import_hf",
     "greedy", "hpa", "load", "posthoc_factors", "read_manifest", "resolve_budget", "spectra",

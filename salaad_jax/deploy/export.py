@@ -4,7 +4,9 @@ An exported artifact is a directory
 
     <path>/params/          Orbax checkpoint of the artifact's parameter tree
     <path>/manifest.json    budget, method, per-block shape/rank/nnz, format,
-                            dtype, parameter count and bytes, model config
+                            dtype, parameter count and bytes, model config;
+                            with ``time_forward``, ``forward``: the deployed
+                            model's measured forward time against dense
 
 The manifest is written last, so a directory holding one is complete.
 ``load`` rebuilds ``Llama(config, dense_cls=structured_dense(layouts))``
@@ -41,6 +43,7 @@ from salaad_jax import structure as st
 from salaad_jax.deploy import accounting as acc
 from salaad_jax.deploy.allocation import allocate
 from salaad_jax.deploy.compress import Artifact, compress, drop_empty
+from salaad_jax.deploy.forward_time import ForwardTimer, ForwardTiming, stored_as
 from salaad_jax.deploy.spectra import Blocks, spectra
 from salaad_jax.models.configs import LlamaConfig
 from salaad_jax.models.llama import Llama
@@ -146,19 +149,28 @@ def _savable(tree):
 
 
 def export(path: str, artifact: Artifact, config: Optional[LlamaConfig] = None, *,
-           overwrite: bool = False, extra: Optional[dict] = None) -> dict[str, Any]:
+           overwrite: bool = False, extra: Optional[dict] = None,
+           time_forward: Optional[ForwardTiming] = None) -> dict[str, Any]:
   """Writes ``artifact`` (and its manifest) to the directory ``path``.
 
   With a ``config`` the artifact is checked, before anything is written, to
-  be exactly the parameter tree of the Llama that ``load`` rebuilds.
+  be exactly the parameter tree of the Llama that ``load`` rebuilds.  With
+  ``time_forward`` (and a config) the manifest's ``forward`` holds the
+  deployed model's measured forward time against dense on this device
+  (``time_artifact``).
 
   Returns the manifest.  Raises ValueError (writing nothing) when the
-  artifact does not fit the model or ``path`` is taken.
+  artifact does not fit the model, ``path`` is taken, or ``time_forward``
+  comes without a config.
   """
   path = os.path.abspath(path)
   if config is not None:
     _check_fits(artifact, model_for(config, artifact.layouts, artifact.fmt, artifact.dtype))
+  elif time_forward is not None:
+    raise ValueError("time_forward needs the model config (config=...) to build the model")
   manifest = manifest_for(artifact, config, extra)
+  if time_forward is not None:
+    manifest["forward"] = time_artifact(artifact, config, time_forward)
   _prepare_dir(path, overwrite)
   ckpt = ocp.StandardCheckpointer()
   ckpt.save(os.path.join(path, PARAMS_DIR), _savable(drop_empty(artifact.params)))
@@ -234,17 +246,46 @@ def load(path: str, product: Optional[str] = None):
   model = model_for(config, layouts, manifest["fmt"], manifest["dtype"])
   target = _with_stored_empties(_abstract_params(model), _stored_tree(ckpt, directory))
   params = drop_empty(ckpt.restore(directory, target))
-  if product is not None and manifest["fmt"] != "dense":
-    params, layouts = prepare(params, layouts, product)
-    model = model_for(config, layouts, manifest["fmt"], manifest["dtype"])
+  if product is not None:
+    model, params = runtime_model(config, params, layouts, manifest["fmt"], manifest["dtype"],
+                                  product)
   return model, params, manifest
+
+
+def runtime_model(config: LlamaConfig, params, layouts: dict[str, BlockLayout], fmt: str,
+                  dtype: str, product: str = "ell"):
+  """(model, params) applying an artifact's stored ``params`` in the runtime
+  form of ``product`` (``models.runtime.prepare``: indices decoded here,
+  once); a 'dense' artifact as it is."""
+  if fmt != "dense":
+    params, layouts = prepare(params, layouts, product)
+  return model_for(config, layouts, fmt, dtype), params
+
+
+def time_artifact(artifact: Artifact, config: LlamaConfig,
+                  settings: ForwardTiming) -> dict[str, Any]:
+  """The measured forward of ``artifact`` in its runtime form against the
+  dense ``Llama(config)`` stored in the artifact's dtype (random weights: a
+  dense forward's time does not depend on them), on random tokens
+  (``deploy.forward_time``): forward_ms, dense_forward_ms,
+  forward_vs_dense and the setup (product, batch, seq, repeats, device)."""
+  dense_model = model_for(config, {}, "dense", artifact.dtype)
+  dense_params = stored_as(dense_model.init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32))[
+      "params"], artifact.dtype)
+  tokens = settings.tokens(config.vocab_size, config.max_len)
+  timer = ForwardTimer(dense_model, dense_params, tokens, settings)
+  model, params = runtime_model(config, artifact.params, artifact.layouts, artifact.fmt,
+                                artifact.dtype, settings.product)
+  return dict(timer(model, params), **timer.setup())
 
 
 def export_budget(path: str, params, source, budget, config: Optional[LlamaConfig] = None, *,
                   method: str = "global", gamma: float = 0.5, unit: str = "params",
                   fmt: str = "coo", dtype="bfloat16", row_weights=None,
-                  overwrite: bool = False, extra: Optional[dict] = None) -> dict[str, Any]:
-  """Allocates ``budget``, compresses and exports in one call.
+                  overwrite: bool = False, extra: Optional[dict] = None,
+                  time_forward: Optional[ForwardTiming] = None) -> dict[str, Any]:
+  """Allocates ``budget``, compresses and exports in one call (``time_forward``:
+  as ``export``).
 
   ``source`` is an optimizer state holding a SALAAD state, a
   ``Decomposition`` or ``Blocks``; ``row_weights`` (calibration) apply when
@@ -256,4 +297,4 @@ def export_budget(path: str, params, source, budget, config: Optional[LlamaConfi
                                                              row_weights=row_weights)
   alloc = allocate(blocks, budget, method, gamma=gamma, unit=unit, fmt=fmt, dtype=dtype)
   return export(path, compress(params, blocks, alloc, fmt, dtype), config,
-                overwrite=overwrite, extra=extra)
+                overwrite=overwrite, extra=extra, time_forward=time_forward)

@@ -42,6 +42,21 @@ batches, so two rows compare with the paired standard error
 std_b(loss_b^A - loss_b^B) / sqrt(B) (``paired_se``); each row keeps its
 per-batch losses in ``batch_losses`` (JSON only).
 
+Forward time (``time_forward``, a ``ForwardTiming``; off by default, on in
+``experiments.spectrum``).  Every row of a deployment is also built as the
+model that serves it: the allocation stored compactly (``compress``, as
+``fmt`` in ``dtype``), its indices decoded once into the runtime form
+``time_forward.product`` (``export.runtime_model``), applied by the
+structured Llama.  Its jitted forward of one batch of the evaluation's
+shape (all logits) is timed against the dense model stored in ``dtype``
+(the run's weights X) in the same rounds (``deploy.forward_time``):
+``forward_ms`` is the median over rounds, ``forward_vs_dense`` the median
+of the per-round ratio (< 1: faster than dense).  The dense rows hold the
+dense model's own time (``forward_vs_dense`` = 1 for the SALAAD run's X);
+baselines have none.  An allocation already evaluated is not timed again.
+Each timed row also holds ``forward_setup`` (JSON only): product, batch,
+seq, repeats, warm-up calls and device.
+
 The rows are written as tables and plotted by
 ``salaad_jax.deploy.spectrum_report`` (``write_table``, ``plot``).
 """
@@ -65,9 +80,11 @@ from salaad_jax.deploy import accounting as acc
 from salaad_jax.deploy import allocation
 from salaad_jax.deploy.allocation import METHODS, allocate, resolve_budget
 from salaad_jax.deploy.calibration import activation_weights
-from salaad_jax.deploy.compress import dense_reconstruction
+from salaad_jax.deploy.compress import compress, dense_reconstruction
 from salaad_jax.deploy.evaluation import (BatchEvaluator, SpectrumError, paired_se,  # noqa: F401
                                           rounded, spread_batches)
+from salaad_jax.deploy.export import _check_fits, model_for, runtime_model
+from salaad_jax.deploy.forward_time import ForwardTimer, ForwardTiming, stored_as
 from salaad_jax.deploy.posthoc import posthoc_factors
 from salaad_jax.deploy.spectra import Blocks, spectra
 from salaad_jax.deploy.summary import read_summary
@@ -83,6 +100,8 @@ COLUMNS = ("series", "source", "allocation", "budget", "unit", "budget_value", "
            "fmt", "params", "params_fraction", "bytes", "bytes_fraction", "loss", "loss_se",
            "perplexity", "tokens", "rel_error", "kept_rank", "kept_nnz", "solver", "step",
            "workdir")
+# With forward timing (``time_forward``), every row has these too (None for baselines).
+TIME_COLUMNS = ("forward_ms", "forward_vs_dense")
 DEFAULT_BUDGETS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 
 
@@ -275,13 +294,57 @@ def _dense_run_of(dense_workdir, run, say):
   return dense_run, dense_dir
 
 
-def _dense_row(base, series, owner, wd, total, b_w, evaluator, say) -> dict[str, Any]:
+class _Forward:
+  """The forward timing of ``capacity_spectrum``: the dense reference (the
+  SALAAD run's X stored in ``dtype``) and the deployed models' runtime form."""
+
+  def __init__(self, run, blocks: Blocks, tokens, settings: ForwardTiming, dtype: str):
+    self.run, self.settings, self.dtype = run, settings, dtype
+    # Blocks the structured Llama cannot hold are refused before any evaluation.
+    probe = compress(run.params, blocks, allocate(blocks, blocks.rest_params, "hpa"), "coo",
+                     dtype)
+    try:
+      _check_fits(probe, model_for(run.model_config, probe.layouts, probe.fmt, dtype))
+    except ValueError as e:
+      raise SpectrumError(f"forward timing: {e} (time_forward=None / --notime_forward times "
+                          "nothing)") from None
+    self.timer = ForwardTimer(model_for(run.model_config, {}, "dense", dtype),
+                              stored_as(run.params, dtype), tokens, settings)
+
+  def describe(self) -> str:
+    s = self.timer.setup()
+    return (f"forward time: {s['product']} runtime form against dense in {self.dtype}, "
+            f"{s['batch']}x{s['seq']} tokens, median of {s['repeats']} rounds after "
+            f"{s['warmup']} warm-up, on {s['device']}")
+
+  def dense(self, owner) -> dict[str, Any]:
+    """The dense model of ``owner``: the reference itself (the SALAAD run),
+    or timed against it."""
+    t = (self.timer.dense() if owner is self.run else
+         self.timer(model_for(owner.model_config, {}, "dense", self.dtype),
+                    stored_as(owner.params, self.dtype)))
+    return self._fields(t)
+
+  def deployed(self, owner, blocks: Blocks, alloc) -> dict[str, Any]:
+    """The deployment of ``alloc`` in its runtime form, timed against dense."""
+    art = compress(owner.params, blocks, alloc, alloc.fmt, self.dtype)
+    model, params = runtime_model(owner.model_config, art.params, art.layouts, art.fmt,
+                                  art.dtype, self.settings.product)
+    return self._fields(self.timer(model, params))
+
+  def _fields(self, t: Mapping[str, float]) -> dict[str, Any]:
+    return dict({k: t[k] for k in TIME_COLUMNS}, forward_setup=self.timer.setup())
+
+
+def _dense_row(base, series, owner, wd, total, b_w, evaluator, forward, say) -> dict[str, Any]:
   """The reference row of a dense model (``owner``'s params as they are)."""
   t0 = time.time()
   row = dict(base, series=series, source="dense", allocation=None, params=total,
              params_fraction=1.0, bytes=total * b_w, bytes_fraction=1.0,
              step=owner.step, workdir=wd, **evaluator(owner.model, owner.params))
-  say(f"{series}: ppl {ppl_text(row)} ({time.time() - t0:.1f}s)")
+  if forward is not None:
+    row.update(forward.dense(owner))
+  say(f"{series}: ppl {ppl_text(row)}{_forward_text(row)} ({time.time() - t0:.1f}s)")
   return row
 
 
@@ -307,9 +370,10 @@ def _posthoc_series(run, of, of_dir, blocks, of_dense: bool, posthoc_rank, posth
 
 
 def _budget_rows(series_list, targets, methods, pricing: _Pricing, full: float, evaluator,
-                 base: dict, say) -> list[dict[str, Any]]:
+                 forward: Optional[_Forward], base: dict, say) -> list[dict[str, Any]]:
   """One row per series, allocation method and budget (``full``: 100 % in
-  the budgets' unit); an allocation already evaluated is not evaluated again."""
+  the budgets' unit); an allocation already evaluated is not evaluated (nor
+  timed) again."""
   rows, count, n_eval = [], 0, len(series_list) * len(methods) * len(targets)
   unit, dtype = pricing.unit, pricing.dtype
   for label, src, owner, wd, blks in series_list:
@@ -324,6 +388,8 @@ def _budget_rows(series_list, targets, methods, pricing: _Pricing, full: float, 
         reused = key in cache
         if not reused:
           cache[key] = evaluator(owner.model, dense_reconstruction(owner.params, blks, alloc))
+          if forward is not None:
+            cache[key].update(forward.deployed(owner, blks, alloc))
         r = dict(base, series=f"{label}/{method}", source=src, allocation=method,
                  budget=_budget_text(budget), unit=unit, budget_value=value,
                  budget_fraction=value / full, fmt=alloc.fmt,
@@ -336,7 +402,7 @@ def _budget_rows(series_list, targets, methods, pricing: _Pricing, full: float, 
         say(f"[{count}/{n_eval}] {r['series']} budget {r['budget']} "
             f"({r['budget_fraction']:.1%} of {unit}): P {r['params']} "
             f"({r['params_fraction']:.1%}), {fmt_bytes(r['bytes'])}, ppl {ppl_text(r)}"
-            f"{' (an allocation already evaluated)' if reused else ''} "
+            f"{_forward_text(r)}{' (an allocation already evaluated)' if reused else ''} "
             f"({time.time() - t0:.1f}s)")
   return rows
 
@@ -350,6 +416,7 @@ def capacity_spectrum(run_or_workdir, budgets, *, methods: Sequence[str] = ("hpa
                       fmt: str = "coo", dtype="bfloat16", gamma: float = 0.5,
                       step: Optional[int] = None, calibration_batches: int = 0,
                       eval_spread: bool = False, eval_weight_dtype=None,
+                      time_forward: Optional[ForwardTiming] = None,
                       progress: Progress = print) -> list[dict[str, Any]]:
   """Validation loss/perplexity, parameters and bytes of a run at every budget.
 
@@ -391,24 +458,27 @@ def capacity_spectrum(run_or_workdir, budgets, *, methods: Sequence[str] = ("hpa
     eval_weight_dtype: None, or the dtype every evaluated model's weights
       are rounded to first (e.g. 'bfloat16', the dtype the bytes are priced
       in; the deployed X_hat is rounded as a whole).
+    time_forward: None, or how each deployment's forward is timed against
+      dense (``ForwardTiming``: product, batch shape, repeats; its batch and
+      seq default to the evaluation batch's): the rows gain
+      ``TIME_COLUMNS`` (see above).
     progress: called with one line per evaluation (None: silent).
 
   Returns:
-    Rows (dicts with the keys ``COLUMNS`` plus ``batch_losses``): the dense
-    references first, then each series in ascending budget, then baselines.
+    Rows (dicts with the keys ``COLUMNS``, with ``time_forward`` also
+    ``TIME_COLUMNS``, plus ``batch_losses``): the dense references first,
+    then each series in ascending budget, then baselines.
 
   Raises:
     SpectrumError (before any evaluation): a bad argument, a budget above
     100 % or below P_rest (the parameters outside the blocks), a run without
     SALAAD state, a dense run of another architecture, a missing or invalid
-    summary.
+    summary, with ``time_forward`` blocks the structured Llama cannot hold.
   """
   say = progress or (lambda _: None)
   methods, dtype = _check_args(methods, unit, fmt, dtype, gamma, eval_batches, posthoc_rank,
-                               posthoc_density)
+                               posthoc_density, calibration_batches)
   wanted = parse_budgets(budgets)
-  if not isinstance(calibration_batches, int) or calibration_batches < 0:
-    raise SpectrumError(f"calibration_batches must be an integer >= 0, got {calibration_batches!r}")
 
   # Runs, budgets and summaries are all checked before anything is evaluated.
   run, workdir = _run_of(run_or_workdir, step, say)
@@ -428,13 +498,14 @@ def capacity_spectrum(run_or_workdir, budgets, *, methods: Sequence[str] = ("hpa
   say(f"P_model {total} params ({fmt_bytes(total * b_w)} in {dtype}), outside the blocks "
       f"{rest} ({rest / total:.1%}: the smallest budget); {len(blocks.blocks)} blocks; "
       f"{len(evaluator.batches)} validation batches")
+  forward = _forward_of(run, blocks, evaluator, time_forward, dtype, say)
 
   base = dict(budget=None, unit=None, budget_value=None, budget_fraction=None, fmt=None,
               rel_error=None, kept_rank=None, kept_nnz=None, solver=None)
   dense = [("dense X (salaad run)", run, workdir)]
   if dense_run is not None:
     dense.append((f"dense ({dense_run.config.method} run)", dense_run, dense_dir))
-  rows = [_dense_row(base, series, owner, wd, total, b_w, evaluator, say)
+  rows = [_dense_row(base, series, owner, wd, total, b_w, evaluator, forward, say)
           for series, owner, wd in dense]
 
   series_list = [("salaad", "salaad", run, workdir, blocks)]
@@ -444,17 +515,35 @@ def capacity_spectrum(run_or_workdir, budgets, *, methods: Sequence[str] = ("hpa
         run, of, of_dir, blocks, dense_run is not None, posthoc_rank, posthoc_density,
         calibrate, say))
   rows += _budget_rows(series_list, targets, methods, _Pricing(unit, gamma, fmt, dtype),
-                       total * scale, evaluator, base, say)
+                       total * scale, evaluator, forward, base, say)
 
   for where, s in summaries:
-    rows.append(_baseline_row(base, where, s, total, b_w))
+    rows.append(_baseline_row(base, where, s, total, b_w, forward is not None))
     say(f"baseline {s['label']}: P {s['params']}, {fmt_bytes(s['bytes'])}, "
         f"ppl {s['perplexity']:.3f}")
   return rows
 
 
+def _forward_of(run, blocks: Blocks, evaluator: BatchEvaluator,
+                settings: Optional[ForwardTiming], dtype: str, say) -> Optional[_Forward]:
+  """The forward timing of the spectrum (None without ``settings``); its
+  tokens: the first evaluation batch's inputs, in ``settings``' shape."""
+  if settings is None:
+    return None
+  if not isinstance(settings, ForwardTiming):
+    raise SpectrumError(f"time_forward must be a ForwardTiming or None, got {settings!r}")
+  cfg = run.model_config
+  try:
+    tokens = settings.tokens(cfg.vocab_size, cfg.max_len, like=evaluator.batches[0]["inputs"])
+  except ValueError as e:
+    raise SpectrumError(str(e)) from None
+  forward = _Forward(run, blocks, tokens, settings, dtype)
+  say(forward.describe())
+  return forward
+
+
 def _check_args(methods, unit, fmt, dtype, gamma, eval_batches, posthoc_rank,
-                posthoc_density):
+                posthoc_density, calibration_batches):
   """(methods as a tuple, canonical dtype name); SpectrumError on a bad argument."""
   methods = tuple(methods)
   if not methods or any(m not in METHODS for m in methods) or len(set(methods)) < len(methods):
@@ -479,6 +568,8 @@ def _check_args(methods, unit, fmt, dtype, gamma, eval_batches, posthoc_rank,
   for name, v in (("posthoc_rank", posthoc_rank), ("posthoc_density", posthoc_density)):
     if v is not None and not 0.0 <= v <= 1.0:
       raise SpectrumError(f"{name} must lie in [0, 1], got {v}")
+  if not isinstance(calibration_batches, int) or calibration_batches < 0:
+    raise SpectrumError(f"calibration_batches must be an integer >= 0, got {calibration_batches!r}")
   return methods, dtype
 
 
@@ -523,17 +614,20 @@ def _calibrator(config, num_batches: int, say: Progress):
   return lambda run: activation_weights(run.model, run.params, batches)
 
 
-def _baseline_row(base: dict, where: str, s: dict, total: int, b_w: int) -> dict[str, Any]:
+def _baseline_row(base: dict, where: str, s: dict, total: int, b_w: int,
+                  timed: bool) -> dict[str, Any]:
   """A summary.json as a row; fractions against its own dense_params (else
-  this run's P_model) and its own dtype (else this table's)."""
+  this run's P_model) and its own dtype (else this table's); no forward
+  time (None in ``TIME_COLUMNS`` when the table is ``timed``)."""
   dense_params = s.get("dense_params") or total
   s_bw = acc.value_bytes(s["dtype"]) if s.get("dtype") in ("bfloat16", "float32") else b_w
   loss = s["loss"] if s.get("loss") is not None else math.log(s["perplexity"])
-  return dict(base, series=s["label"], source="baseline", allocation=None, fmt=s.get("fmt"),
-              params=s["params"], params_fraction=s["params"] / dense_params,
-              bytes=s["bytes"], bytes_fraction=s["bytes"] / (dense_params * s_bw), loss=loss,
-              loss_se=None, perplexity=s["perplexity"], tokens=None, step=s.get("step"),
-              workdir=where, batch_losses=None)
+  row = dict(base, series=s["label"], source="baseline", allocation=None, fmt=s.get("fmt"),
+             params=s["params"], params_fraction=s["params"] / dense_params,
+             bytes=s["bytes"], bytes_fraction=s["bytes"] / (dense_params * s_bw), loss=loss,
+             loss_se=None, perplexity=s["perplexity"], tokens=None, step=s.get("step"),
+             workdir=where, batch_losses=None)
+  return dict(row, **dict.fromkeys(TIME_COLUMNS)) if timed else row
 
 
 # ---------------------------------------------------------------------------
@@ -555,3 +649,14 @@ def ppl_text(row: Mapping[str, Any]) -> str:
   if se is None:
     return f"{row['perplexity']:.3f}"
   return f"{row['perplexity']:.3f} ± {row['perplexity'] * se:.3f}"
+
+
+def time_text(row: Mapping[str, Any]) -> str:
+  """A row's forward time, '3.21 ms (0.84x dense)'; '' for a row without one."""
+  if row.get("forward_ms") is None:
+    return ""
+  return f"{row['forward_ms']:.3g} ms ({row['forward_vs_dense']:.2f}x dense)"
+
+
+def _forward_text(row: Mapping[str, Any]) -> str:
+  return f", forward {time_text(row)}" if row.get("forward_ms") is not None else ""

@@ -15,7 +15,7 @@ outside any jitted function, so the forward never decodes an index
                      runtime (the stored bytes stay compact)
     product 'auto'   per block, whichever of 'ell' and 'dense' runs the
                      block faster on this device at ``auto_rows`` rows of x
-                     (median of a few timed calls)
+                     (median of a few timed calls, ``models.timing``)
 
 The low-rank part stays two thin matmuls, (x A) B^T, in every product but
 'dense'.  The runtime bytes of the result (``tree_bytes``) are what the
@@ -24,8 +24,6 @@ device holds; the artifact's stored bytes are unchanged by the choice.
 
 from __future__ import annotations
 
-import statistics
-import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -33,6 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from salaad_jax.models import timing
 from salaad_jax.models.structured import BlockLayout, StructuredDense
 
 __all__ = ["PRODUCTS", "decoded_entries", "ell_arrays", "prepare", "tree_bytes"]
@@ -112,23 +111,14 @@ def _as_product(product: str, layout: BlockLayout, node, entries, dtype):
   return out, BlockLayout(layout.m, layout.n, layout.rank, layout.nnz, "ell", ell_rows.shape[1])
 
 
-def _median_ms(fn, *args, repeats: int) -> float:
-  jax.block_until_ready(fn(*args))
-  times = []
-  for _ in range(repeats):
-    t = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - t)
-  return 1e3 * statistics.median(times)
-
-
 def _block_ms(params, layout, rows: int, dtype, repeats: int) -> float:
   layouts = () if layout is None else (("", layout),)
   n = layout.n if layout is not None else params["kernel"].shape[1]
   m = layout.m if layout is not None else params["kernel"].shape[0]
   layer = StructuredDense(n, layouts=layouts, dtype=dtype, param_dtype=dtype)
   x = jnp.ones((rows, m), dtype)
-  return _median_ms(jax.jit(layer.apply), {"params": params}, x, repeats=repeats)
+  fn = jax.jit(layer.apply)
+  return timing.median_ms(timing.time_rounds([lambda: fn({"params": params}, x)], repeats)[0])
 
 
 def _node(tree, module: str):
