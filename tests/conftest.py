@@ -79,9 +79,9 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
   atexit.register(shutil.rmtree, _XLA_CACHE, ignore_errors=True)
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
 
-ROOT = Path(__file__).resolve().parents[1]
-TINY_FLAGS = str(ROOT / "experiments" / "configs" / "tiny.flags")
-SHAKESPEARE = ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"
+# The paths the suite shares (tests/helpers.py, which imports JAX: only once
+# the environment above is set), imported by name from here too.
+from helpers import ROOT, SHAKESPEARE, TINY_FLAGS  # pylint: disable=wrong-import-position
 
 
 # ---------------------------------------------------------------------------

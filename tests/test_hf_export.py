@@ -22,7 +22,6 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -38,9 +37,9 @@ from salaad_jax.models.llama import Llama, generate  # pylint: disable=wrong-imp
 from salaad_jax.train import TrainError  # pylint: disable=wrong-import-position
 from salaad_jax.train.warm_start import hf_params  # pylint: disable=wrong-import-position
 
-from conftest import SHAKESPEARE, app_env, run_app_cases  # pylint: disable=wrong-import-position
+from conftest import app_env, run_app_cases  # pylint: disable=wrong-import-position
+from helpers import ROOT, assert_one_line_error  # pylint: disable=wrong-import-position
 
-ROOT = Path(__file__).resolve().parents[1]
 BUDGET = 0.5
 TOLERANCE = 1e-4
 NEW_TOKENS = 32
@@ -346,11 +345,7 @@ def refused(shakespeare_runs, tmp_path_factory):
 @pytest.mark.parametrize("case", range(len(BAD_INPUT)), ids=[n for _, n in BAD_INPUT])
 def test_bad_input_is_one_line_and_writes_nothing(refused, case):
   base, results = refused
-  out = results[case]
-  err = [l for l in out.stderr.splitlines() if l.strip() and "WARNING" not in l]
-  assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr[-3000:]
-  assert len(err) == 1 and err[0].startswith("error: "), out.stderr[-3000:]
-  assert BAD_INPUT[case][1] in err[0], err
+  assert_one_line_error(results[case], BAD_INPUT[case][1], returncode=1, alone=True)
   out_dir = base / str(case)
   if "--nonempty" in BAD_INPUT[case][0]:
     assert sorted(os.listdir(out_dir)) == ["keep.txt"]

@@ -13,6 +13,7 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st_
 
 import salaad_jax as sj
+from helpers import TINY_FLAGS
 from salaad_jax import consolidate as cons
 from salaad_jax import prox, schedules
 from salaad_jax.baselines import accounting
@@ -748,12 +749,11 @@ def test_explicit_flags_win_over_the_preset(tmp_path):
 
 def test_tiny_flag_file_runs_the_recommended_preset():
   """The flag file sets no SALAAD field itself, so --salaad_preset swaps all of them."""
-  tiny = str(presets.__file__).rsplit("/salaad_jax/", 1)[0] + "/experiments/configs/tiny.flags"
   got = {}
   for preset in (None, "reference"):
     fv = flags.FlagValues()
     train_flags.define_flags(fv)
-    fv(["prog", f"--flagfile={tiny}"] + ([f"--salaad_preset={preset}"] if preset else []))
+    fv(["prog", f"--flagfile={TINY_FLAGS}"] + ([f"--salaad_preset={preset}"] if preset else []))
     got[preset] = train_flags.config_from_flags(fv)
   rec = presets.preset_fields("recommended", "tiny")
   assert got[None].salaad_preset == "recommended" and rec["consolidate_from"] > 0

@@ -19,12 +19,11 @@ import numpy as np
 import pytest
 from absl import flags
 
+from conftest import app_env
+from helpers import ROOT, TINY_FLAGS, train_losses
 from salaad_jax.train import TrainError, multihost
 from salaad_jax.train import flags as train_flags
-from salaad_jax.train.metrics import read_records
 
-ROOT = Path(__file__).resolve().parents[1]
-TINY = str(ROOT / "experiments" / "configs" / "tiny.flags")
 STEPS, EVERY = 8, 2
 # SALAAD: its summary restores the final checkpoint (the end of run that used
 # to fail on process 1 and hang both).  One subspace iteration in the initial
@@ -32,7 +31,7 @@ STEPS, EVERY = 8, 2
 # consolidation: its factor step, cuts and second pass are sharded in
 # test_pretrain_app's test_sharded_salaad_matches_one_device) keep the
 # three processes' compilations short.
-ARGS = [f"--flagfile={TINY}", f"--steps={STEPS}", "--batch_size=8", "--log_every=1",
+ARGS = [f"--flagfile={TINY_FLAGS}", f"--steps={STEPS}", "--batch_size=8", "--log_every=1",
         "--eval_every=0", "--eval_batches=2", f"--checkpoint_every={EVERY}",
         "--keep_checkpoints=10", "--every_k=2", "--warmup_steps=2", "--init_iters=1",
         "--mesh_fsdp=4", "--consolidate_from=0"]
@@ -51,12 +50,7 @@ def _free_port() -> int:
 
 
 def _env(devices: int) -> dict:
-  env = dict(os.environ, JAX_PLATFORMS="cpu", NPROC=str(8 * devices), PYTHONUNBUFFERED="1",
-             JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo")
-  flags = [f for f in env.get("XLA_FLAGS", "").split()
-           if not f.startswith("--xla_force_host_platform_device_count")]
-  env["XLA_FLAGS"] = " ".join(flags + [f"--xla_force_host_platform_device_count={devices}"])
-  return env
+  return dict(app_env(devices), JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo")
 
 
 def _launch(workdir: Path, logs: Path) -> list:
@@ -95,11 +89,6 @@ def _tails(logs: Path) -> str:
 def _steps(workdir: Path) -> list:
   d = workdir / "checkpoints"
   return sorted(int(s) for s in os.listdir(d) if s.isdigit()) if d.is_dir() else []
-
-
-def _train_losses(workdir: Path) -> list:
-  return [(r["step"], r["loss"]) for r in read_records(workdir / "metrics.jsonl")
-          if r["kind"] == "train"]
 
 
 def test_two_processes_killed_resumed_match_one_process(tmp_path):
@@ -141,7 +130,7 @@ def test_two_processes_killed_resumed_match_one_process(tmp_path):
   assert not any(l.startswith(("step ", "done:", "summary:")) for l in out1.splitlines())
 
   # The same numbers as one process with the four devices.
-  a, b = _train_losses(tmp_path / "one"), _train_losses(wd)
+  a, b = train_losses(tmp_path / "one"), train_losses(wd)
   assert [s for s, _ in b] == list(range(1, STEPS + 1))
   np.testing.assert_allclose([v for _, v in b], [v for _, v in a], rtol=1e-5)
   one = json.loads((tmp_path / "one" / "summary.json").read_text())

@@ -37,10 +37,8 @@ from salaad_jax.deploy import spectrum_report as report
 from salaad_jax.deploy import summary as sm
 from salaad_jax.train import load_run
 
-from conftest import SHAKESPEARE, SHAKESPEARE_EVAL_BATCHES, app_env, run_app_cases
-
-ROOT = Path(__file__).resolve().parents[1]
-NEEDS_TEXT = pytest.mark.skipif(not SHAKESPEARE.exists(), reason=f"{SHAKESPEARE} is absent")
+from conftest import SHAKESPEARE_EVAL_BATCHES, app_env, run_app_cases
+from helpers import NEEDS_SHAKESPEARE, ROOT, assert_one_line_error
 
 TOLERANCE_SE = 2.0  # one-sided: loss may rise by at most 2 paired standard errors
 BUDGETS = (0.26, 0.28, 0.3, 0.33, 0.36, 0.4, 0.45, 0.5, 0.6, 0.8, 1.0)
@@ -87,7 +85,7 @@ def _rises(series):
 # ---------------------------------------------------------------------------
 
 
-@NEEDS_TEXT
+@NEEDS_SHAKESPEARE
 def test_perplexity_is_monotone_in_budget_within_noise(rows):
   for name in ("salaad/hpa", "salaad/global"):
     s = _series(rows, name)
@@ -99,7 +97,7 @@ def test_perplexity_is_monotone_in_budget_within_noise(rows):
   assert _rises(_series(rows, "salaad/hpa")[::-1])
 
 
-@NEEDS_TEXT
+@NEEDS_SHAKESPEARE
 def test_global_is_never_worse_than_hpa_beyond_noise(rows):
   g, h = _series(rows, "salaad/global"), _series(rows, "salaad/hpa")
   worse = [(a["budget"], a["loss"] - b["loss"], sp.paired_se(a, b)) for a, b in zip(g, h)
@@ -170,7 +168,7 @@ def test_post_hoc_of_the_runs_own_x_and_byte_budgets(runs, rows):
   assert auto["bytes"] <= auto["budget_value"]
 
 
-@NEEDS_TEXT
+@NEEDS_SHAKESPEARE
 def test_calibrated_allocation_weights_by_training_batches(runs):
   salaad = load_run(str(runs[0]))
   got = sp.capacity_spectrum(salaad, [0.4], methods=("global",), posthoc=False,
@@ -218,13 +216,6 @@ def test_a_run_without_salaad_state_is_refused(runs):
 # ---------------------------------------------------------------------------
 # The app.
 # ---------------------------------------------------------------------------
-
-
-def _one_line_error(out, needle):
-  assert out.returncode != 0
-  assert "Traceback" not in out.stderr, out.stderr[-3000:]
-  err = [l for l in out.stderr.splitlines() if l.strip() and "WARNING" not in l]
-  assert err and needle in err[0] and len(err) <= 2, out.stderr[-3000:]
 
 
 def test_app_writes_table_csv_plot_and_reads_baselines(runs, tmp_path):
@@ -279,7 +270,7 @@ def refused(runs, tmp_path_factory):
 def test_app_bad_input_is_one_line_and_writes_nothing(runs, refused, case):
   base, results = refused
   which, _, needle = BAD_INPUT[case]
-  _one_line_error(results[case], needle)
+  assert_one_line_error(results[case], needle, prefix="", alone=True)
   assert not (base / str(case)).exists()
   assert not (Path(runs[0] if which == "salaad" else runs[1]) / "spectrum").exists()
 

@@ -13,7 +13,6 @@ import dataclasses
 import graphlib
 import json
 import os
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -22,6 +21,7 @@ import optax
 import pytest
 from absl import flags
 
+from helpers import ROOT, tiny_config, train_losses
 from salaad_jax.train import (NonFiniteLossError, TrainConfig, TrainError, TrainState,
                               evaluate, get_method, load_run, make_eval_dataset,
                               register_method, train_and_evaluate)
@@ -32,19 +32,15 @@ from salaad_jax.train import sharding as shd
 from salaad_jax.train.methods import method_options
 
 
+# The tiny run of tests/helpers.py on the plain synthetic corpus, logged every
+# step, a checkpoint every 4 steps.
+TRAIN_RUN = dict(source="synthetic", seq_len=32, batch_size=8, lr=3e-3, warmup_steps=2,
+                 log_every=1, checkpoint_every=4, async_checkpoint=True, tensorboard=False)
+
+
 def tiny(**overrides) -> TrainConfig:
   """A dense tiny model on the synthetic corpus, a few seconds on CPU."""
-  base = dict(method="dense", model="tiny", dtype="float32", source="synthetic",
-              seq_len=32, batch_size=8, steps=12, lr=3e-3, warmup_steps=2,
-              log_every=1, eval_every=0, eval_batches=2, checkpoint_every=4,
-              tensorboard=False)
-  base.update(overrides)
-  return TrainConfig(**base)
-
-
-def losses(workdir):
-  return [(r["step"], r["loss"]) for r in mt.read_records(os.path.join(workdir, "metrics.jsonl"))
-          if r["kind"] == "train"]
+  return tiny_config(**{**TRAIN_RUN, **overrides})
 
 
 # ----------------------------------------------------------------------------
@@ -88,7 +84,7 @@ def test_flags_cover_every_field_and_give_the_config():
 
 def _train_imports() -> dict[str, set[str]]:
   """module -> the salaad_jax.train modules it imports (at any depth, lazy ones too)."""
-  package = Path(__file__).resolve().parents[1] / "salaad_jax" / "train"
+  package = ROOT / "salaad_jax" / "train"
   names = {p.stem for p in package.glob("*.py")} - {"__init__"}
   graph = {}
   for name in names:
@@ -183,7 +179,7 @@ def test_stop_after_then_resume_reproduces_the_losses_bit_for_bit(tmp_path):
   assert part["interrupted"] == "stop_after" and part["step"] == 6
   rest = train_and_evaluate(tiny(), str(tmp_path / "split"), devices=one)
   assert rest["step"] == 12
-  ref, got = losses(tmp_path / "full"), losses(tmp_path / "split")
+  ref, got = train_losses(tmp_path / "full"), train_losses(tmp_path / "split")
   assert [s for s, _ in got] == list(range(1, 13))
   assert got == ref  # bit-identical floats on CPU
   assert full["eval_loss"] == rest["eval_loss"]
@@ -194,7 +190,7 @@ def one_device_run(tmp_path_factory):
   """(losses, final metrics) of 6 steps on one device."""
   wd = tmp_path_factory.mktemp("one")
   result = train_and_evaluate(tiny(steps=6), str(wd), devices=jax.devices()[:1])
-  return losses(wd), result
+  return train_losses(wd), result
 
 
 @pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (fake) devices")
@@ -204,7 +200,7 @@ def test_multi_device_training_matches_one_device(tmp_path, layout, one_device_r
   ref_losses, ref = one_device_run
   got = train_and_evaluate(tiny(steps=6, **layout), str(tmp_path))
   assert "interrupted" in got and got["step"] == 6
-  np.testing.assert_allclose([v for _, v in losses(tmp_path)], [v for _, v in ref_losses],
+  np.testing.assert_allclose([v for _, v in train_losses(tmp_path)], [v for _, v in ref_losses],
                              rtol=2e-5)
   np.testing.assert_allclose(got["eval_loss"], ref["eval_loss"], rtol=2e-5)
   if layout.get("mesh_fsdp", 1) > 1:  # restore lands sharded on a mesh with an fsdp axis
