@@ -1,6 +1,6 @@
-"""The training harness in-process: config, flags, sharding rules, the method
-registry, exact resume, multi-device equivalence, non-finite detection and
-load_run.
+"""The training harness in-process: config, flags (SALAAD's become the
+transform's options), sharding rules, the method registry, exact resume,
+multi-device equivalence, non-finite detection and load_run.
 
 These runs use ``--method=dense`` (or a custom method): SALAAD's batched
 LAPACK calls can deadlock XLA:CPU's intra-op pool on 2-core machines unless
@@ -29,6 +29,9 @@ from salaad_jax.train import config as cfg_lib
 from salaad_jax.train import flags as train_flags
 from salaad_jax.train import metrics as mt
 from salaad_jax.train import sharding as shd
+from salaad_jax.baselines import accounting
+from salaad_jax.models import get_config
+from salaad_jax.train import methods, presets
 from salaad_jax.train.methods import method_options
 
 
@@ -105,6 +108,87 @@ def test_train_modules_import_one_way():
   graph = _train_imports()
   assert graph["warm_start"] >= {"run"} and "loop" not in graph["run"]  # the graph is read
   list(graphlib.TopologicalSorter(graph).static_order())  # CycleError on a circle
+
+
+def tiny100(**kw) -> TrainConfig:
+  """SALAAD on the tiny model over 100 steps, the other fields at their defaults."""
+  return TrainConfig(model="tiny", steps=100, warmup_steps=5, **kw)
+
+
+def test_config_fields_become_transform_options():
+  kw = methods.salaad_kwargs(tiny100(every_k=5, target_schedule_end=0.5, rho_mode="tanh",
+                                   rho_ramp_center=0.5, rho_ramp_width=0.1,
+                                   consolidate_from=0.7))
+  assert kw["consolidate_from"] == 70
+  assert float(kw["target_schedule"](10)) == 0.0 and float(kw["target_schedule"](0)) == 1.0
+  assert float(kw["rho_schedule"](10)) == pytest.approx(5.5)  # centre: 0.5 * 100 / 5
+  off = methods.salaad_kwargs(tiny100())
+  assert (off["consolidate_from"], off["target_schedule"], off["rho_schedule"]) == (None,) * 3
+  assert methods.salaad_kwargs(tiny100(rho_mode="shape_dependent"))["rho"] == "shape_dependent"
+  fac = methods.salaad_kwargs(tiny100(consolidate_params="factors", consolidate_from=0.5,
+                                    consolidate_factor_lr=3.0, consolidate_global_dropout=0.2))
+  assert (fac["consolidate_params"], fac["consolidate_factor_lr"],
+          fac["consolidate_global_dropout"]) == ("factors", 3.0, 0.2)
+  # byte budgets: with --consolidate_cut_bitmaps a bitmap per block (1/16 of a
+  # bf16 value per entry) priced in the cut; without, every bitmap counted as
+  # kept: b less the bitmaps' share of the dense bytes
+  fields = dict(consolidate_params="factors", consolidate_from=0.5,
+                consolidate_cut_budgets="0.4, 0.6", vocab_size=256, seq_len=64)
+  cb = methods.salaad_kwargs(tiny100(consolidate_cut_bitmaps=True, consolidate_cut_jitter=0.02,
+                                   **fields))
+  assert (cb["consolidate_cut_budgets"], cb["consolidate_cut_overhead"],
+          cb["consolidate_cut_jitter"]) == ((0.4, 0.6), 1 / 16, 0.02)
+  blocks = accounting.model_blocks(get_config("tiny", vocab_size=256, max_len=64))
+  total = blocks.rest + sum(m * n for m, n in blocks.shapes.values())
+  bitmaps = sum(np.ceil(m * n / 8) for m, n in blocks.shapes.values())
+  cb = methods.salaad_kwargs(tiny100(**fields))
+  np.testing.assert_allclose(cb["consolidate_cut_budgets"],
+                             [b - bitmaps / (2 * total) for b in (0.4, 0.6)])
+  assert cb["consolidate_cut_overhead"] == 0.0
+  assert cb["consolidate_cut_joint"] == 0.0
+  assert methods.salaad_kwargs(tiny100(consolidate_cut_joint=0.5, **fields))[
+      "consolidate_cut_joint"] == 0.5
+  assert methods.salaad_kwargs(tiny100(consolidate_cut_budgets="0.4"))[
+      "consolidate_cut_budgets"] == ()  # consolidation off: no cuts
+  # --consolidate_from=0 switches consolidation off whatever the preset set.
+  cfg = presets.config_with_preset("recommended", model="tiny", consolidate_from=0.0)
+  cfg_lib.validate(cfg)
+  off = methods.salaad_kwargs(cfg)
+  assert (off["consolidate_from"], off["consolidate_params"], off["consolidate_factor_lr"]) == (
+      None, "projection", 1.0)
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(consolidate_from=1.0), r"--consolidate_from=1.0 must lie in \[0, 1\)"),
+    (dict(consolidate_dropout=1.0), "--consolidate_dropout=1.0 must lie in"),
+    (dict(target_schedule_end=2.0), "--target_schedule_end=2.0"),
+    (dict(rho_mode="tanh", rho_ramp_width=0.0), "--rho_mode=tanh needs"),
+    (dict(consolidate_params="factors", consolidate_from=0.5, consolidate_dropout=0.2),
+     r"--consolidate_params='factors' trains .* no --consolidate_dropout"),
+    (dict(consolidate_params="factors", consolidate_from=0.5, coupling="decoupled"),
+     r"consolidate_params='factors' trains .* needs the coupled"),
+    (dict(consolidate_factor_lr=0.0), "--consolidate_factor_lr=0.0 must be > 0"),
+    (dict(consolidate_from=0.5, consolidate_global_dropout=0.5),
+     "consolidate_global_dropout trains cuts of the factors: it needs"),
+    (dict(consolidate_params="factors", consolidate_from=0.5, consolidate_global_dropout=1.0),
+     "--consolidate_global_dropout=1.0 must lie in"),
+    (dict(consolidate_params="factors", consolidate_from=0.5, consolidate_factor_lr=0.0),
+     "--consolidate_factor_lr=0.0 must be > 0"),
+    (dict(consolidate_cut_budgets="0.4,x"), "--consolidate_cut_budgets='0.4,x' must be"),
+    (dict(consolidate_cut_jitter=1.0), r"--consolidate_cut_jitter=1.0 must lie in \[0, 1\)"),
+    (dict(consolidate_cut_budgets="0.4,1.5"), "--consolidate_cut_budgets='0.4,1.5' must be"),
+    (dict(consolidate_from=0.5, consolidate_cut_budgets="0.4"),
+     "consolidate_cut_budgets trains cuts of the factors: it needs"),
+    (dict(consolidate_params="factors", consolidate_from=0.5, consolidate_cut_budgets="0.4",
+          consolidate_global_dropout=0.2), "both choose each step's cut"),
+    (dict(consolidate_params="factors", consolidate_from=0.5, consolidate_cut_budgets="1.0",
+          consolidate_cut_joint=0.5), "consolidate_cut_joint adds the loss at a cut"),
+    (dict(consolidate_params="factors", consolidate_from=0.5, consolidate_cut_budgets="0.4",
+          consolidate_cut_joint=1.0), r"--consolidate_cut_joint=1.0 must lie in \[0, 1\)"),
+])
+def test_lever_flags_are_validated(change, message):
+  with pytest.raises(TrainError, match=message):
+    cfg_lib.validate(tiny100(**change))
 
 
 # ----------------------------------------------------------------------------
