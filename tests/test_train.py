@@ -372,29 +372,3 @@ def test_compiled_initialisation_takes_the_seed_as_an_input():
                s0, baked)
   emb = lambda s: np.asarray(s.params["embed"]["embedding"])
   assert not np.array_equal(emb(s0), emb(s1))
-
-
-def test_checkpoints_from_before_the_factored_field_restore(tmp_path):
-  """A SalaadState saved in the field layout it had before ``factored``
-  (checkpoints of earlier versions) restores into today's state."""
-  import salaad_jax as sj
-  from salaad_jax import opt_state
-  from salaad_jax.train.checkpoint import Checkpointer
-  params = {"w": {"kernel": jnp.arange(48.0).reshape(8, 6) / 10}, "b": jnp.ones(3)}
-  tx = sj.salaad(optax.adam(1e-2), every_k=2, rank_target=0.3, svt="exact")
-  state = {"params": params, "opt": tx.init(params)}
-  u, state["opt"] = tx.update(jax.tree.map(jnp.ones_like, params), state["opt"], params)
-  old = opt_state.as_v1(state)
-  assert jax.tree.structure(old) != jax.tree.structure(state)
-  ckpt = Checkpointer(str(tmp_path / "ck"), async_save=False)
-  ckpt.save(7, old, {"epoch": 1})
-  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)
-  restored, data = ckpt.restore(abstract, 7)
-  assert jax.tree.structure(restored) == jax.tree.structure(state)
-  assert isinstance(restored["opt"], sj.SalaadState) and data == {"epoch": 1}
-  for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(state)):
-    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-  # Any other mismatch is still an error.
-  with pytest.raises(Exception):
-    ckpt.restore({**abstract, "extra": jax.ShapeDtypeStruct((2,), jnp.float32)}, 7)
-  ckpt.close()
