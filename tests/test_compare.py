@@ -99,11 +99,32 @@ def test_fill_target_is_the_largest_or_the_lower_median():
     cb.fill_target([1], "smallest")
 
 
+def _tiny_by_hand():
+  """(block shapes, parameters outside the blocks) of the tiny model from its
+  config: per layer four d x d attention kernels and the d x d_ff gate and up
+  and d_ff x d down kernels; outside them the untied embedding and head (V d
+  each) and the RMSNorm scales (two per layer and the final one)."""
+  d, f, layers = TINY.d_model, TINY.d_ff, TINY.n_layers
+  assert not TINY.tie_embeddings
+  shapes = ([(d, d)] * 4 + [(d, f), (d, f), (f, d)]) * layers
+  return shapes, 2 * TINY.vocab_size * d + (2 * layers + 1) * d
+
+
 def test_parameter_budgets_match_the_old_parameter_matching():
+  shapes, rest = _tiny_by_hand()
   target = cb.target(TINY, 0.5, "params")
-  assert target == 65952
-  assert [cb.match(m, TINY, target, "params", 0.03, "coo").rank
-          for m in ("lowrank", "sltrain", "lost")] == [13, 12, 12]
+  assert target == math.floor(0.5 * (rest + sum(m * n for m, n in shapes)))
+  # P(r) = P_rest + r sum_i (m_i + n_i) + the sparse part (SLTrain floor(0.03 m n)
+  # entries, LOST m floor(0.03 n) column entries), so the largest rank that fits
+  # is floor((target - P_rest - sparse) / sum_i (m_i + n_i)).
+  sparse = {"lowrank": 0,
+            "sltrain": sum(math.floor(0.03 * m * n + 1e-9) for m, n in shapes),
+            "lost": sum(m * math.floor(0.03 * n + 1e-9) for m, n in shapes)}
+  per_rank = sum(m + n for m, n in shapes)
+  for method, fixed in sparse.items():
+    rank = (target - rest - fixed) // per_rank
+    got = cb.match(method, TINY, target, "params", 0.03, "coo")
+    assert rank >= 1 and (got.rank, got.params) == (rank, rest + fixed + rank * per_rank), method
 
 
 def test_salaad_rank_target_fills_the_largest_budget_in_bytes():
@@ -117,8 +138,13 @@ def test_salaad_rank_target_fills_the_largest_budget_in_bytes():
   filled = (2 * accounting.model_blocks(TINY).rest + sparse[fmt]
             + sum(2 * r_star * min(m, n) * (m + n) for m, n in blocks))
   assert filled == pytest.approx(max(targets), rel=1e-12)
-  assert cb.salaad_rank_target(TINY, [65952], "params", 0.05, "coo") == pytest.approx(
-      match_rank_target(TINY, 65952, 0.05))
+  # In parameters: P_rest + sum_i [r* min(m_i, n_i) (m_i + n_i) + d* m_i n_i] is the budget.
+  shapes, rest = _tiny_by_hand()
+  half = cb.target(TINY, 0.5, "params")
+  r_star = cb.salaad_rank_target(TINY, [half], "params", 0.05, "coo")
+  assert r_star == pytest.approx(match_rank_target(TINY, half, 0.05))
+  assert rest + sum(r_star * min(m, n) * (m + n) + 0.05 * m * n for m, n in shapes) == (
+      pytest.approx(half, rel=1e-12))
 
 
 def test_budget_below_the_rest_or_too_small_for_a_method_is_a_value_error():
