@@ -163,11 +163,16 @@ def cut_oracle(sigmas, sparses, drop=0.0, keep=None, overhead=0.0) -> set:
   return kept
 
 
-def cut_prefix_costs(sigmas, sparses, overhead=0.0) -> list:
-  """The running cost after each item of ``cut_oracle``'s order: the
-  budgets at which one more item fits exactly."""
+def cut_prefixes(sigmas, sparses, overhead=0.0) -> list:
+  """(running cost, kept items) after each item of ``cut_oracle``'s order:
+  the budgets at which one more item fits exactly, and what they keep."""
   order, _ = _cut_order(sigmas, sparses, overhead)
-  return [int(c) for c in np.cumsum([cost for cost, _ in order])]
+  out, run, kept = [], 0, set()
+  for cost, what in order:
+    run += int(cost)
+    kept = kept | set(what)
+    out.append((run, kept))
+  return out
 
 
 def _cut_order(sigmas, sparses, overhead):
