@@ -3,6 +3,8 @@ two blocks (the params are L + S at the target structure; the factors step
 by the chain rule; nested dropout, global dropout, cut budgets and the joint
 cut loss train their cuts) and on the golden cases' model."""
 
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -327,3 +329,34 @@ def test_joint_cut_loss_needs_its_gradient_and_a_cut():
   for bad in (1.0, -0.1):
     with pytest.raises(ValueError, match="consolidate_cut_joint"):
       sj.salaad(optax.sgd(0.1), consolidate_cut_budgets=(0.3,), consolidate_cut_joint=bad, **kw)
+
+
+def test_blocks_of_one_shape_are_projected_as_a_group_each_onto_its_own_svd():
+  """Three blocks of one shape (one vmapped group) and one of another: at
+  learning rate 0 X never moves, so the first projection makes each block's
+  L the truncated SVD of its own X at ceil(r* min(m, n)) triplets and S the
+  ceil(d* m n) largest entries of X - L (NumPy), and the params L + S."""
+  rng = np.random.default_rng(11)
+  shapes = {"a": (20, 12), "b": (20, 12), "c": (20, 12), "d": (12, 30)}
+  params = {name: {"kernel": jnp.asarray(rng.normal(size=shape), jnp.float32)}
+            for name, shape in shapes.items()}
+  tx = sj.salaad(optax.sgd(0.0), every_k=2, rho=0.2, rank_target=0.25, density_target=0.1,
+                 consolidate_from=3, svt="exact")
+  hist = run_steps(tx, params, 4)
+  p, s = hist[3]  # after the step taken from count 3: the first projection
+  for name, (m, n) in shapes.items():
+    x = block_leaf(params, name)
+    u, sig, vt = np.linalg.svd(x, full_matrices=False)
+    # ceil of the products as meant, as the transform takes it (0.1 * 12 * 30 is 36.00000000000001)
+    r, k = math.ceil(0.25 * min(m, n) - 1e-6), math.ceil(0.1 * m * n - 1e-6)
+    l_ref = (u[:, :r] * sig[:r]) @ vt[:r]
+    rest = x - l_ref
+    s_ref = np.where(np.abs(rest) >= np.sort(np.abs(rest).ravel())[::-1][k - 1], rest, 0.0)
+    f = sj.low_rank_factors(s)[f"{name}/kernel"]
+    assert int(np.sum(np.asarray(f.s) > 0)) == r, name
+    np.testing.assert_allclose(np.asarray(f.s)[:r], sig[:r], rtol=1e-4, err_msg=name)
+    np.testing.assert_allclose(np.asarray(prox.dense(f)), l_ref, atol=1e-4, err_msg=name)
+    np.testing.assert_allclose(sparse_leaf(s, name), s_ref, atol=1e-4, err_msg=name)
+    np.testing.assert_allclose(block_leaf(p, name), l_ref + s_ref, atol=1e-4, err_msg=name)
+  # Before it X was untouched: the projection is of the starting point.
+  jax.tree.map(np.testing.assert_array_equal, hist[2][0], params)
