@@ -2,7 +2,8 @@
 CPU devices each (gloo collectives over loopback), one FSDP mesh over the
 four devices: killed mid-run, relaunched, finished; both processes exit 0
 within the timeout, ``summary.json`` is written, and the losses are those of
-one process with four devices."""
+one process with four devices.  A job whose one process fails ends on every
+process."""
 
 import json
 import os
@@ -138,6 +139,55 @@ def test_two_processes_killed_resumed_match_one_process(tmp_path):
   assert multi["step"] == STEPS and multi["method"] == "salaad"
   assert (multi["params"], multi["bytes"]) == (one["params"], one["bytes"])
   assert multi["perplexity"] == pytest.approx(one["perplexity"], rel=1e-4)
+
+
+# A job whose process 1 fails (``experiments.common.fail``, as an app does
+# on a TrainError) while process 0 waits for it in a collective.
+_FAILING_JOB = """
+import numpy as np
+from absl import app
+from jax.experimental import multihost_utils
+from experiments import common
+from salaad_jax.train import multihost
+
+
+def main(argv):
+  address, process = argv[1], int(argv[2])
+  multihost.initialize(True, address, 2, process)
+  multihost_utils.sync_global_devices("joined")
+  print(f"process {process} joined", flush=True)
+  if process == 1:
+    common.fail("process 1 stops here")
+  multihost_utils.process_allgather(np.ones(1))  # needs process 1
+  print("process 0 went on", flush=True)
+
+
+app.run(common.exits_promptly(main))
+"""
+
+
+@pytest.mark.slow  # starts two processes
+def test_one_process_failing_ends_the_other(tmp_path):
+  """Process 1 leaves at once with its one error line; process 0, left in a
+  collective, ends with an error too instead of waiting: both within
+  seconds (the same job with process 1 leaving by sys.exit has been seen to
+  hang both in JAX's shutdown barrier for 300 s)."""
+  logs = tmp_path / "logs"
+  logs.mkdir()
+  port = _free_port()
+  procs = []
+  for i in range(2):
+    with open(logs / f"p{i}.log", "w") as out:
+      procs.append(subprocess.Popen(
+          [sys.executable, "-c", _FAILING_JOB, f"127.0.0.1:{port}", str(i)], cwd=ROOT,
+          env=_env(1), stdout=out, stderr=subprocess.STDOUT))
+  codes = _wait(procs, time.monotonic() + 180, logs)
+  out0, out1 = (logs / "p0.log").read_text(), (logs / "p1.log").read_text()
+  assert "process 0 joined" in out0 and "process 1 joined" in out1, _tails(logs)
+  assert codes[1] == 1 and "Traceback" not in out1, _tails(logs)
+  assert [l for l in out1.splitlines() if l.startswith("error: ")] == [
+      "error: process 1 stops here (process 1 of 2)"], _tails(logs)
+  assert codes[0] != 0 and "process 0 went on" not in out0, _tails(logs)
 
 
 @pytest.mark.parametrize("settings, needle", [
