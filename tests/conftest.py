@@ -177,11 +177,19 @@ def run_app_cases(module: str, cases: list, devices: int = 1,
           for args, r in zip(cases, json.loads(done.stdout))]
 
 
-def pretrain_app(*args, devices: int = 1, timeout: float = 240) -> subprocess.CompletedProcess:
+def run_app(module: str, *args, devices: int = 1, timeout: float = 240,
+            **kwargs) -> subprocess.CompletedProcess:
+  """``python -m module *args`` in ``app_env(devices)``, its output captured
+  (``kwargs`` go to ``subprocess.run``)."""
+  return subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, env=app_env(devices),
+                        capture_output=True, text=True, timeout=timeout, **kwargs)
+
+
+def pretrain_app(*args, devices: int = 1, timeout: float = 240,
+                 **kwargs) -> subprocess.CompletedProcess:
   """``python -m experiments.pretrain --flagfile=tiny.flags *args``."""
-  cmd = [sys.executable, "-m", "experiments.pretrain", f"--flagfile={TINY_FLAGS}", *args]
-  return subprocess.run(cmd, cwd=ROOT, env=app_env(devices), capture_output=True, text=True,
-                        timeout=timeout)
+  return run_app("experiments.pretrain", f"--flagfile={TINY_FLAGS}", *args, devices=devices,
+                 timeout=timeout, **kwargs)
 
 
 # ---------------------------------------------------------------------------

@@ -8,13 +8,11 @@ import csv
 import json
 import math
 import shutil
-import subprocess
-import sys
 
 import numpy as np
 import pytest
-from conftest import app_env, cached_dir, run_app_cases
-from helpers import ROOT, assert_one_line_error
+from conftest import cached_dir, run_app, run_app_cases
+from helpers import assert_one_line_error
 
 from benchmarks import compare_budgets as cb
 from benchmarks import compare_tables as tables
@@ -27,7 +25,6 @@ from salaad_jax.train import presets
 from salaad_jax.train.flags import parse_field_overrides
 from salaad_jax.train.state import model_config
 
-ENV = app_env(1)
 TINY = model_config(TrainConfig(model="tiny", vocab_size=256))
 COMMON = ["--source=synthetic:order=1", "--steps=4", "--batch_size=4", "--seq_len=16",
           "--eval_batches=2"]
@@ -37,9 +34,7 @@ LEGACY = ["--match=tokens", "--tune_trials=0", "--allow_tuning_seeds", "--contro
 
 
 def _compare(*args, timeout=900):
-  cmd = [sys.executable, "-m", "benchmarks.compare", *args]
-  return subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True,
-                        timeout=timeout)
+  return run_app("benchmarks.compare", *args, timeout=timeout)
 
 
 def _csv(path):

@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import app_env, cached_dir
+from conftest import app_env, cached_dir, pretrain_app
 from helpers import ROOT, TINY_FLAGS, assert_one_line_error, train_losses
 import tensorstore as ts
 
@@ -38,23 +38,18 @@ ARGS = ("--method=dense", f"--steps={STEPS}", "--batch_size=8", "--seq_len=32",
         "--checkpoint_every=1", "--keep_checkpoints=2")
 
 
-def _env() -> dict:
-  return app_env(1)
-
-
 def _cmd(workdir, *extra) -> list:
   return [sys.executable, "-m", "experiments.pretrain", f"--flagfile={TINY_FLAGS}",
           f"--workdir={workdir}", *ARGS, *extra]
 
 
 def pretrain(workdir, *extra, preexec_fn=None) -> subprocess.CompletedProcess:
-  return subprocess.run(_cmd(workdir, *extra), cwd=ROOT, env=_env(), capture_output=True,
-                        text=True, timeout=300, preexec_fn=preexec_fn)
+  return pretrain_app(f"--workdir={workdir}", *ARGS, *extra, timeout=300, preexec_fn=preexec_fn)
 
 
 def kill_at(workdir, step: int) -> list[str]:
   """Runs the app until it reports ``step``, then kill -9; its stdout lines."""
-  proc = subprocess.Popen(_cmd(workdir), cwd=ROOT, env=_env(), stdout=subprocess.PIPE,
+  proc = subprocess.Popen(_cmd(workdir), cwd=ROOT, env=app_env(1), stdout=subprocess.PIPE,
                           stderr=subprocess.DEVNULL, text=True)
   lines = []
   try:

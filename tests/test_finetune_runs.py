@@ -5,15 +5,13 @@ end to end."""
 
 import json
 import shutil
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import app_env
-from helpers import ROOT, assert_one_line_error, tiny_config, train_losses
+from conftest import run_app
+from helpers import assert_one_line_error, tiny_config, train_losses
 
 from salaad_jax.baselines import finetune, harness, lora
 from salaad_jax.deploy.summary import read_summary
@@ -183,8 +181,7 @@ def test_finetune_footprint_of_losa_counts_kept_entries():
 
 
 def _app(module, *args, timeout=300):
-  return subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, env=app_env(1),
-                        capture_output=True, text=True, timeout=timeout)
+  return run_app(module, *args, timeout=timeout)
 
 
 def test_finetune_app_chains_losa_rounds_and_writes_a_summary(tmp_path):

@@ -21,7 +21,6 @@ import importlib
 import json
 import os
 import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -37,8 +36,8 @@ from salaad_jax.models.llama import Llama, generate  # pylint: disable=wrong-imp
 from salaad_jax.train import TrainError  # pylint: disable=wrong-import-position
 from salaad_jax.train.warm_start import hf_params  # pylint: disable=wrong-import-position
 
-from conftest import app_env, run_app_cases  # pylint: disable=wrong-import-position
-from helpers import ROOT, assert_one_line_error  # pylint: disable=wrong-import-position
+from conftest import run_app, run_app_cases  # pylint: disable=wrong-import-position
+from helpers import assert_one_line_error  # pylint: disable=wrong-import-position
 
 BUDGET = 0.5
 TOLERANCE = 1e-4
@@ -48,8 +47,7 @@ TEXT = ("ROMEO:\nBut, soft! what light through yonder window breaks?\nIt is the 
 
 
 def export_app(*args) -> subprocess.CompletedProcess:
-  return subprocess.run([sys.executable, "-m", "experiments.export", *args], cwd=ROOT,
-                        env=app_env(), capture_output=True, text=True, timeout=240)
+  return run_app("experiments.export", *args, timeout=240)
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,7 @@ from salaad_jax.train import presets
 from salaad_jax.train import load_run, make_eval_dataset, evaluate
 from salaad_jax.train.metrics import read_records
 
-from conftest import app_env as _env, pretrain_app as pretrain, run_app_cases
+from conftest import app_env as _env, pretrain_app as pretrain, run_app, run_app_cases
 from helpers import NEEDS_SHAKESPEARE, ROOT, TINY_FLAGS, assert_one_line_error, train_losses
 
 pytestmark = pytest.mark.slow  # every test starts the app in a subprocess
@@ -156,8 +156,7 @@ def test_bad_input_is_one_clear_line(refused, case):
 ])
 def test_helpfull_lists_the_methods_with_their_descriptions(app, methods):
   from salaad_jax.train import get_method  # pylint: disable=import-outside-toplevel
-  out = subprocess.run([sys.executable, "-m", app, "--helpfull"], cwd=ROOT, env=_env(1),
-                       capture_output=True, text=True, timeout=120)
+  out = run_app(app, "--helpfull", timeout=120)
   assert out.returncode == 1 and "--method:" in out.stdout, out.stderr[-2000:]
   help_text = out.stdout.split("--method:")[1].split("\n  --")[0]
   listed = [m.group(1) for m in re.finditer(r"^\s*(\w+): ", help_text, re.MULTILINE)]

@@ -40,7 +40,7 @@ from salaad_jax.deploy import spectrum_report as report
 from salaad_jax.deploy import summary as sm
 from salaad_jax.train import load_run
 
-from conftest import SHAKESPEARE_EVAL_BATCHES, app_env, run_app_cases
+from conftest import SHAKESPEARE_EVAL_BATCHES, app_env, run_app, run_app_cases
 from helpers import NEEDS_SHAKESPEARE, ROOT, assert_one_line_error
 
 TOLERANCE_SE = 2.0  # one-sided: loss may rise by at most 2 paired standard errors
@@ -49,9 +49,7 @@ EVAL_BATCHES = SHAKESPEARE_EVAL_BATCHES
 
 
 def app(*args, timeout: float = 240) -> subprocess.CompletedProcess:
-  cmd = [sys.executable, "-m", "experiments.spectrum", *args]
-  return subprocess.run(cmd, cwd=ROOT, env=app_env(), capture_output=True, text=True,
-                        timeout=timeout)
+  return run_app("experiments.spectrum", *args, timeout=timeout)
 
 
 @pytest.fixture(scope="module")
