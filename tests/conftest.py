@@ -79,9 +79,9 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
   atexit.register(shutil.rmtree, _XLA_CACHE, ignore_errors=True)
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
 
-ROOT = Path(__file__).resolve().parents[1]
-TINY_FLAGS = str(ROOT / "experiments" / "configs" / "tiny.flags")
-SHAKESPEARE = ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"
+# The paths the suite shares (tests/helpers.py, which imports JAX: only once
+# the environment above is set), imported by name from here too.
+from helpers import ROOT, SHAKESPEARE, TINY_FLAGS  # pylint: disable=wrong-import-position
 
 
 # ---------------------------------------------------------------------------
@@ -177,11 +177,19 @@ def run_app_cases(module: str, cases: list, devices: int = 1,
           for args, r in zip(cases, json.loads(done.stdout))]
 
 
-def pretrain_app(*args, devices: int = 1, timeout: float = 240) -> subprocess.CompletedProcess:
+def run_app(module: str, *args, devices: int = 1, timeout: float = 240,
+            **kwargs) -> subprocess.CompletedProcess:
+  """``python -m module *args`` in ``app_env(devices)``, its output captured
+  (``kwargs`` go to ``subprocess.run``)."""
+  return subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, env=app_env(devices),
+                        capture_output=True, text=True, timeout=timeout, **kwargs)
+
+
+def pretrain_app(*args, devices: int = 1, timeout: float = 240,
+                 **kwargs) -> subprocess.CompletedProcess:
   """``python -m experiments.pretrain --flagfile=tiny.flags *args``."""
-  cmd = [sys.executable, "-m", "experiments.pretrain", f"--flagfile={TINY_FLAGS}", *args]
-  return subprocess.run(cmd, cwd=ROOT, env=app_env(devices), capture_output=True, text=True,
-                        timeout=timeout)
+  return run_app("experiments.pretrain", f"--flagfile={TINY_FLAGS}", *args, devices=devices,
+                 timeout=timeout, **kwargs)
 
 
 # ---------------------------------------------------------------------------

@@ -124,6 +124,37 @@ def fixture_path(name: str) -> Path:
   return FIXTURES / f"{name}.npz"
 
 
+# Not bitwise: a reordering of float32 operations may move the last bits,
+# which a few SVDs and thresholds amplify a little.
+RTOL, ATOL = 1e-4, 1e-5
+
+
+def assert_matches(got: dict, want, what: str):
+  """``got`` (``flatten``-ed) holds the leaves of the fixture ``want`` (an
+  .npz), of the same shapes and dtypes, floats within RTOL/ATOL."""
+  assert sorted(got) == sorted(want.files), f"{what}: the state's leaves differ"
+  for key in want.files:
+    g, w = got[key], want[key]
+    assert g.shape == w.shape and g.dtype == w.dtype, f"{what} {key}: {g.shape} {g.dtype}"
+    if np.issubdtype(w.dtype, np.floating):
+      np.testing.assert_allclose(g, w, rtol=RTOL, atol=ATOL, err_msg=f"{what} {key}")
+    else:
+      np.testing.assert_array_equal(g, w, err_msg=f"{what} {key}")
+
+
+def restored_checkpoint():
+  """(state, data state) of the fixture checkpoint, restored against the
+  abstract state of today's code."""
+  from salaad_jax.train.checkpoint import Checkpointer  # pylint: disable=import-outside-toplevel
+  tx, _ = CASES[CHECKPOINT_CASE]
+  abstract = jax.eval_shape(lambda p: {"params": p, "opt_state": tx().init(p)},
+                            initial_params())
+  ckpt = Checkpointer(str(CHECKPOINT), reader=True)
+  restored, data = ckpt.restore(abstract, CHECKPOINT_STEP)
+  ckpt.close()
+  return restored, data
+
+
 def _write_checkpoint():
   from salaad_jax.train.checkpoint import Checkpointer  # pylint: disable=import-outside-toplevel
   params, state = run(CHECKPOINT_CASE, CHECKPOINT_STEP)

@@ -8,6 +8,7 @@ import jax
 import numpy as np
 import pytest
 
+from helpers import tiny_config, train_losses
 from salaad_jax.baselines import harness
 from salaad_jax.train import TrainConfig, train_and_evaluate
 from salaad_jax.train import config as cfg_lib
@@ -16,19 +17,12 @@ from salaad_jax.train.state import build, init_state
 
 
 def tiny(method, **overrides) -> TrainConfig:
-  base = dict(method=method, model="tiny", dtype="float32", source="synthetic:order=1",
-              tokenizer="byte", seq_len=16, batch_size=4, steps=12, lr=1e-2,
-              warmup_steps=0, log_every=4, eval_every=0, eval_batches=2,
-              checkpoint_every=0, async_checkpoint=False, seed=0,
-              method_options={"rank": "4"})
-  base.update(overrides)
-  return TrainConfig(**base)
+  """The tiny run of tests/helpers.py at rank 4."""
+  return tiny_config(method, **{"method_options": {"rank": "4"}, **overrides})
 
 
 def _losses(workdir):
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    rows = [json.loads(line) for line in f]
-  return [r["loss"] for r in rows if r.get("kind") == "train"]
+  return [loss for _, loss in train_losses(workdir)]
 
 
 @pytest.mark.parametrize("method", ["lowrank", "sltrain", "lost", "galore"])

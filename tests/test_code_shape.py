@@ -6,7 +6,9 @@ from pathlib import Path
 
 import pytest
 
-PACKAGE = Path(__file__).resolve().parents[1] / "salaad_jax"
+from helpers import ROOT
+
+PACKAGE = ROOT / "salaad_jax"
 MAX_FUNCTION_LINES = 60  # docstrings not counted
 CORE = sorted(PACKAGE.glob("*.py"))  # the transform's modules (no subpackages)
 

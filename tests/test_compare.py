@@ -8,13 +8,11 @@ import csv
 import json
 import math
 import shutil
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import app_env, cached_dir, run_app_cases
+from conftest import cached_dir, run_app, run_app_cases
+from helpers import assert_one_line_error
 
 from benchmarks import compare_budgets as cb
 from benchmarks import compare_tables as tables
@@ -27,8 +25,6 @@ from salaad_jax.train import presets
 from salaad_jax.train.flags import parse_field_overrides
 from salaad_jax.train.state import model_config
 
-ROOT = Path(__file__).resolve().parents[1]
-ENV = app_env(1)
 TINY = model_config(TrainConfig(model="tiny", vocab_size=256))
 COMMON = ["--source=synthetic:order=1", "--steps=4", "--batch_size=4", "--seq_len=16",
           "--eval_batches=2"]
@@ -38,9 +34,7 @@ LEGACY = ["--match=tokens", "--tune_trials=0", "--allow_tuning_seeds", "--contro
 
 
 def _compare(*args, timeout=900):
-  cmd = [sys.executable, "-m", "benchmarks.compare", *args]
-  return subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True,
-                        timeout=timeout)
+  return run_app("benchmarks.compare", *args, timeout=timeout)
 
 
 def _csv(path):
@@ -100,11 +94,32 @@ def test_fill_target_is_the_largest_or_the_lower_median():
     cb.fill_target([1], "smallest")
 
 
+def _tiny_by_hand():
+  """(block shapes, parameters outside the blocks) of the tiny model from its
+  config: per layer four d x d attention kernels and the d x d_ff gate and up
+  and d_ff x d down kernels; outside them the untied embedding and head (V d
+  each) and the RMSNorm scales (two per layer and the final one)."""
+  d, f, layers = TINY.d_model, TINY.d_ff, TINY.n_layers
+  assert not TINY.tie_embeddings
+  shapes = ([(d, d)] * 4 + [(d, f), (d, f), (f, d)]) * layers
+  return shapes, 2 * TINY.vocab_size * d + (2 * layers + 1) * d
+
+
 def test_parameter_budgets_match_the_old_parameter_matching():
+  shapes, rest = _tiny_by_hand()
   target = cb.target(TINY, 0.5, "params")
-  assert target == 65952
-  assert [cb.match(m, TINY, target, "params", 0.03, "coo").rank
-          for m in ("lowrank", "sltrain", "lost")] == [13, 12, 12]
+  assert target == math.floor(0.5 * (rest + sum(m * n for m, n in shapes)))
+  # P(r) = P_rest + r sum_i (m_i + n_i) + the sparse part (SLTrain floor(0.03 m n)
+  # entries, LOST m floor(0.03 n) column entries), so the largest rank that fits
+  # is floor((target - P_rest - sparse) / sum_i (m_i + n_i)).
+  sparse = {"lowrank": 0,
+            "sltrain": sum(math.floor(0.03 * m * n + 1e-9) for m, n in shapes),
+            "lost": sum(m * math.floor(0.03 * n + 1e-9) for m, n in shapes)}
+  per_rank = sum(m + n for m, n in shapes)
+  for method, fixed in sparse.items():
+    rank = (target - rest - fixed) // per_rank
+    got = cb.match(method, TINY, target, "params", 0.03, "coo")
+    assert rank >= 1 and (got.rank, got.params) == (rank, rest + fixed + rank * per_rank), method
 
 
 def test_salaad_rank_target_fills_the_largest_budget_in_bytes():
@@ -118,8 +133,13 @@ def test_salaad_rank_target_fills_the_largest_budget_in_bytes():
   filled = (2 * accounting.model_blocks(TINY).rest + sparse[fmt]
             + sum(2 * r_star * min(m, n) * (m + n) for m, n in blocks))
   assert filled == pytest.approx(max(targets), rel=1e-12)
-  assert cb.salaad_rank_target(TINY, [65952], "params", 0.05, "coo") == pytest.approx(
-      match_rank_target(TINY, 65952, 0.05))
+  # In parameters: P_rest + sum_i [r* min(m_i, n_i) (m_i + n_i) + d* m_i n_i] is the budget.
+  shapes, rest = _tiny_by_hand()
+  half = cb.target(TINY, 0.5, "params")
+  r_star = cb.salaad_rank_target(TINY, [half], "params", 0.05, "coo")
+  assert r_star == pytest.approx(match_rank_target(TINY, half, 0.05))
+  assert rest + sum(r_star * min(m, n) * (m + n) + 0.05 * m * n for m, n in shapes) == (
+      pytest.approx(half, rel=1e-12))
 
 
 def test_budget_below_the_rest_or_too_small_for_a_method_is_a_value_error():
@@ -400,10 +420,7 @@ def refused(tmp_path_factory):
                          ids=[needle for _, needle in BAD_INPUT])
 def test_bad_input_is_a_short_error(refused, case):
   base, results = refused
-  done, needle = results[case], BAD_INPUT[case][1]
-  assert done.returncode != 0
-  assert needle in done.stderr
-  assert "Traceback" not in done.stderr
+  assert_one_line_error(results[case], BAD_INPUT[case][1], prefix="", alone=True)
   assert not (base / str(case) / "results.csv").exists()
 
 

@@ -2,21 +2,19 @@
 
 import importlib.util
 import json
-from pathlib import Path
 
 import hypothesis
 import hypothesis.strategies as st
 import numpy as np
 import pytest
 
+from helpers import NEEDS_SHAKESPEARE, SHAKESPEARE
 from salaad_jax import data
 from salaad_jax.data.sources import split_stream
 from salaad_jax.data import (ByteTokenizer, DocumentStreamDataset,
                              IndexPermutation, SyntheticMarkovCorpus,
                              TokenArrayDataset, get_tokenizer, make_dataset)
 
-SHAKESPEARE = (Path(__file__).resolve().parents[1].parent / 'shared' / 'data' /
-               'tinyshakespeare.txt')
 ONE_HOST = dict(process_index=0, process_count=1)
 
 
@@ -178,9 +176,8 @@ def test_synthetic_dataset():
 # --------------------------------------------------------------- text sources
 
 
+@NEEDS_SHAKESPEARE
 def test_tinyshakespeare_file():
-  if not SHAKESPEARE.is_file():
-    pytest.skip(f'{SHAKESPEARE} not present')
   raw = SHAKESPEARE.read_bytes()
   train = make_dataset(str(SHAKESPEARE), seq_len=128, batch_size=16, **ONE_HOST)
   val = make_dataset(f'text:{SHAKESPEARE}', seq_len=128, batch_size=16,

@@ -15,10 +15,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as hst
 
 import salaad_jax as sj
+from helpers import tiny_config
 from salaad_jax import deploy
 from salaad_jax.deploy import accounting
 from salaad_jax.models import Llama, LlamaConfig, generate, init_params
 from salaad_jax.models.structured import structured_dense
+from salaad_jax.train import load_run, train_and_evaluate
 
 Factors = sj.Factors
 
@@ -689,3 +691,48 @@ def test_cut_allocation_is_the_trained_cut(seed, budget):
   assert deploy.account(params, alloc, fmt="bitmap")["bytes"] <= budget * 2 * total
   with pytest.raises(ValueError, match="method='cut' prices a byte budget"):
     deploy.allocate(blocks, budget, "cut", unit="bytes", fmt="coo")
+
+
+def _cut_of(x, f, sp):
+  """(k, nnz) with X the top k triplets of L (f) plus nnz entries of S (sp),
+  read from X: the rank whose residual is, up to float32 rounding, S on the
+  entries where it is nearer S than 0, and 0 elsewhere."""
+  u, sig, v = (np.asarray(t, np.float64) for t in f)
+  x, sp = np.asarray(x, np.float64), np.asarray(sp, np.float64)
+  for k in range(int(np.sum(sig > 0)) + 1):
+    rest = x - (u[:, :k] * sig[:k]) @ v[:, :k].T
+    kept = (sp != 0) & (np.abs(rest - sp) < np.abs(rest))
+    if np.allclose(rest, np.where(kept, sp, 0.0), atol=1e-6):
+      return k, int(kept.sum())
+  raise AssertionError("the params are not a cut of the state's L + S")
+
+
+@pytest.mark.slow  # trains the tiny model
+def test_a_run_that_trains_cuts_deploys_at_them(tmp_path):
+  """A run in factors with --consolidate_cut_budgets: after its last step
+  the params are the cut of the state's L + S its next step trains, at one
+  of the budgets; deployed with allocation 'cut' at that budget (in bytes,
+  S as bitmaps: as benchmarks.compare deploys such a run), every block keeps
+  the ranks and entries of that cut."""
+  config = tiny_config("salaad", steps=8, every_k=2, rank_target=0.4, density_target=0.05,
+                       consolidate_from=0.5, consolidate_params="factors",
+                       consolidate_cut_budgets="0.4,0.6")
+  wd = str(tmp_path / "run")
+  train_and_evaluate(config, wd, devices=jax.devices()[:1])
+  run = load_run(wd)
+  factors, sparse = sj.low_rank_factors(run.opt_state), sj.sparse_parts(run.opt_state)
+  flat = {"/".join(str(k.key) for k in path): x
+          for path, x in jax.tree_util.tree_flatten_with_path(run.params)[0]}
+  trained = {p: _cut_of(flat[p], factors[p], sparse[p]) for p in factors}
+  whole = {p: (int(np.sum(np.asarray(f.s) > 0)), int(np.sum(np.asarray(sparse[p]) != 0)))
+           for p, f in factors.items()}
+  assert trained != whole  # the params are a strict cut
+  blocks = deploy.spectra(run.params, run.opt_state)
+  deployed = {}
+  for budget in (0.4, 0.6):
+    alloc = deploy.allocate(blocks, budget, "cut", unit="bytes", fmt="bitmap")
+    deployed[budget] = {b.path: (b.rank, b.nnz) for b in alloc.blocks}
+    spent = deploy.account(run.params, alloc, fmt="bitmap")["bytes"]
+    assert spent <= budget * 2 * alloc.total_params
+  assert deployed[0.4] != deployed[0.6]
+  assert trained in deployed.values(), (trained, deployed)

@@ -3,11 +3,9 @@ has its row in docs/options.md, and the README stays a short map."""
 
 import inspect
 import re
-from pathlib import Path
 
 import salaad_jax as sj
-
-ROOT = Path(__file__).resolve().parents[1]
+from helpers import ROOT
 
 
 def _option_rows(text: str) -> set[str]:

@@ -21,7 +21,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import app_env, cached_dir
+from conftest import app_env, cached_dir, pretrain_app
+from helpers import ROOT, TINY_FLAGS, assert_one_line_error, train_losses
 import tensorstore as ts
 
 from experiments import common
@@ -31,31 +32,24 @@ from salaad_jax.train import TrainError, load_run, train_and_evaluate
 from salaad_jax.train import config as cfg_lib
 from salaad_jax.train.metrics import read_records
 
-ROOT = Path(__file__).resolve().parents[1]
-TINY = str(ROOT / "experiments" / "configs" / "tiny.flags")
 STEPS = 12
 ARGS = ("--method=dense", f"--steps={STEPS}", "--batch_size=8", "--seq_len=32",
         "--warmup_steps=2", "--log_every=1", "--eval_every=0", "--eval_batches=2",
         "--checkpoint_every=1", "--keep_checkpoints=2")
 
 
-def _env() -> dict:
-  return app_env(1)
-
-
 def _cmd(workdir, *extra) -> list:
-  return [sys.executable, "-m", "experiments.pretrain", f"--flagfile={TINY}",
+  return [sys.executable, "-m", "experiments.pretrain", f"--flagfile={TINY_FLAGS}",
           f"--workdir={workdir}", *ARGS, *extra]
 
 
 def pretrain(workdir, *extra, preexec_fn=None) -> subprocess.CompletedProcess:
-  return subprocess.run(_cmd(workdir, *extra), cwd=ROOT, env=_env(), capture_output=True,
-                        text=True, timeout=300, preexec_fn=preexec_fn)
+  return pretrain_app(f"--workdir={workdir}", *ARGS, *extra, timeout=300, preexec_fn=preexec_fn)
 
 
 def kill_at(workdir, step: int) -> list[str]:
   """Runs the app until it reports ``step``, then kill -9; its stdout lines."""
-  proc = subprocess.Popen(_cmd(workdir), cwd=ROOT, env=_env(), stdout=subprocess.PIPE,
+  proc = subprocess.Popen(_cmd(workdir), cwd=ROOT, env=app_env(1), stdout=subprocess.PIPE,
                           stderr=subprocess.DEVNULL, text=True)
   lines = []
   try:
@@ -73,9 +67,9 @@ def kill_at(workdir, step: int) -> list[str]:
 
 def final_metrics(workdir) -> dict:
   """Every train loss, the last evaluation and the summary's perplexity."""
-  records = read_records(os.path.join(workdir, "metrics.jsonl"))
-  evaluation = [r for r in records if r["kind"] == "eval"][-1]
-  return {"train": [(r["step"], r["loss"]) for r in records if r["kind"] == "train"],
+  evaluation = [r for r in read_records(os.path.join(workdir, "metrics.jsonl"))
+                if r["kind"] == "eval"][-1]
+  return {"train": train_losses(workdir),
           "eval": (evaluation["step"], evaluation["loss"], evaluation["perplexity"]),
           "summary": read_summary(str(workdir))["perplexity"]}
 
@@ -162,13 +156,11 @@ def test_every_checkpoint_corrupted_is_one_error_line_and_nothing_is_touched(ref
   (wd / "checkpoints" / str(STEPS - 1) / "data" / "metadata").write_text('{"garbage')
   before = snapshot(wd)
   out = pretrain(wd)
-  assert out.returncode == 1
-  assert "Traceback" not in out.stderr, out.stderr[-3000:]
-  err = [l for l in out.stderr.splitlines() if l.strip()]
-  assert err[-1].startswith(f"error: no checkpoint in {wd / 'checkpoints'} can be restored "
-                            f"(step {STEPS}: ValueError: OUT_OF_RANGE"), err[-1]
-  assert f"step {STEPS - 1}: JSONDecodeError" in err[-1] and "move it away" in err[-1]
-  assert not [l for l in err[:-1] if "cannot be restored" in l]  # no fallback was taken
+  error = assert_one_line_error(out, f"error: no checkpoint in {wd / 'checkpoints'} can be "
+                                f"restored (step {STEPS}: ValueError: OUT_OF_RANGE", returncode=1)
+  assert error.startswith(f"error: no checkpoint in {wd / 'checkpoints'}"), error
+  assert f"step {STEPS - 1}: JSONDecodeError" in error and "move it away" in error
+  assert "cannot be restored" not in out.stderr  # no fallback was taken
   assert snapshot(wd) == before
 
 

@@ -4,38 +4,29 @@ parts, resume exactly, write summaries; and ``python -m experiments.finetune``
 end to end."""
 
 import json
-import os
 import shutil
-import subprocess
-import sys
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import app_env
+from conftest import run_app
+from helpers import assert_one_line_error, tiny_config, train_losses
 
 from salaad_jax.baselines import finetune, harness, lora
 from salaad_jax.deploy.summary import read_summary
 from salaad_jax.train import TrainConfig, TrainError, train_and_evaluate
 from salaad_jax.train import config as cfg_lib
-from salaad_jax.train.metrics import read_records
 from salaad_jax.train.run import load_run
 
-ROOT = Path(__file__).resolve().parents[1]
 ONE = jax.devices()[:1]
 PRETRAIN_SOURCE = "synthetic:order=1"
 FINETUNE_SOURCE = "synthetic:order=1,seed=7"  # another Markov chain: a new task
 
 
 def tiny(method, **overrides) -> TrainConfig:
-  base = dict(method=method, model="tiny", dtype="float32", source=PRETRAIN_SOURCE,
-              tokenizer="byte", seq_len=16, batch_size=4, steps=12, lr=1e-2,
-              warmup_steps=0, log_every=4, eval_every=0, eval_batches=2,
-              checkpoint_every=0, async_checkpoint=False, seed=0)
-  base.update(overrides)
-  return TrainConfig(**base)
+  """The tiny run of tests/helpers.py, pretraining on PRETRAIN_SOURCE."""
+  return tiny_config(method, **{"source": PRETRAIN_SOURCE, **overrides})
 
 
 def finetune_config(method, init_from, **overrides) -> TrainConfig:
@@ -51,8 +42,7 @@ def pretrained(tmp_path_factory):
 
 
 def _train_losses(workdir):
-  return [r["loss"] for r in read_records(os.path.join(workdir, "metrics.jsonl"))
-          if r["kind"] == "train"]
+  return [loss for _, loss in train_losses(workdir)]
 
 
 def _kernels(params):
@@ -191,8 +181,7 @@ def test_finetune_footprint_of_losa_counts_kept_entries():
 
 
 def _app(module, *args, timeout=300):
-  return subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, env=app_env(1),
-                        capture_output=True, text=True, timeout=timeout)
+  return run_app(module, *args, timeout=timeout)
 
 
 def test_finetune_app_chains_losa_rounds_and_writes_a_summary(tmp_path):
@@ -229,7 +218,7 @@ def test_finetune_app_chains_losa_rounds_and_writes_a_summary(tmp_path):
 
   bad = _app("experiments.finetune", f"--init_workdir={tmp_path / 'none'}",
              f"--workdir={tmp_path / 'x'}")
-  assert bad.returncode == 1 and bad.stderr.strip().startswith("error: --init_workdir")
+  assert_one_line_error(bad, "error: --init_workdir", returncode=1, alone=True)
 
 
 @pytest.mark.parametrize("parallelism,fsdp", [("jit", 2), ("pmap", 1)])

@@ -21,8 +21,6 @@ import importlib
 import json
 import os
 import subprocess
-import sys
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -38,9 +36,9 @@ from salaad_jax.models.llama import Llama, generate  # pylint: disable=wrong-imp
 from salaad_jax.train import TrainError  # pylint: disable=wrong-import-position
 from salaad_jax.train.warm_start import hf_params  # pylint: disable=wrong-import-position
 
-from conftest import SHAKESPEARE, app_env, run_app_cases  # pylint: disable=wrong-import-position
+from conftest import run_app, run_app_cases  # pylint: disable=wrong-import-position
+from helpers import assert_one_line_error  # pylint: disable=wrong-import-position
 
-ROOT = Path(__file__).resolve().parents[1]
 BUDGET = 0.5
 TOLERANCE = 1e-4
 NEW_TOKENS = 32
@@ -49,8 +47,7 @@ TEXT = ("ROMEO:\nBut, soft! what light through yonder window breaks?\nIt is the 
 
 
 def export_app(*args) -> subprocess.CompletedProcess:
-  return subprocess.run([sys.executable, "-m", "experiments.export", *args], cwd=ROOT,
-                        env=app_env(), capture_output=True, text=True, timeout=240)
+  return run_app("experiments.export", *args, timeout=240)
 
 
 @pytest.fixture(scope="module")
@@ -346,11 +343,7 @@ def refused(shakespeare_runs, tmp_path_factory):
 @pytest.mark.parametrize("case", range(len(BAD_INPUT)), ids=[n for _, n in BAD_INPUT])
 def test_bad_input_is_one_line_and_writes_nothing(refused, case):
   base, results = refused
-  out = results[case]
-  err = [l for l in out.stderr.splitlines() if l.strip() and "WARNING" not in l]
-  assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr[-3000:]
-  assert len(err) == 1 and err[0].startswith("error: "), out.stderr[-3000:]
-  assert BAD_INPUT[case][1] in err[0], err
+  assert_one_line_error(results[case], BAD_INPUT[case][1], returncode=1, alone=True)
   out_dir = base / str(case)
   if "--nonempty" in BAD_INPUT[case][0]:
     assert sorted(os.listdir(out_dir)) == ["keep.txt"]

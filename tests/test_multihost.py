@@ -2,7 +2,8 @@
 CPU devices each (gloo collectives over loopback), one FSDP mesh over the
 four devices: killed mid-run, relaunched, finished; both processes exit 0
 within the timeout, ``summary.json`` is written, and the losses are those of
-one process with four devices."""
+one process with four devices.  A job whose one process fails ends on every
+process."""
 
 import json
 import os
@@ -19,12 +20,11 @@ import numpy as np
 import pytest
 from absl import flags
 
+from conftest import app_env
+from helpers import ROOT, TINY_FLAGS, train_losses
 from salaad_jax.train import TrainError, multihost
 from salaad_jax.train import flags as train_flags
-from salaad_jax.train.metrics import read_records
 
-ROOT = Path(__file__).resolve().parents[1]
-TINY = str(ROOT / "experiments" / "configs" / "tiny.flags")
 STEPS, EVERY = 8, 2
 # SALAAD: its summary restores the final checkpoint (the end of run that used
 # to fail on process 1 and hang both).  One subspace iteration in the initial
@@ -32,7 +32,7 @@ STEPS, EVERY = 8, 2
 # consolidation: its factor step, cuts and second pass are sharded in
 # test_pretrain_app's test_sharded_salaad_matches_one_device) keep the
 # three processes' compilations short.
-ARGS = [f"--flagfile={TINY}", f"--steps={STEPS}", "--batch_size=8", "--log_every=1",
+ARGS = [f"--flagfile={TINY_FLAGS}", f"--steps={STEPS}", "--batch_size=8", "--log_every=1",
         "--eval_every=0", "--eval_batches=2", f"--checkpoint_every={EVERY}",
         "--keep_checkpoints=10", "--every_k=2", "--warmup_steps=2", "--init_iters=1",
         "--mesh_fsdp=4", "--consolidate_from=0"]
@@ -51,12 +51,7 @@ def _free_port() -> int:
 
 
 def _env(devices: int) -> dict:
-  env = dict(os.environ, JAX_PLATFORMS="cpu", NPROC=str(8 * devices), PYTHONUNBUFFERED="1",
-             JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo")
-  flags = [f for f in env.get("XLA_FLAGS", "").split()
-           if not f.startswith("--xla_force_host_platform_device_count")]
-  env["XLA_FLAGS"] = " ".join(flags + [f"--xla_force_host_platform_device_count={devices}"])
-  return env
+  return dict(app_env(devices), JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo")
 
 
 def _launch(workdir: Path, logs: Path) -> list:
@@ -95,11 +90,6 @@ def _tails(logs: Path) -> str:
 def _steps(workdir: Path) -> list:
   d = workdir / "checkpoints"
   return sorted(int(s) for s in os.listdir(d) if s.isdigit()) if d.is_dir() else []
-
-
-def _train_losses(workdir: Path) -> list:
-  return [(r["step"], r["loss"]) for r in read_records(workdir / "metrics.jsonl")
-          if r["kind"] == "train"]
 
 
 def test_two_processes_killed_resumed_match_one_process(tmp_path):
@@ -141,7 +131,7 @@ def test_two_processes_killed_resumed_match_one_process(tmp_path):
   assert not any(l.startswith(("step ", "done:", "summary:")) for l in out1.splitlines())
 
   # The same numbers as one process with the four devices.
-  a, b = _train_losses(tmp_path / "one"), _train_losses(wd)
+  a, b = train_losses(tmp_path / "one"), train_losses(wd)
   assert [s for s, _ in b] == list(range(1, STEPS + 1))
   np.testing.assert_allclose([v for _, v in b], [v for _, v in a], rtol=1e-5)
   one = json.loads((tmp_path / "one" / "summary.json").read_text())
@@ -149,6 +139,55 @@ def test_two_processes_killed_resumed_match_one_process(tmp_path):
   assert multi["step"] == STEPS and multi["method"] == "salaad"
   assert (multi["params"], multi["bytes"]) == (one["params"], one["bytes"])
   assert multi["perplexity"] == pytest.approx(one["perplexity"], rel=1e-4)
+
+
+# A job whose process 1 fails (``experiments.common.fail``, as an app does
+# on a TrainError) while process 0 waits for it in a collective.
+_FAILING_JOB = """
+import numpy as np
+from absl import app
+from jax.experimental import multihost_utils
+from experiments import common
+from salaad_jax.train import multihost
+
+
+def main(argv):
+  address, process = argv[1], int(argv[2])
+  multihost.initialize(True, address, 2, process)
+  multihost_utils.sync_global_devices("joined")
+  print(f"process {process} joined", flush=True)
+  if process == 1:
+    common.fail("process 1 stops here")
+  multihost_utils.process_allgather(np.ones(1))  # needs process 1
+  print("process 0 went on", flush=True)
+
+
+app.run(common.exits_promptly(main))
+"""
+
+
+@pytest.mark.slow  # starts two processes
+def test_one_process_failing_ends_the_other(tmp_path):
+  """Process 1 leaves at once with its one error line; process 0, left in a
+  collective, ends with an error too instead of waiting: both within
+  seconds (the same job with process 1 leaving by sys.exit has been seen to
+  hang both in JAX's shutdown barrier for 300 s)."""
+  logs = tmp_path / "logs"
+  logs.mkdir()
+  port = _free_port()
+  procs = []
+  for i in range(2):
+    with open(logs / f"p{i}.log", "w") as out:
+      procs.append(subprocess.Popen(
+          [sys.executable, "-c", _FAILING_JOB, f"127.0.0.1:{port}", str(i)], cwd=ROOT,
+          env=_env(1), stdout=out, stderr=subprocess.STDOUT))
+  codes = _wait(procs, time.monotonic() + 180, logs)
+  out0, out1 = (logs / "p0.log").read_text(), (logs / "p1.log").read_text()
+  assert "process 0 joined" in out0 and "process 1 joined" in out1, _tails(logs)
+  assert codes[1] == 1 and "Traceback" not in out1, _tails(logs)
+  assert [l for l in out1.splitlines() if l.startswith("error: ")] == [
+      "error: process 1 stops here (process 1 of 2)"], _tails(logs)
+  assert codes[0] != 0 and "process 0 went on" not in out0, _tails(logs)
 
 
 @pytest.mark.parametrize("settings, needle", [

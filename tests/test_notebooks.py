@@ -28,7 +28,9 @@ from ipykernel.kernelspec import install as install_kernelspec
 from jupyter_client.kernelspec import KernelSpecManager
 from nbclient import NotebookClient
 
-NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
+from helpers import ROOT
+
+NOTEBOOKS = ROOT / "notebooks"
 KERNEL = "python3"
 TIMEOUT = 600  # seconds per cell
 

@@ -14,7 +14,13 @@ parameters optax uses for one of its own optimizers, on
 
 optax's problems have vector, scalar and unnamed 2-D parameters, none of
 which is a block under the default structure, so both forms must behave as
-adam (coupled) / adam followed by the identity (decoupled).
+adam (coupled) / adam followed by the identity (decoupled).  The same forms
+with every leaf of two or more dimensions a block (``*_blocks``) run the
+cases whose problems have such leaves (convergence on the matrix and mixed
+targets, ``inject_hyperparams``); the checks optax makes on vectors only
+(extra arguments and no recompilation, dtype preservation, ``MultiSteps``,
+state stability under ``lax.cond``) are made on params holding blocks in
+tests/test_composition.py.
 """
 
 import inspect
@@ -37,8 +43,35 @@ def adam_salaad_decoupled(learning_rate: optax.ScalarOrSchedule
   return optax.chain(optax.adam(learning_rate), sj.salaad_decoupled(learning_rate))
 
 
+def _matrices(path, leaf):  # every leaf of two or more dimensions is a block
+  del path
+  return len(getattr(leaf, "shape", ())) >= 2
+
+
+def salaad_adam_blocks(learning_rate: optax.ScalarOrSchedule
+                       ) -> optax.GradientTransformationExtraArgs:
+  return sj.salaad(optax.adam(learning_rate), structure=_matrices, every_k=2)
+
+
+def adam_salaad_decoupled_blocks(learning_rate: optax.ScalarOrSchedule
+                                 ) -> optax.GradientTransformationExtraArgs:
+  return optax.chain(optax.adam(learning_rate),
+                     sj.salaad_decoupled(learning_rate, structure=_matrices, every_k=2))
+
+
 FACTORIES = {"salaad_adam": salaad_adam, "adam_salaad_decoupled": adam_salaad_decoupled}
+BLOCK_FACTORIES = {"salaad_adam_blocks": salaad_adam_blocks,
+                   "adam_salaad_decoupled_blocks": adam_salaad_decoupled_blocks}
 CASES_PER_FORM = 16  # optax 0.2.8: the cases of one registered optimizer
+BLOCK_CASES_PER_FORM = 3  # of those, the ones whose params have a leaf of 2 or more dimensions
+
+
+def _has_matrices(test_name: str, params: dict) -> bool:
+  """Whether the case's problem has a leaf of two or more dimensions (a
+  block of the ``*_blocks`` forms; their explicit structure must select one)."""
+  if test_name == "test_optimizers":
+    return params["target"].__name__ in ("_setup_matrix_parabola", "_setup_mixed_tensor_target")
+  return test_name == "test_optimizers_can_be_wrapped_in_inject_hyperparams"
 
 
 def _generated_cases():
@@ -60,7 +93,8 @@ def _build_class():
   originals = {}
   for original, params in _generated_cases():
     originals[original.__name__] = original
-    for opt_name in FACTORIES:
+    forms = [*FACTORIES, *(BLOCK_FACTORIES if _has_matrices(original.__name__, params) else ())]
+    for opt_name in forms:
       extra = {k: v for k, v in params.items() if k not in ("opt_name", "opt_kwargs")}
       suffix = "_".join(f"{k}_{getattr(v, '__name__', v)}" for k, v in extra.items()
                         if k not in ("wrapper_name", "wrapper_kwargs"))
@@ -68,16 +102,17 @@ def _build_class():
           testcase_name=f"_{opt_name}{'_' + suffix if suffix else ''}",
           opt_name=opt_name, opt_kwargs={"learning_rate": 1e-2}, **extra))
   total = sum(len(v) for v in methods.values())
-  assert total == CASES_PER_FORM * len(FACTORIES), (
-      f"optax's ContribTest yielded {total} cases for {len(FACTORIES)} forms; "
-      f"expected {CASES_PER_FORM} each")
+  expected = CASES_PER_FORM * len(FACTORIES) + BLOCK_CASES_PER_FORM * len(BLOCK_FACTORIES)
+  assert total == expected, (
+      f"optax's ContribTest yielded {total} cases for {len(FACTORIES)} forms and "
+      f"{len(BLOCK_FACTORIES)} with blocks; expected {expected}")
 
   def set_up(self):
     super(cls, self).setUp()
     find = optax_contrib_test._get_opt_factory
     patcher = mock.patch.object(
         optax_contrib_test, "_get_opt_factory",
-        lambda name: FACTORIES[name] if name in FACTORIES else find(name))
+        lambda name: {**FACTORIES, **BLOCK_FACTORIES}.get(name) or find(name))
     patcher.start()
     self.addCleanup(patcher.stop)
 
@@ -142,3 +177,4 @@ def test_explicit_structure_selecting_nothing_is_still_an_error():
   tx = sj.salaad(optax.adam(1e-2), structure=r"kernel")
   with pytest.raises(ValueError, match="selected no parameter"):
     tx.init(_no_block_params())
+

@@ -5,6 +5,7 @@ import inspect
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 import salaad_jax as sj
@@ -70,3 +71,49 @@ def test_parse_accepts_traced_injectable_options():
   def parsed_rho(rho):
     return options.parse(coupled=True, **_kwargs(rho=rho)).hparams["rho"] * 2
   assert float(parsed_rho(0.5)) == 1.0
+
+
+def test_lever_errors_name_the_option():
+  with pytest.raises(ValueError, match="consolidate_structure"):
+    sj.salaad(optax.sgd(1.0), consolidate_structure="best")
+  with pytest.raises(ValueError, match="consolidate_from"):
+    sj.salaad(optax.sgd(1.0), consolidate_from=-1)
+  with pytest.raises(ValueError, match="target_schedule"):
+    sj.salaad(optax.sgd(1.0), target_schedule=0.5)
+  with pytest.raises(ValueError, match="consolidate_dropout"):
+    sj.salaad(optax.sgd(1.0), consolidate_dropout=1.5)
+  with pytest.raises(ValueError, match="consolidate_params must be one of"):
+    sj.salaad(optax.sgd(1.0), consolidate_from=3, consolidate_params="svd")
+  for bad in (dict(), dict(consolidate_from=3, consolidate_dropout=0.2)):
+    with pytest.raises(ValueError, match="consolidate_params='factors'"):
+      sj.salaad(optax.sgd(1.0), consolidate_params="factors", **bad)
+  with pytest.raises(ValueError, match="consolidate_params='factors'"):
+    sj.salaad_decoupled(1.0, consolidate_from=3, consolidate_params="factors")
+  with pytest.raises(ValueError, match="consolidate_factor_lr"):
+    sj.salaad(optax.sgd(1.0), consolidate_from=3, consolidate_params="factors",
+              consolidate_factor_lr=0.0)
+  with pytest.raises(ValueError, match="consolidate_factor_lr scales the factors"):
+    sj.salaad(optax.sgd(1.0), consolidate_from=3, consolidate_factor_lr=2.0)
+  with pytest.raises(ValueError, match="consolidate_global_dropout trains cuts"):
+    sj.salaad(optax.sgd(1.0), consolidate_from=3, consolidate_global_dropout=0.5)
+  with pytest.raises(ValueError, match="consolidate_global_dropout"):
+    sj.salaad(optax.sgd(1.0), consolidate_from=3, consolidate_params="factors",
+              consolidate_global_dropout=1.5)
+  with pytest.raises(ValueError, match="consolidate_cut_budgets trains cuts"):
+    sj.salaad(optax.sgd(1.0), consolidate_from=3, consolidate_cut_budgets=(0.5,))
+  for bad in ((0.5, 0.0), (1.2,), ("x",)):
+    with pytest.raises(ValueError, match="consolidate_cut_budgets"):
+      sj.salaad(optax.sgd(1.0), consolidate_from=3, consolidate_params="factors",
+                consolidate_cut_budgets=bad)
+  with pytest.raises(ValueError, match="consolidate_cut_overhead prices"):
+    sj.salaad(optax.sgd(1.0), consolidate_from=3, consolidate_params="factors",
+              consolidate_cut_overhead=0.1)
+  with pytest.raises(ValueError, match="consolidate_cut_jitter moves"):
+    sj.salaad(optax.sgd(1.0), consolidate_from=3, consolidate_params="factors",
+              consolidate_cut_jitter=0.1)
+  with pytest.raises(ValueError, match="consolidate_cut_jitter"):
+    sj.salaad(optax.sgd(1.0), consolidate_from=3, consolidate_params="factors",
+              consolidate_cut_budgets=(0.5,), consolidate_cut_jitter=-0.1)
+  with pytest.raises(ValueError, match="pass one of them"):
+    sj.salaad(optax.sgd(1.0), consolidate_from=3, consolidate_params="factors",
+              consolidate_cut_budgets=(0.5,), consolidate_global_dropout=0.3)

@@ -8,7 +8,6 @@ import re
 import signal
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,18 +17,10 @@ from salaad_jax.train import presets
 from salaad_jax.train import load_run, make_eval_dataset, evaluate
 from salaad_jax.train.metrics import read_records
 
-from conftest import app_env as _env, pretrain_app as pretrain, run_app_cases
-
-ROOT = Path(__file__).resolve().parents[1]
-TINY = str(ROOT / "experiments" / "configs" / "tiny.flags")
-SHAKESPEARE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "tinyshakespeare.txt"
+from conftest import app_env as _env, pretrain_app as pretrain, run_app, run_app_cases
+from helpers import NEEDS_SHAKESPEARE, ROOT, TINY_FLAGS, assert_one_line_error, train_losses
 
 pytestmark = pytest.mark.slow  # every test starts the app in a subprocess
-
-
-def train_losses(workdir) -> list:
-  return [(r["step"], r["loss"]) for r in read_records(os.path.join(workdir, "metrics.jsonl"))
-          if r["kind"] == "train"]
 
 
 def test_tiny_flagfile_runs_and_reports(tmp_path):
@@ -60,7 +51,7 @@ def test_tiny_flagfile_runs_and_reports(tmp_path):
     assert np.isfinite(last[key]), key
 
 
-@pytest.mark.skipif(not SHAKESPEARE.exists(), reason=f"{SHAKESPEARE} is absent")
+@NEEDS_SHAKESPEARE
 def test_salaad_reaches_its_targets_within_10_percent_of_dense(shakespeare_runs):
   # 300 steps, batch 8, sequence 64, metrics every 20 steps (tests/conftest.py).
   tmp_path = shakespeare_runs.salaad.parent
@@ -92,7 +83,7 @@ def test_sigterm_checkpoints_and_the_resumed_run_is_exact(tmp_path):
   ref = pretrain(f"--workdir={tmp_path / 'ref'}", *args)
   assert ref.returncode == 0, ref.stderr[-2000:]
   wd = tmp_path / "run"
-  cmd = [sys.executable, "-m", "experiments.pretrain", f"--flagfile={TINY}",
+  cmd = [sys.executable, "-m", "experiments.pretrain", f"--flagfile={TINY_FLAGS}",
          f"--workdir={wd}", *args]
   proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(1), stdout=subprocess.PIPE,
                           stderr=subprocess.PIPE, text=True)
@@ -133,13 +124,6 @@ def test_sharded_salaad_matches_one_device(tmp_path):
     np.testing.assert_allclose(s8[path]["alpha"], s1[path]["alpha"], rtol=1e-3, atol=1e-9)
 
 
-def _assert_one_line_error(out, needle):
-  assert out.returncode != 0
-  err = [l for l in out.stderr.splitlines() if l.strip() and "WARNING" not in l]
-  assert "Traceback" not in out.stderr, out.stderr[-3000:]
-  assert err and err[-1].startswith("error: ") and needle in err[-1], out.stderr[-3000:]
-
-
 BAD_INPUT = [
     (["--source=tfds:no_such_dataset_xyz"], "Unknown TFDS dataset 'no_such_dataset_xyz'"),
     (["--source=/no/such/file.txt"], "--source=/no/such/file.txt"),
@@ -153,7 +137,7 @@ def refused(tmp_path_factory):
   """Every BAD_INPUT case run by the app on the tiny flag file (forked from
   one process that imported the package once: conftest.run_app_cases)."""
   base = tmp_path_factory.mktemp("bad_input")
-  cases = [[f"--flagfile={TINY}", f"--workdir={base / str(i)}", *args]
+  cases = [[f"--flagfile={TINY_FLAGS}", f"--workdir={base / str(i)}", *args]
            for i, (args, _) in enumerate(BAD_INPUT)]
   return base, run_app_cases("experiments.pretrain", cases, timeout=240)
 
@@ -162,7 +146,7 @@ def refused(tmp_path_factory):
                          ids=[needle for _, needle in BAD_INPUT])
 def test_bad_input_is_one_clear_line(refused, case):
   base, results = refused
-  _assert_one_line_error(results[case], BAD_INPUT[case][1])
+  assert_one_line_error(results[case], BAD_INPUT[case][1])
   assert not (base / str(case)).exists()
 
 
@@ -172,8 +156,7 @@ def test_bad_input_is_one_clear_line(refused, case):
 ])
 def test_helpfull_lists_the_methods_with_their_descriptions(app, methods):
   from salaad_jax.train import get_method  # pylint: disable=import-outside-toplevel
-  out = subprocess.run([sys.executable, "-m", app, "--helpfull"], cwd=ROOT, env=_env(1),
-                       capture_output=True, text=True, timeout=120)
+  out = run_app(app, "--helpfull", timeout=120)
   assert out.returncode == 1 and "--method:" in out.stdout, out.stderr[-2000:]
   help_text = out.stdout.split("--method:")[1].split("\n  --")[0]
   listed = [m.group(1) for m in re.finditer(r"^\s*(\w+): ", help_text, re.MULTILINE)]
@@ -188,7 +171,7 @@ def test_helpfull_lists_the_methods_with_their_descriptions(app, methods):
 
 def test_batch_not_divisible_by_devices(tmp_path):
   out = pretrain(f"--workdir={tmp_path / 'run'}", "--batch_size=12", devices=8, timeout=120)
-  _assert_one_line_error(out, "--batch_size=12 is not divisible by 8 (8 devices)")
+  assert_one_line_error(out, "--batch_size=12 is not divisible by 8 (8 devices)")
   assert not (tmp_path / "run").exists()
 
 
@@ -200,5 +183,5 @@ def test_incompatible_resume_is_refused_and_the_workdir_kept(tmp_path):
   out = pretrain(f"--workdir={wd}", "--steps=5", "--eval_every=0", "--warmup_steps=1",
                  "--rank_target=0.3", timeout=120)
   r_star = presets.preset_fields("recommended", "tiny")["rank_target"]  # tiny.flags' preset
-  _assert_one_line_error(out, f"different configuration (rank_target: {r_star} -> 0.3)")
+  assert_one_line_error(out, f"different configuration (rank_target: {r_star} -> 0.3)")
   assert {p: p.stat().st_mtime_ns for p in wd.rglob("*") if p.is_file()} == files

@@ -24,12 +24,15 @@ import os
 import signal
 import subprocess
 import sys
+from fractions import Fraction
 from pathlib import Path
+from typing import NamedTuple
 
 import jax
 import numpy as np
 import pytest
 
+import salaad_jax as sj
 from salaad_jax import deploy
 from salaad_jax.deploy import accounting as acc
 from salaad_jax.deploy import spectrum as sp
@@ -37,10 +40,8 @@ from salaad_jax.deploy import spectrum_report as report
 from salaad_jax.deploy import summary as sm
 from salaad_jax.train import load_run
 
-from conftest import SHAKESPEARE, SHAKESPEARE_EVAL_BATCHES, app_env, run_app_cases
-
-ROOT = Path(__file__).resolve().parents[1]
-NEEDS_TEXT = pytest.mark.skipif(not SHAKESPEARE.exists(), reason=f"{SHAKESPEARE} is absent")
+from conftest import SHAKESPEARE_EVAL_BATCHES, app_env, run_app, run_app_cases
+from helpers import NEEDS_SHAKESPEARE, ROOT, assert_one_line_error
 
 TOLERANCE_SE = 2.0  # one-sided: loss may rise by at most 2 paired standard errors
 BUDGETS = (0.26, 0.28, 0.3, 0.33, 0.36, 0.4, 0.45, 0.5, 0.6, 0.8, 1.0)
@@ -48,9 +49,7 @@ EVAL_BATCHES = SHAKESPEARE_EVAL_BATCHES
 
 
 def app(*args, timeout: float = 240) -> subprocess.CompletedProcess:
-  cmd = [sys.executable, "-m", "experiments.spectrum", *args]
-  return subprocess.run(cmd, cwd=ROOT, env=app_env(), capture_output=True, text=True,
-                        timeout=timeout)
+  return run_app("experiments.spectrum", *args, timeout=timeout)
 
 
 @pytest.fixture(scope="module")
@@ -83,11 +82,133 @@ def _rises(series):
 
 
 # ---------------------------------------------------------------------------
+# A NumPy oracle of the allocations: the exact SVD of each block's L (read
+# from the optimizer state), the entries of its S, counts written out.
+# ---------------------------------------------------------------------------
+
+
+class _Block(NamedTuple):
+  m: int
+  n: int
+  sigma: np.ndarray  # singular values of diag(d) L, descending (d = 1 unweighted)
+  entry_gain: np.ndarray  # (d_row s)^2 of the nonzero entries of S, descending
+
+
+class _Kept(NamedTuple):
+  ranks: list
+  nnz: list
+  error: float  # the squared error of what is dropped
+
+
+def _oracle_blocks(run, row_weights=None) -> tuple[list, int, int]:
+  """(blocks, P_model, P_rest) of a SALAAD run, in its blocks' order."""
+  factors, sparse = sj.low_rank_factors(run.opt_state), sj.sparse_parts(run.opt_state)
+  blocks = []
+  for path, f in factors.items():
+    u, s, v = (np.asarray(x, np.float64) for x in f)
+    m, n = u.shape[0], v.shape[0]
+    d = np.ones(m) if row_weights is None else np.asarray(row_weights[path], np.float64)
+    sigma = np.linalg.svd(d[:, None] * ((u * s) @ v.T), compute_uv=False)[:int(np.sum(s > 0))]
+    sigma = sigma[sigma > sigma[0] * max(m, n) * np.finfo(np.float64).eps] if sigma.size else sigma
+    weighted = d[:, None] * np.asarray(sparse[path], np.float32).reshape(m, n)
+    blocks.append(_Block(m, n, sigma, np.sort(weighted[weighted != 0] ** 2)[::-1]))
+  total = sum(int(np.size(x)) for x in jax.tree.leaves(run.params))
+  return blocks, total, total - sum(b.m * b.n for b in blocks)
+
+
+def _kept(blocks, ranks, nnz) -> _Kept:
+  error = sum(float(np.sum(b.sigma[r:] ** 2) + np.sum(b.entry_gain[k:]))
+              for b, r, k in zip(blocks, ranks, nnz))
+  return _Kept(list(ranks), list(nnz), error)
+
+
+def _params_of(blocks, rest, kept: _Kept) -> int:
+  return rest + sum((b.m + b.n) * r + k for b, r, k in zip(blocks, kept.ranks, kept.nnz))
+
+
+def _csr_float32_bytes(blocks, rest, kept: _Kept) -> int:
+  """4-byte values; per block (m + n) r values and, when it keeps entries,
+  CSR: a value and a column index per entry and m + 1 row pointers."""
+  return 4 * rest + sum(4 * (b.m + b.n) * r + (8 * k + 4 * (b.m + 1) if k else 0)
+                        for b, r, k in zip(blocks, kept.ranks, kept.nnz))
+
+
+def _greedy(blocks, rest, budget) -> _Kept:
+  """Triplets (gain sigma^2, m + n parameters) and entries (gain s^2, one)
+  in decreasing gain per parameter; each taken while it fits, the first
+  that does not closes its block's chain (triplets, or entries)."""
+  items = []
+  for i, b in enumerate(blocks):
+    items += [(g / (b.m + b.n), 2 * i, j, b.m + b.n) for j, g in enumerate(b.sigma ** 2)]
+    items += [(g, 2 * i + 1, j, 1) for j, g in enumerate(b.entry_gain)]
+  taken, closed, slack = [0] * (2 * len(blocks)), set(), budget - rest
+  for _, chain, _, cost in sorted(items, key=lambda t: (-t[0], t[1], t[2])):
+    if chain in closed:
+      continue
+    if cost <= slack:
+      taken[chain] += 1
+      slack -= cost
+    else:
+      closed.add(chain)
+  return _kept(blocks, taken[0::2], taken[1::2])
+
+
+def _hpa_bases(blocks) -> tuple[list, list]:
+  """HPA's base ranks (the fewest triplets holding 0.999 of the sum of
+  sigma) and base entries (every one above 1e-8 of the largest)."""
+  r0 = [1 + int(np.sum(np.cumsum(b.sigma) < 0.999 * np.sum(b.sigma))) if b.sigma.size else 0
+        for b in blocks]
+  k0 = [int(np.sum(np.sqrt(b.entry_gain) > 1e-8 * np.sqrt(b.entry_gain[0])))
+        if b.entry_gain.size else 0 for b in blocks]
+  return r0, k0
+
+
+def _hpa(blocks, rest, budget, bases=None, gamma=Fraction(1, 2)) -> _Kept:
+  """SALAAD.md's allocation: from the bases, the excess over the budget cut
+  gamma from the triplets' parameters and the rest from the entries (what one
+  part cannot give, the other), each part scaled down uniformly and floored."""
+  r0, k0 = bases or _hpa_bases(blocks)
+  p_l, p_s = sum(r * (b.m + b.n) for r, b in zip(r0, blocks)), sum(k0)
+  excess = rest + p_l + p_s - budget
+  if excess <= 0:
+    return _kept(blocks, r0, k0)
+  cut_l, cut_s = gamma * excess, (1 - gamma) * excess
+  cut_l, cut_s = (p_l, cut_s + cut_l - p_l) if cut_l > p_l else (cut_l, cut_s)
+  cut_l, cut_s = (cut_l + cut_s - p_s, p_s) if cut_s > p_s else (cut_l, cut_s)
+  keep_l = Fraction(p_l - cut_l, p_l) if p_l else 0
+  keep_s = Fraction(p_s - cut_s, p_s) if p_s else 0
+  return _kept(blocks, [math.floor(r * keep_l) for r in r0], [math.floor(k * keep_s) for k in k0])
+
+
+def _hpa_within_bytes(blocks, rest, total, max_bytes) -> tuple[int, _Kept]:
+  """(P, HPA at P) for the largest parameter budget P whose CSR float32
+  bytes fit ``max_bytes``, by a scan down from the largest P that can fit:
+  where HPA cuts the bases, flooring keeps at least P - sum_i (m_i + n_i + 1)
+  parameters, each of at least 4 bytes (where it does not, it keeps the
+  bases, as at P_model)."""
+  bases = _hpa_bases(blocks)
+  if _csr_float32_bytes(blocks, rest, _hpa(blocks, rest, total, bases)) <= max_bytes:
+    return total, _hpa(blocks, rest, total, bases)
+  top = min(total, max_bytes // 4 + sum(b.m + b.n + 1 for b in blocks))
+  for budget in range(top, rest - 1, -1):
+    kept = _hpa(blocks, rest, budget, bases)
+    if _csr_float32_bytes(blocks, rest, kept) <= max_bytes:
+      return budget, kept
+  raise AssertionError(f"no HPA allocation fits {max_bytes} bytes")
+
+
+def _assert_row_is(row, blocks, kept: _Kept):
+  energy = sum(float(np.sum(b.sigma ** 2) + np.sum(b.entry_gain)) for b in blocks)
+  assert (row["kept_rank"], row["kept_nnz"]) == (sum(kept.ranks), sum(kept.nnz)), row
+  assert row["rel_error"] == pytest.approx(kept.error / energy, rel=1e-6, abs=1e-12), row
+
+
+# ---------------------------------------------------------------------------
 # The spectrum on the tiny model.
 # ---------------------------------------------------------------------------
 
 
-@NEEDS_TEXT
+@NEEDS_SHAKESPEARE
 def test_perplexity_is_monotone_in_budget_within_noise(rows):
   for name in ("salaad/hpa", "salaad/global"):
     s = _series(rows, name)
@@ -99,7 +220,7 @@ def test_perplexity_is_monotone_in_budget_within_noise(rows):
   assert _rises(_series(rows, "salaad/hpa")[::-1])
 
 
-@NEEDS_TEXT
+@NEEDS_SHAKESPEARE
 def test_global_is_never_worse_than_hpa_beyond_noise(rows):
   g, h = _series(rows, "salaad/global"), _series(rows, "salaad/hpa")
   worse = [(a["budget"], a["loss"] - b["loss"], sp.paired_se(a, b)) for a, b in zip(g, h)
@@ -125,10 +246,20 @@ def test_rows_meet_their_budgets_and_account_exactly(runs, rows):
       assert r["unit"] == "params" and r["params"] <= r["budget_value"]
       assert r["budget_value"] == math.floor(float(r["budget"]) * total + 1e-9)
       assert r["bytes"] >= 2 * r["params"]  # COO entries cost more than their value
-  # Global spends (almost) all of the budget until the pool is exhausted.
+  # Each allocation is the oracle's: HPA; global the better of HPA and the
+  # greedy pass, which spends the budget but for less than one item, or all
+  # of L + S (then without error).
+  blocks, _, rest = _oracle_blocks(salaad)
+  largest_item = max(b.m + b.n for b in blocks)
+  for r in _series(rows, "salaad/hpa"):
+    _assert_row_is(r, blocks, _hpa(blocks, rest, r["budget_value"]))
   for r in _series(rows, "salaad/global"):
-    assert (r["params"] >= r["budget_value"] - 256 or r["rel_error"] == 0.0
-            or r["solver"] == "hpa"), r
+    greedy, hpa = _greedy(blocks, rest, r["budget_value"]), _hpa(blocks, rest, r["budget_value"])
+    spent = _params_of(blocks, rest, greedy)
+    assert spent > r["budget_value"] - largest_item or greedy.error == 0.0, (r, spent)
+    _assert_row_is(r, blocks, hpa if hpa.error < greedy.error else greedy)
+    assert r["solver"] == ("hpa" if hpa.error < greedy.error else "greedy"), r
+    assert r["params"] == _params_of(blocks, rest, hpa if hpa.error < greedy.error else greedy)
   # A budget that keeps every factor and entry reproduces L + S: no error.
   assert _series(rows, "salaad/global")[-1]["rel_error"] == 0.0
 
@@ -154,12 +285,13 @@ def test_post_hoc_of_the_runs_own_x_and_byte_budgets(runs, rows):
     assert r["unit"] == "bytes" and r["bytes"] <= r["budget_value"]
     assert r["budget_value"] == math.floor(float(r["budget"]) * full + 1e-9)
   # HPA in bytes takes the largest parameter budget whose bytes fit.
-  blocks = deploy.spectra(salaad.params, salaad.opt_state)
+  oracle, total, rest = _oracle_blocks(salaad)
   for r in _series(by, "salaad/hpa"):
-    alloc = sp.hpa_within_bytes(blocks, r["budget_value"], fmt="csr", dtype="float32")
-    nxt = deploy.allocate(blocks, alloc.budget + 1, "hpa")
-    assert acc.account(None, alloc, "csr", "float32")["bytes"] == r["bytes"]
-    assert acc.account(None, nxt, "csr", "float32")["bytes"] > r["budget_value"]
+    budget, kept = _hpa_within_bytes(oracle, rest, total, r["budget_value"])
+    _assert_row_is(r, oracle, kept)
+    assert r["bytes"] == _csr_float32_bytes(oracle, rest, kept)
+    assert _csr_float32_bytes(oracle, rest, _hpa(oracle, rest, budget + 1)) > r["budget_value"]
+  blocks = deploy.spectra(salaad.params, salaad.opt_state)
   # fmt='auto': each row stored in the format whose allocation keeps the least error.
   auto = sp.capacity_spectrum(salaad, [0.45], methods=("global",), unit="bytes", fmt="auto",
                               posthoc=False, progress=None)[1]
@@ -170,21 +302,21 @@ def test_post_hoc_of_the_runs_own_x_and_byte_budgets(runs, rows):
   assert auto["bytes"] <= auto["budget_value"]
 
 
-@NEEDS_TEXT
+@NEEDS_SHAKESPEARE
 def test_calibrated_allocation_weights_by_training_batches(runs):
   salaad = load_run(str(runs[0]))
   got = sp.capacity_spectrum(salaad, [0.4], methods=("global",), posthoc=False,
                              calibration_batches=2, progress=None)[1]
   # The oracle: input moments on the first two calibration batches (the
-  # training split in another order), then the weighted global allocation.
+  # training split in another order), then the better of the greedy pass and
+  # HPA on the exact SVD of diag(d) L and the entries d_row s.
   from salaad_jax.train.inputs import calibration_dataset
   ds = calibration_dataset(salaad.config)
   batches = [next(ds)["inputs"] for _ in range(2)]
   weights = deploy.activation_weights(salaad.model, salaad.params, batches)
-  blocks = deploy.spectra(salaad.params, salaad.opt_state, row_weights=weights)
-  want = deploy.allocate(blocks, got["budget_value"], "global")
-  assert (got["kept_rank"], got["kept_nnz"]) == (sum(want.ranks.values()), sum(want.nnz.values()))
-  assert got["rel_error"] == pytest.approx(want.relative_error)
+  blocks, _, rest = _oracle_blocks(salaad, weights)
+  greedy, hpa = _greedy(blocks, rest, got["budget_value"]), _hpa(blocks, rest, got["budget_value"])
+  _assert_row_is(got, blocks, hpa if hpa.error < greedy.error else greedy)
   plain = sp.capacity_spectrum(salaad, [0.4], methods=("global",), posthoc=False,
                                progress=None)[1]
   assert (plain["kept_rank"], plain["kept_nnz"]) != (got["kept_rank"], got["kept_nnz"])
@@ -248,13 +380,6 @@ def test_a_run_without_salaad_state_is_refused(runs):
 # ---------------------------------------------------------------------------
 # The app.
 # ---------------------------------------------------------------------------
-
-
-def _one_line_error(out, needle):
-  assert out.returncode != 0
-  assert "Traceback" not in out.stderr, out.stderr[-3000:]
-  err = [l for l in out.stderr.splitlines() if l.strip() and "WARNING" not in l]
-  assert err and needle in err[0] and len(err) <= 2, out.stderr[-3000:]
 
 
 def test_app_writes_table_csv_plot_and_reads_baselines(runs, tmp_path):
@@ -335,7 +460,7 @@ def refused(runs, tmp_path_factory):
 def test_app_bad_input_is_one_line_and_writes_nothing(runs, refused, case):
   base, results = refused
   which, _, needle = BAD_INPUT[case]
-  _one_line_error(results[case], needle)
+  assert_one_line_error(results[case], needle, prefix="", alone=True)
   assert not (base / str(case)).exists()
   assert not (Path(runs[0] if which == "salaad" else runs[1]) / "spectrum").exists()
 

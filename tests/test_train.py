@@ -1,6 +1,6 @@
-"""The training harness in-process: config, flags, sharding rules, the method
-registry, exact resume, multi-device equivalence, non-finite detection and
-load_run.
+"""The training harness in-process: config, flags (SALAAD's become the
+transform's options), sharding rules, the method registry, exact resume,
+multi-device equivalence, non-finite detection and load_run.
 
 These runs use ``--method=dense`` (or a custom method): SALAAD's batched
 LAPACK calls can deadlock XLA:CPU's intra-op pool on 2-core machines unless
@@ -13,7 +13,6 @@ import dataclasses
 import graphlib
 import json
 import os
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -22,6 +21,7 @@ import optax
 import pytest
 from absl import flags
 
+from helpers import ROOT, tiny_config, train_losses
 from salaad_jax.train import (NonFiniteLossError, TrainConfig, TrainError, TrainState,
                               evaluate, get_method, load_run, make_eval_dataset,
                               register_method, train_and_evaluate)
@@ -29,22 +29,21 @@ from salaad_jax.train import config as cfg_lib
 from salaad_jax.train import flags as train_flags
 from salaad_jax.train import metrics as mt
 from salaad_jax.train import sharding as shd
+from salaad_jax.baselines import accounting
+from salaad_jax.models import get_config
+from salaad_jax.train import methods, presets
 from salaad_jax.train.methods import method_options
+
+
+# The tiny run of tests/helpers.py on the plain synthetic corpus, logged every
+# step, a checkpoint every 4 steps.
+TRAIN_RUN = dict(source="synthetic", seq_len=32, batch_size=8, lr=3e-3, warmup_steps=2,
+                 log_every=1, checkpoint_every=4, async_checkpoint=True, tensorboard=False)
 
 
 def tiny(**overrides) -> TrainConfig:
   """A dense tiny model on the synthetic corpus, a few seconds on CPU."""
-  base = dict(method="dense", model="tiny", dtype="float32", source="synthetic",
-              seq_len=32, batch_size=8, steps=12, lr=3e-3, warmup_steps=2,
-              log_every=1, eval_every=0, eval_batches=2, checkpoint_every=4,
-              tensorboard=False)
-  base.update(overrides)
-  return TrainConfig(**base)
-
-
-def losses(workdir):
-  return [(r["step"], r["loss"]) for r in mt.read_records(os.path.join(workdir, "metrics.jsonl"))
-          if r["kind"] == "train"]
+  return tiny_config(**{**TRAIN_RUN, **overrides})
 
 
 # ----------------------------------------------------------------------------
@@ -88,7 +87,7 @@ def test_flags_cover_every_field_and_give_the_config():
 
 def _train_imports() -> dict[str, set[str]]:
   """module -> the salaad_jax.train modules it imports (at any depth, lazy ones too)."""
-  package = Path(__file__).resolve().parents[1] / "salaad_jax" / "train"
+  package = ROOT / "salaad_jax" / "train"
   names = {p.stem for p in package.glob("*.py")} - {"__init__"}
   graph = {}
   for name in names:
@@ -109,6 +108,87 @@ def test_train_modules_import_one_way():
   graph = _train_imports()
   assert graph["warm_start"] >= {"run"} and "loop" not in graph["run"]  # the graph is read
   list(graphlib.TopologicalSorter(graph).static_order())  # CycleError on a circle
+
+
+def tiny100(**kw) -> TrainConfig:
+  """SALAAD on the tiny model over 100 steps, the other fields at their defaults."""
+  return TrainConfig(model="tiny", steps=100, warmup_steps=5, **kw)
+
+
+def test_config_fields_become_transform_options():
+  kw = methods.salaad_kwargs(tiny100(every_k=5, target_schedule_end=0.5, rho_mode="tanh",
+                                   rho_ramp_center=0.5, rho_ramp_width=0.1,
+                                   consolidate_from=0.7))
+  assert kw["consolidate_from"] == 70
+  assert float(kw["target_schedule"](10)) == 0.0 and float(kw["target_schedule"](0)) == 1.0
+  assert float(kw["rho_schedule"](10)) == pytest.approx(5.5)  # centre: 0.5 * 100 / 5
+  off = methods.salaad_kwargs(tiny100())
+  assert (off["consolidate_from"], off["target_schedule"], off["rho_schedule"]) == (None,) * 3
+  assert methods.salaad_kwargs(tiny100(rho_mode="shape_dependent"))["rho"] == "shape_dependent"
+  fac = methods.salaad_kwargs(tiny100(consolidate_params="factors", consolidate_from=0.5,
+                                    consolidate_factor_lr=3.0, consolidate_global_dropout=0.2))
+  assert (fac["consolidate_params"], fac["consolidate_factor_lr"],
+          fac["consolidate_global_dropout"]) == ("factors", 3.0, 0.2)
+  # byte budgets: with --consolidate_cut_bitmaps a bitmap per block (1/16 of a
+  # bf16 value per entry) priced in the cut; without, every bitmap counted as
+  # kept: b less the bitmaps' share of the dense bytes
+  fields = dict(consolidate_params="factors", consolidate_from=0.5,
+                consolidate_cut_budgets="0.4, 0.6", vocab_size=256, seq_len=64)
+  cb = methods.salaad_kwargs(tiny100(consolidate_cut_bitmaps=True, consolidate_cut_jitter=0.02,
+                                   **fields))
+  assert (cb["consolidate_cut_budgets"], cb["consolidate_cut_overhead"],
+          cb["consolidate_cut_jitter"]) == ((0.4, 0.6), 1 / 16, 0.02)
+  blocks = accounting.model_blocks(get_config("tiny", vocab_size=256, max_len=64))
+  total = blocks.rest + sum(m * n for m, n in blocks.shapes.values())
+  bitmaps = sum(np.ceil(m * n / 8) for m, n in blocks.shapes.values())
+  cb = methods.salaad_kwargs(tiny100(**fields))
+  np.testing.assert_allclose(cb["consolidate_cut_budgets"],
+                             [b - bitmaps / (2 * total) for b in (0.4, 0.6)])
+  assert cb["consolidate_cut_overhead"] == 0.0
+  assert cb["consolidate_cut_joint"] == 0.0
+  assert methods.salaad_kwargs(tiny100(consolidate_cut_joint=0.5, **fields))[
+      "consolidate_cut_joint"] == 0.5
+  assert methods.salaad_kwargs(tiny100(consolidate_cut_budgets="0.4"))[
+      "consolidate_cut_budgets"] == ()  # consolidation off: no cuts
+  # --consolidate_from=0 switches consolidation off whatever the preset set.
+  cfg = presets.config_with_preset("recommended", model="tiny", consolidate_from=0.0)
+  cfg_lib.validate(cfg)
+  off = methods.salaad_kwargs(cfg)
+  assert (off["consolidate_from"], off["consolidate_params"], off["consolidate_factor_lr"]) == (
+      None, "projection", 1.0)
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(consolidate_from=1.0), r"--consolidate_from=1.0 must lie in \[0, 1\)"),
+    (dict(consolidate_dropout=1.0), "--consolidate_dropout=1.0 must lie in"),
+    (dict(target_schedule_end=2.0), "--target_schedule_end=2.0"),
+    (dict(rho_mode="tanh", rho_ramp_width=0.0), "--rho_mode=tanh needs"),
+    (dict(consolidate_params="factors", consolidate_from=0.5, consolidate_dropout=0.2),
+     r"--consolidate_params='factors' trains .* no --consolidate_dropout"),
+    (dict(consolidate_params="factors", consolidate_from=0.5, coupling="decoupled"),
+     r"consolidate_params='factors' trains .* needs the coupled"),
+    (dict(consolidate_factor_lr=0.0), "--consolidate_factor_lr=0.0 must be > 0"),
+    (dict(consolidate_from=0.5, consolidate_global_dropout=0.5),
+     "consolidate_global_dropout trains cuts of the factors: it needs"),
+    (dict(consolidate_params="factors", consolidate_from=0.5, consolidate_global_dropout=1.0),
+     "--consolidate_global_dropout=1.0 must lie in"),
+    (dict(consolidate_params="factors", consolidate_from=0.5, consolidate_factor_lr=0.0),
+     "--consolidate_factor_lr=0.0 must be > 0"),
+    (dict(consolidate_cut_budgets="0.4,x"), "--consolidate_cut_budgets='0.4,x' must be"),
+    (dict(consolidate_cut_jitter=1.0), r"--consolidate_cut_jitter=1.0 must lie in \[0, 1\)"),
+    (dict(consolidate_cut_budgets="0.4,1.5"), "--consolidate_cut_budgets='0.4,1.5' must be"),
+    (dict(consolidate_from=0.5, consolidate_cut_budgets="0.4"),
+     "consolidate_cut_budgets trains cuts of the factors: it needs"),
+    (dict(consolidate_params="factors", consolidate_from=0.5, consolidate_cut_budgets="0.4",
+          consolidate_global_dropout=0.2), "both choose each step's cut"),
+    (dict(consolidate_params="factors", consolidate_from=0.5, consolidate_cut_budgets="1.0",
+          consolidate_cut_joint=0.5), "consolidate_cut_joint adds the loss at a cut"),
+    (dict(consolidate_params="factors", consolidate_from=0.5, consolidate_cut_budgets="0.4",
+          consolidate_cut_joint=1.0), r"--consolidate_cut_joint=1.0 must lie in \[0, 1\)"),
+])
+def test_lever_flags_are_validated(change, message):
+  with pytest.raises(TrainError, match=message):
+    cfg_lib.validate(tiny100(**change))
 
 
 # ----------------------------------------------------------------------------
@@ -183,7 +263,7 @@ def test_stop_after_then_resume_reproduces_the_losses_bit_for_bit(tmp_path):
   assert part["interrupted"] == "stop_after" and part["step"] == 6
   rest = train_and_evaluate(tiny(), str(tmp_path / "split"), devices=one)
   assert rest["step"] == 12
-  ref, got = losses(tmp_path / "full"), losses(tmp_path / "split")
+  ref, got = train_losses(tmp_path / "full"), train_losses(tmp_path / "split")
   assert [s for s, _ in got] == list(range(1, 13))
   assert got == ref  # bit-identical floats on CPU
   assert full["eval_loss"] == rest["eval_loss"]
@@ -194,7 +274,7 @@ def one_device_run(tmp_path_factory):
   """(losses, final metrics) of 6 steps on one device."""
   wd = tmp_path_factory.mktemp("one")
   result = train_and_evaluate(tiny(steps=6), str(wd), devices=jax.devices()[:1])
-  return losses(wd), result
+  return train_losses(wd), result
 
 
 @pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (fake) devices")
@@ -204,7 +284,7 @@ def test_multi_device_training_matches_one_device(tmp_path, layout, one_device_r
   ref_losses, ref = one_device_run
   got = train_and_evaluate(tiny(steps=6, **layout), str(tmp_path))
   assert "interrupted" in got and got["step"] == 6
-  np.testing.assert_allclose([v for _, v in losses(tmp_path)], [v for _, v in ref_losses],
+  np.testing.assert_allclose([v for _, v in train_losses(tmp_path)], [v for _, v in ref_losses],
                              rtol=2e-5)
   np.testing.assert_allclose(got["eval_loss"], ref["eval_loss"], rtol=2e-5)
   if layout.get("mesh_fsdp", 1) > 1:  # restore lands sharded on a mesh with an fsdp axis
@@ -292,29 +372,3 @@ def test_compiled_initialisation_takes_the_seed_as_an_input():
                s0, baked)
   emb = lambda s: np.asarray(s.params["embed"]["embedding"])
   assert not np.array_equal(emb(s0), emb(s1))
-
-
-def test_checkpoints_from_before_the_factored_field_restore(tmp_path):
-  """A SalaadState saved in the field layout it had before ``factored``
-  (checkpoints of earlier versions) restores into today's state."""
-  import salaad_jax as sj
-  from salaad_jax import opt_state
-  from salaad_jax.train.checkpoint import Checkpointer
-  params = {"w": {"kernel": jnp.arange(48.0).reshape(8, 6) / 10}, "b": jnp.ones(3)}
-  tx = sj.salaad(optax.adam(1e-2), every_k=2, rank_target=0.3, svt="exact")
-  state = {"params": params, "opt": tx.init(params)}
-  u, state["opt"] = tx.update(jax.tree.map(jnp.ones_like, params), state["opt"], params)
-  old = opt_state.as_v1(state)
-  assert jax.tree.structure(old) != jax.tree.structure(state)
-  ckpt = Checkpointer(str(tmp_path / "ck"), async_save=False)
-  ckpt.save(7, old, {"epoch": 1})
-  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)
-  restored, data = ckpt.restore(abstract, 7)
-  assert jax.tree.structure(restored) == jax.tree.structure(state)
-  assert isinstance(restored["opt"], sj.SalaadState) and data == {"epoch": 1}
-  for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(state)):
-    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-  # Any other mismatch is still an error.
-  with pytest.raises(Exception):
-    ckpt.restore({**abstract, "extra": jax.ShapeDtypeStruct((2,), jnp.float32)}, 7)
-  ckpt.close()
