@@ -83,8 +83,9 @@ from salaad_jax.deploy.calibration import activation_weights
 from salaad_jax.deploy.compress import compress, dense_reconstruction
 from salaad_jax.deploy.evaluation import (BatchEvaluator, SpectrumError, paired_se,  # noqa: F401
                                           rounded, spread_batches)
-from salaad_jax.deploy.export import _check_fits, model_for, runtime_model
-from salaad_jax.deploy.forward_time import ForwardTimer, ForwardTiming, stored_as
+from salaad_jax.deploy.forward_time import ForwardTiming
+from salaad_jax.deploy.spectrum_forward import (TIME_COLUMNS, SpectrumForward,  # noqa: F401
+                                                forward_of)
 from salaad_jax.deploy.posthoc import posthoc_factors
 from salaad_jax.deploy.spectra import Blocks, spectra
 from salaad_jax.deploy.summary import read_summary
@@ -100,8 +101,6 @@ COLUMNS = ("series", "source", "allocation", "budget", "unit", "budget_value", "
            "fmt", "params", "params_fraction", "bytes", "bytes_fraction", "loss", "loss_se",
            "perplexity", "tokens", "rel_error", "kept_rank", "kept_nnz", "solver", "step",
            "workdir")
-# With forward timing (``time_forward``), every row has these too (None for baselines).
-TIME_COLUMNS = ("forward_ms", "forward_vs_dense")
 DEFAULT_BUDGETS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 
 
@@ -294,48 +293,6 @@ def _dense_run_of(dense_workdir, run, say):
   return dense_run, dense_dir
 
 
-class _Forward:
-  """The forward timing of ``capacity_spectrum``: the dense reference (the
-  SALAAD run's X stored in ``dtype``) and the deployed models' runtime form."""
-
-  def __init__(self, run, blocks: Blocks, tokens, settings: ForwardTiming, dtype: str):
-    self.run, self.settings, self.dtype = run, settings, dtype
-    # Blocks the structured Llama cannot hold are refused before any evaluation.
-    probe = compress(run.params, blocks, allocate(blocks, blocks.rest_params, "hpa"), "coo",
-                     dtype)
-    try:
-      _check_fits(probe, model_for(run.model_config, probe.layouts, probe.fmt, dtype))
-    except ValueError as e:
-      raise SpectrumError(f"forward timing: {e} (time_forward=None / --notime_forward times "
-                          "nothing)") from None
-    self.timer = ForwardTimer(model_for(run.model_config, {}, "dense", dtype),
-                              stored_as(run.params, dtype), tokens, settings)
-
-  def describe(self) -> str:
-    s = self.timer.setup()
-    return (f"forward time: {s['product']} runtime form against dense in {self.dtype}, "
-            f"{s['batch']}x{s['seq']} tokens, median of {s['repeats']} rounds after "
-            f"{s['warmup']} warm-up, on {s['device']}")
-
-  def dense(self, owner) -> dict[str, Any]:
-    """The dense model of ``owner``: the reference itself (the SALAAD run),
-    or timed against it."""
-    t = (self.timer.dense() if owner is self.run else
-         self.timer(model_for(owner.model_config, {}, "dense", self.dtype),
-                    stored_as(owner.params, self.dtype)))
-    return self._fields(t)
-
-  def deployed(self, owner, blocks: Blocks, alloc) -> dict[str, Any]:
-    """The deployment of ``alloc`` in its runtime form, timed against dense."""
-    art = compress(owner.params, blocks, alloc, alloc.fmt, self.dtype)
-    model, params = runtime_model(owner.model_config, art.params, art.layouts, art.fmt,
-                                  art.dtype, self.settings.product)
-    return self._fields(self.timer(model, params))
-
-  def _fields(self, t: Mapping[str, float]) -> dict[str, Any]:
-    return dict({k: t[k] for k in TIME_COLUMNS}, forward_setup=self.timer.setup())
-
-
 def _dense_row(base, series, owner, wd, total, b_w, evaluator, forward, say) -> dict[str, Any]:
   """The reference row of a dense model (``owner``'s params as they are)."""
   t0 = time.time()
@@ -370,7 +327,7 @@ def _posthoc_series(run, of, of_dir, blocks, of_dense: bool, posthoc_rank, posth
 
 
 def _budget_rows(series_list, targets, methods, pricing: _Pricing, full: float, evaluator,
-                 forward: Optional[_Forward], base: dict, say) -> list[dict[str, Any]]:
+                 forward: Optional[SpectrumForward], base: dict, say) -> list[dict[str, Any]]:
   """One row per series, allocation method and budget (``full``: 100 % in
   the budgets' unit); an allocation already evaluated is not evaluated (nor
   timed) again."""
@@ -498,7 +455,7 @@ def capacity_spectrum(run_or_workdir, budgets, *, methods: Sequence[str] = ("hpa
   say(f"P_model {total} params ({fmt_bytes(total * b_w)} in {dtype}), outside the blocks "
       f"{rest} ({rest / total:.1%}: the smallest budget); {len(blocks.blocks)} blocks; "
       f"{len(evaluator.batches)} validation batches")
-  forward = _forward_of(run, blocks, evaluator, time_forward, dtype, say)
+  forward = forward_of(run, blocks, evaluator, time_forward, dtype, say)
 
   base = dict(budget=None, unit=None, budget_value=None, budget_fraction=None, fmt=None,
               rel_error=None, kept_rank=None, kept_nnz=None, solver=None)
@@ -522,24 +479,6 @@ def capacity_spectrum(run_or_workdir, budgets, *, methods: Sequence[str] = ("hpa
     say(f"baseline {s['label']}: P {s['params']}, {fmt_bytes(s['bytes'])}, "
         f"ppl {s['perplexity']:.3f}")
   return rows
-
-
-def _forward_of(run, blocks: Blocks, evaluator: BatchEvaluator,
-                settings: Optional[ForwardTiming], dtype: str, say) -> Optional[_Forward]:
-  """The forward timing of the spectrum (None without ``settings``); its
-  tokens: the first evaluation batch's inputs, in ``settings``' shape."""
-  if settings is None:
-    return None
-  if not isinstance(settings, ForwardTiming):
-    raise SpectrumError(f"time_forward must be a ForwardTiming or None, got {settings!r}")
-  cfg = run.model_config
-  try:
-    tokens = settings.tokens(cfg.vocab_size, cfg.max_len, like=evaluator.batches[0]["inputs"])
-  except ValueError as e:
-    raise SpectrumError(str(e)) from None
-  forward = _Forward(run, blocks, tokens, settings, dtype)
-  say(forward.describe())
-  return forward
 
 
 def _check_args(methods, unit, fmt, dtype, gamma, eval_batches, posthoc_rank,
