@@ -54,13 +54,13 @@ Sparse storage (``--sparse_format``): one format for a whole model.  'auto'
 baseline the one admitting the largest rank, a SALAAD or post-hoc
 deployment the one whose allocation keeps the smallest error (a property
 of the spectra, not of validation data).  SALAAD's rank target r* is the one
-at which its surrogate fills one of the budgets (``--salaad_fill``: the
-middle one with the recommended preset, the largest otherwise;
-``compare_budgets.salaad_rank_target``) unless ``--salaad_rank_target`` or
-``--salaad_option=rank_target=...`` sets it; its other settings are
-``--salaad_preset``'s (default ``recommended``, the project's measured best:
-the authors' controller for the first 1 % of training chooses the
-structure, then the surrogate is trained in its own factors; ``reference``
+at which its surrogate fills one of the budgets (``--salaad_fill``, default
+the largest; ``compare_budgets.salaad_rank_target``) unless
+``--salaad_rank_target`` or ``--salaad_option=rank_target=...`` sets it; its
+other settings are ``--salaad_preset``'s (default ``recommended``, the
+project's rule ``presets.recommended_fields`` for --model, --steps and
+--budgets: the authors' controller for the first 1 % of training chooses
+the structure, then the surrogate is trained in its own factors; ``reference``
 the authors' settings; ``short`` this command's earlier settings,
 ``SALAAD_SHORT_RUN``), the ``--salaad_*`` flags, then ``--salaad_option
 key=value`` (any TrainConfig field, SALAAD's pretraining run only).  With
@@ -220,9 +220,9 @@ _SALAAD_FILL = flags.DEFINE_enum(
     "salaad_fill", None, list(budgets_lib.FILLS),
     "which of --budgets SALAAD's trained structure (r* at its d*) fills: 'largest', or "
     "'middle' (the median; the lower one of an even count). A consolidated structure is cut "
-    "for the budgets below it and cannot use those above, and filling the middle one "
-    "measured best with the recommended preset (benchmarks/RESULTS.md); unset: 'middle' "
-    "for --salaad_preset=recommended, 'largest' otherwise")
+    "for the budgets below it and cannot use those above; with one pass per step and the "
+    "cuts trained, filling the largest measured best (benchmarks/RESULTS.md); unset: "
+    "'largest'")
 _SALAAD_PRESET = flags.DEFINE_enum(
     "salaad_preset", "recommended", [*presets.PRESETS, "short"],
     "SALAAD's settings under the --salaad_* flags and --salaad_option: a preset of "
@@ -338,10 +338,8 @@ def base_config(method: str, seed: int, steps=None, **overrides) -> TrainConfig:
 
 
 def salaad_fill() -> str:
-  """--salaad_fill, or its default for --salaad_preset."""
-  if _SALAAD_FILL.value:
-    return _SALAAD_FILL.value
-  return "middle" if _SALAAD_PRESET.value == "recommended" else "largest"
+  """--salaad_fill, or its default ('largest')."""
+  return _SALAAD_FILL.value or "largest"
 
 
 def _workdir(kind: str, seed: int, name: str) -> str:
@@ -355,7 +353,11 @@ def salaad_settings(**overrides) -> dict:
     settings = dict(SALAAD_SHORT_RUN) if _MODEL.value == "tiny" else {}
     settings.setdefault("density_target", 0.05)
   else:
-    settings = presets.preset_fields(_SALAAD_PRESET.value, _MODEL.value)
+    try:
+      settings = presets.preset_fields(_SALAAD_PRESET.value, _MODEL.value, _STEPS.value,
+                                       [float(b) for b in _BUDGETS.value])
+    except TrainError as e:
+      common.fail(str(e))
     settings["salaad_preset"] = _SALAAD_PRESET.value
   if _SALAAD_DENSITY.value is not None:
     settings["density_target"] = _SALAAD_DENSITY.value
@@ -376,7 +378,8 @@ def pretrain_salaad_settings(mcfg, targets: dict[float, int], unit: str) -> dict
   except TrainError as e:
     common.fail(str(e))
   try:  # --salaad_option=salaad_preset=NAME: the preset's fields under the others
-    options = presets.with_preset(options, _MODEL.value)
+    options = presets.with_preset(options, _MODEL.value, _STEPS.value,
+                                  [float(b) for b in _BUDGETS.value])
   except TrainError as e:
     common.fail(str(e))
   settings = salaad_settings(**options)
@@ -602,12 +605,13 @@ def deploy_seed(plan: Plan, seed: int, dirs: dict[str, str], summaries: dict[str
     wd, summary = dirs[name], summaries[name]
     alloc = budgets_lib.salaad_allocation(config_lib.read_config(wd), plan.unit, plan.fmt)
     curve = _curve(1.0) if name == "salaad" else []  # those above the structure: cached
+    posthoc = name == "salaad" and "dense" in dirs  # the dense run split (global allocation)
     fractions = sorted({*plan.targets, *curve, 1.0})
     print(f"== seed {seed}: {name} deployed at {len(fractions)} budgets ({alloc})", flush=True)
     try:
       spectrum = ev.deployments(
-          wd, fractions, (alloc, "global") if curve else (alloc,), evaluation, unit=plan.unit,
-          fmt=plan.fmt, dense_workdir=dirs.get("dense") if name == "salaad" else None,
+          wd, fractions, (alloc, "global") if curve or posthoc else (alloc,), evaluation,
+          unit=plan.unit, fmt=plan.fmt, dense_workdir=dirs.get("dense") if posthoc else None,
           progress=lambda line: print(line, flush=True))
     except sp.SpectrumError as e:
       common.fail(str(e))

@@ -27,6 +27,7 @@ from __future__ import annotations
 from typing import NamedTuple, Optional, Sequence
 
 from salaad_jax.baselines import accounting, make_method, match_rank, match_rank_target
+from salaad_jax.baselines.registry import cheapest_sparse_format
 from salaad_jax.deploy import accounting as deploy_accounting
 from salaad_jax.deploy.allocation import AUTO_FORMAT, resolve_budget
 from salaad_jax.models.configs import LlamaConfig
@@ -130,16 +131,7 @@ def match(method: str, mcfg: LlamaConfig, budget: int, unit: str, density: float
 def salaad_format(mcfg: LlamaConfig, density: float, fmt: str) -> str:
   """The sparse format SALAAD's r* is priced in: ``fmt``, or for 'auto' the
   one whose sparse parts at density d* take the fewest bytes."""
-  if fmt != AUTO_FORMAT:
-    return fmt
-  shapes = accounting.model_blocks(mcfg).shapes.values()
-
-  def cost(f):
-    costs = accounting.ByteCosts(sparse_format=f)
-    return sum(accounting.sparse_footprint(m, n, accounting.kept_count(m * n, density),
-                                           costs).bytes for m, n in shapes)
-
-  return min(deploy_accounting.SPARSE_FORMATS, key=cost)
+  return cheapest_sparse_format(mcfg, density, fmt)
 
 
 FILLS = ("largest", "middle")

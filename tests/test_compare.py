@@ -294,23 +294,23 @@ def test_results_have_one_row_per_method_seed_and_budget(compared):
   assert rows[0]["perplexity"] != rows[len(per_seed)]["perplexity"]
 
 
-def test_salaad_run_takes_its_options_and_fills_the_middle_budget(compared):
+def test_salaad_run_takes_its_options_and_fills_the_largest_budget(compared):
   out, _ = compared
   config = cfg_lib.read_config(str(out / "runs" / "seed_0" / "salaad"))
   assert (config.k_beta, config.every_k) == (0.5, 2)
   # Under the options, the default preset (recommended): its d*, its
   # consolidation, the authors' gains.
   assert config.salaad_preset == "recommended"
-  rec = presets.preset_fields("recommended", "tiny")
+  rec = presets.preset_fields("recommended", "tiny", config.steps)
   assert (config.density_target, config.consolidate_from, config.k_alpha, config.rho) == (
       rec["density_target"], rec["consolidate_from"], rec["k_alpha"], rec["rho"])
-  # --budgets=0.6,0.4: the recommended preset's structure fills the middle
-  # budget, the lower of the two.
+  # --budgets=0.6,0.4: the structure fills the largest budget (the rule's r*
+  # for these budgets), and trains its cut at the other and the whole.
   assert config.rank_target == pytest.approx(cb.salaad_rank_target(
-      TINY, [cb.target(TINY, 0.4, "bytes")], "bytes", rec["density_target"], "auto"))
-  # --salaad_cuts unset, recommended: the cuts below the filled budget (none
-  # here: it fills the lower one) and the whole structure.
-  assert cfg_lib.cut_budgets(config) == ()
+      TINY, [cb.target(TINY, 0.6, "bytes")], "bytes", rec["density_target"], "auto"))
+  assert config.rank_target == pytest.approx(presets.preset_fields(
+      "recommended", "tiny", config.steps, (0.6, 0.4))["rank_target"])
+  assert cfg_lib.cut_budgets(config) == (0.4, 1.0)
   # The baselines keep the shared settings.
   assert cfg_lib.read_config(str(out / "runs" / "seed_0" / "dense")).every_k == 10
 
@@ -475,13 +475,15 @@ def test_fair_protocol_tunes_equally_and_matches_flops(fair):
   assert control.consolidate_from == protocol.CONTROLS["no_admm"][1]["consolidate_from"]
   assert control.consolidate_factor_lr == salaad.consolidate_factor_lr
   assert {("salaad_no_admm", b) for b in ("0.4", "0.5", "0.6")} <= set(by)
-  # It trained its cut at 40 % (the budget below the 50 % its structure fills).
-  assert cfg_lib.cut_budgets(salaad) and cfg_lib.cut_budgets(salaad)[-1] == 1.0
+  # It trained its cuts at 40 and 50 % (the budgets below the 60 % its structure fills).
+  assert cfg_lib.cut_budgets(salaad) == (0.4, 0.5, 1.0)
   # The curve: every 0.05 from 0.3 up to what the structure fills, both allocators.
   fill = float(by["salaad_trained", ""]["bytes_fraction"])
   for alloc in ("cut", "global"):
     budgets = sorted(float(r["budget"]) for r in rows if r["method"] == f"salaad_curve_{alloc}")
-    assert budgets == [b for b in (0.3, 0.35, 0.4, 0.45, 0.5, 0.55) if b <= fill + 1e-9]
+    assert budgets == [b for b in (0.3, 0.35, 0.4, 0.45, 0.5, 0.55, 0.6, 0.65, 0.7)
+                       if b <= fill + 1e-9]
+    assert 0.6 in budgets  # the structure fills the largest budget
   table = (out / "results.md").read_text()
   assert "training FLOPs" in table
   assert "Tuning: 2 trials per method" in table and "`salaad_no_admm`" in table

@@ -30,8 +30,11 @@ def test_dense_pass_flops_are_the_hand_count():
   assert got.train_flops == 1000 * 512 * 789_504
 
 
+JOINT = dict(consolidate_cut_budgets="0.4,1", consolidate_cut_joint=0.6)  # two passes a step
+
+
 def test_joint_cut_loss_counts_a_second_pass_on_every_factor_step():
-  config = presets.config_with_preset("recommended", **BASE)
+  config = presets.config_with_preset("recommended", **JOINT, **BASE)
   got = compute.train_compute(config, TINY)
   # consolidate_from 0.01 x 1000 = 10: counts 0..10 are ADMM steps (the
   # last one projects), counts 11..999 (989 steps) train the factors, each
@@ -69,7 +72,7 @@ def test_low_rank_and_sltrain_count_their_own_products():
 
 
 def test_matched_steps_spend_the_target_flops():
-  salaad = presets.config_with_preset("recommended", **BASE)
+  salaad = presets.config_with_preset("recommended", **JOINT, **BASE)
   target = compute.train_compute(salaad, TINY).train_flops
   for config in (TrainConfig(method="dense", **BASE),
                  TrainConfig(method="sltrain", method_options={"rank": "9"}, **BASE),

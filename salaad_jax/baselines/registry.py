@@ -70,6 +70,37 @@ def match_rank(name: str, config: LlamaConfig, target_params: int, *, unit: str 
   return accounting.largest_rank_within(count, int(target_params), max_rank)
 
 
+def cheapest_sparse_format(config: LlamaConfig, density: float, fmt: str = "auto") -> str:
+  """The sparse format SALAAD's structure is priced in: ``fmt``, or for
+  'auto' the one of COO / CSR / bitmap whose sparse parts at density
+  ``density`` take the fewest bytes over the blocks of ``config``."""
+  if fmt != "auto":
+    return fmt
+  shapes = accounting.model_blocks(config).shapes.values()
+
+  def cost(f):
+    costs = accounting.ByteCosts(sparse_format=f)
+    return sum(accounting.sparse_footprint(m, n, accounting.kept_count(m * n, density),
+                                           costs).bytes for m, n in shapes)
+
+  return min(accounting.SPARSE_FORMATS, key=cost)
+
+
+def fill_rank_target(config: LlamaConfig, fraction: float, density: float,
+                     sparse_format: str = "auto") -> float:
+  """SALAAD's r* at which its surrogate at density ``density`` fills
+  ``fraction`` of the dense model's deployment bytes (bf16 values, S in
+  ``sparse_format``, 'auto': :func:`cheapest_sparse_format`)."""
+  from salaad_jax.deploy.allocation import resolve_budget  # pylint: disable=import-outside-toplevel
+  blocks = accounting.model_blocks(config)
+  b_w = accounting.ByteCosts().b_w
+  full = b_w * (blocks.rest + sum(m * n for m, n in blocks.shapes.values()))
+  target = resolve_budget(float(fraction), full, b_w * blocks.rest, "bytes")
+  costs = accounting.ByteCosts(sparse_format=cheapest_sparse_format(config, density,
+                                                                    sparse_format))
+  return match_rank_target(config, target, density, unit="bytes", costs=costs)
+
+
 def match_rank_target(config: LlamaConfig, target_params: int, density: float, *,
                       unit: str = "params",
                       costs: accounting.ByteCosts = accounting.ByteCosts()) -> float:

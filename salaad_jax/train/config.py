@@ -115,6 +115,10 @@ class TrainConfig:
                      choices=("coupled", "decoupled"))
   salaad_preset: str = _f("", "named SALAAD settings applied before the explicit flags "
                           "(explicit flags win): '', reference or recommended (salaad_jax.train.presets)")
+  deploy_budgets: str = _f("0.4,0.5,0.6", "the deployment budgets (comma-separated fractions "
+                           "of the dense model's bytes) --salaad_preset=recommended sizes the "
+                           "run for: its structure fills the largest, the others are trained "
+                           "cuts")
   target_schedule_end: float = _f(0.0, "targets start loose (r*, d* at 1) and reach r*, d* "
                                   "along a cubic schedule at this fraction of --steps; "
                                   "0: constant targets", min=0.0)
@@ -225,6 +229,7 @@ RESUMABLE_FIELDS = frozenset({
     "eval_batch_size", "checkpoint_every", "keep_checkpoints", "async_checkpoint",
     "tensorboard", "parallelism", "mesh_data", "mesh_fsdp", "distributed",
     "coordinator_address", "num_processes", "process_id", "data_dir",
+    "deploy_budgets",  # shapes a run only through the preset fields it sets
 })
 
 _UNIT_INTERVAL = ("rank_target", "density_target", "energy", "b1", "b2")
@@ -358,19 +363,22 @@ def read_config(workdir: str) -> TrainConfig:
     raise TrainError(f"{path} is not a valid TrainConfig: {e}") from None
 
 
+def fractions(text: str, flag: str) -> tuple[float, ...]:
+  """Comma-separated fractions in (0, 1] (TrainError naming ``flag`` otherwise)."""
+  try:
+    values = tuple(float(b) for b in text.split(","))
+  except ValueError:
+    values = ()
+  if not values or not all(0.0 < b <= 1.0 for b in values):
+    raise TrainError(f"--{flag}={text!r} must be comma-separated fractions "
+                     "in (0, 1] of the dense model's bytes")
+  return values
+
+
 def cut_budgets(config: TrainConfig) -> tuple[float, ...]:
   """``--consolidate_cut_budgets`` as floats in (0, 1] (TrainError otherwise)."""
   text = config.consolidate_cut_budgets.strip()
-  if not text:
-    return ()
-  try:
-    budgets = tuple(float(b) for b in text.split(","))
-  except ValueError:
-    budgets = ()
-  if not budgets or not all(0.0 < b <= 1.0 for b in budgets):
-    raise TrainError(f"--consolidate_cut_budgets={text!r} must be comma-separated fractions "
-                     "in (0, 1] of the dense model's bytes")
-  return budgets
+  return fractions(text, "consolidate_cut_budgets") if text else ()
 
 
 def config_differences(saved: TrainConfig, new: TrainConfig) -> list[str]:

@@ -15,7 +15,7 @@ from typing import Any, Optional, Sequence
 
 from absl import flags
 
-from salaad_jax.train.config import TrainConfig, TrainError
+from salaad_jax.train.config import TrainConfig, TrainError, fractions
 from salaad_jax.train.multihost import FLAG_FIELDS
 from salaad_jax.train.presets import preset_fields
 from salaad_jax.train.methods import get_method, method_names
@@ -89,7 +89,10 @@ def config_from_flags(flag_values=flags.FLAGS) -> TrainConfig:
     else:
       values[field.name] = flag_values[field.name].value
   # A preset fills the fields no flag sets explicitly (command line or flag file).
-  for name, value in preset_fields(values["salaad_preset"], values["model"]).items():
+  preset = preset_fields(values["salaad_preset"], values["model"], values["steps"],
+                         fractions(values["deploy_budgets"], "deploy_budgets"),
+                         values["vocab_size"])
+  for name, value in preset.items():
     if not flag_values[name].present:
       values[name] = value
   return TrainConfig(**values)

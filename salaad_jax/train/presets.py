@@ -1,9 +1,9 @@
 """Named SALAAD settings: ``--salaad_preset=NAME`` -> TrainConfig fields.
 
-A preset is data: the fields it sets, with per-model exceptions.  It is
-applied before the explicit flags (a flag given on the command line or in a
-flag file wins over the preset) by :func:`salaad_jax.train.flags.config_from_flags`,
-and programmatically by :func:`config_with_preset`.
+A preset is applied before the explicit flags (a flag given on the command
+line or in a flag file wins over the preset) by
+:func:`salaad_jax.train.flags.config_from_flags`, and programmatically by
+:func:`config_with_preset`.
 
 * ``reference`` — the authors' settings (SALAAD.md §2, §4, §5, §7): exact SVD,
   the reference gains, n_d 1500, alpha_0 = beta_0 = 0, e = 0.999, r* 0.15,
@@ -11,29 +11,23 @@ and programmatically by :func:`config_with_preset`.
   10 (25 at 350M, 5 at 1B), no schedules, no consolidation, S stored dense
   (``sparse_capacity='none'``: with these slow gains S's density stays far
   above d* for most of training, so a capacity of 3 d* would cut S all along).
-* ``recommended`` — this project's measured best on the tiny model: the
-  structure is chosen by the first 1 % of training (the reference's
-  controller, fast SVT), then the surrogate is trained in its own
-  coordinates (*consolidation in factors*: L's factors B, A and S's values
-  on its support, at rank ceil(r* min(m, n)) and density 0.08) with the
-  factors' learning rate 3x the run's (SLTrain's alpha / r plays that role);
-  L stays an SVD, so the run deploys at any budget.  r* sizes the structure
-  for the *middle* of the budgets it will be deployed at
-  (``benchmarks.compare --salaad_fill``).  The tiny model also trains its
-  cut at 40 % of the dense bytes with the joint loss
-  (``consolidate_cut_joint``); the small model keeps projected
-  consolidation late in training.
+  Data, with the authors' per-model exceptions.
+* ``recommended`` — this project's rule, :func:`recommended_fields`: one
+  function of the model's block shapes, the run's steps and the deployment
+  budgets, with no per-model values.
 
 Every choice, and what it was measured against, is in benchmarks/RESULTS.md
-("Levers"; "The reference preset").
+("Levers under the fair protocol"; "The reference preset").
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+import math
+from typing import Any, Optional, Sequence
 
-from salaad_jax.train.config import TrainConfig, TrainError
+from salaad_jax.models.configs import CONFIGS, LlamaConfig
+from salaad_jax.train.config import TrainConfig, TrainError, fractions
 
 _REFERENCE = dict(
     every_k=10, rho=1e-6, rho_embed=3e-7, rank_target=0.15, density_target=0.05,
@@ -45,37 +39,78 @@ _REFERENCE = dict(
     consolidate_cut_budgets="", consolidate_cut_bitmaps=False, consolidate_cut_jitter=0.0,
     consolidate_cut_joint=0.0)
 
-PRESETS: dict[str, dict[str, Any]] = {
-    "reference": _REFERENCE,
-    # The first 1 % of training chooses the structure; the rest trains the
-    # surrogate in its own factors at r*, d* 0.08, the factors at 3x the lr.
-    "recommended": dict(_REFERENCE, svt="fast", svt_iters=1, rank_target=0.2,
-                        density_target=0.08, consolidate_from=0.01,
-                        consolidate_structure="target", consolidate_dropout=0.0,
-                        consolidate_params="factors", consolidate_factor_lr=3.0),
-}
+# The deployment budgets (fractions of the dense model's bytes) the
+# recommended rule sizes a run for when none are given.
+DEPLOY_BUDGETS = (0.4, 0.5, 0.6)
+# The recommended rule's fixed part: the fields that do not depend on the
+# model, the steps or the budgets (see recommended_fields).
+RULED = ("rank_target", "consolidate_cut_budgets", "consolidate_from")
+RECOMMENDED_FIXED = {k: v for k, v in dict(
+    _REFERENCE, svt="fast", svt_iters=1, density_target=0.08, rho=1e-3, rho_embed=1e-3,
+    consolidate_structure="target", consolidate_dropout=0.0, consolidate_params="factors",
+    consolidate_factor_lr=1.0, consolidate_cut_joint=0.0).items() if k not in RULED}
+ADMM_SHARE = 0.01  # the share of the steps before consolidation
 
-# Per-model exceptions: {preset: {model: fields}}.
-MODEL_OVERRIDES: dict[str, dict[str, dict[str, Any]]] = {
-    "reference": {
-        "130m": dict(k_beta=0.0013, rho=1e-8),
-        "350m": dict(k_beta=0.0013, rho=1e-8, every_k=25),
-        "1b": dict(k_beta=0.0013, rho=1e-8, every_k=5),
-    },
+
+def recommended_fields(model: LlamaConfig, steps: int,
+                       budgets: Sequence[float] = DEPLOY_BUDGETS,
+                       sparse_format: str = "auto") -> dict[str, Any]:
+  """The recommended preset's fields for ``model`` trained ``steps`` steps
+  and deployed at ``budgets`` (fractions of its dense bytes, bf16 values).
+
+  The rule (benchmarks/RESULTS.md, "Levers under the fair protocol"; each
+  part is one measured lever):
+
+  * the structure is chosen by ADMM with the reference controller (fast
+    SVT) for the first 1 % of the steps, at least one controller period
+    (``every_k`` steps) and at most half the run:
+    ``consolidate_from = min(0.5, max(0.01, K / steps))``;
+  * then L's factors and S's values on its support are trained directly
+    (``consolidate_params='factors'``) at the run's learning rate
+    (``consolidate_factor_lr=1``: 2x measured no better at the tiny model,
+    3x diverged at ``small``);
+  * the structure fills the *largest* budget: r* is the rank target at which
+    L + S, every block at rank r* min(m, n) and density d* = 0.08, takes
+    max(budgets) of the dense bytes, S priced in ``sparse_format`` ('auto':
+    the format cheapest at d*);
+  * the global allocator's cut at every smaller budget is trained too, one
+    cut or the whole structure drawn per step (one pass per step, so the run
+    costs what an SLTrain run of its size costs):
+    ``consolidate_cut_budgets = sorted(smaller budgets) + [1]``;
+  * rho 1e-3 on every block (it only acts during the ADMM share).
+
+  Measured at the tiny (132k) and small (857k) models for 1000-5000 steps;
+  the values it gives larger models are an extrapolation.
+
+  Raises:
+    ValueError: no budget, a budget outside (0, 1], steps < 1, or no r* in
+      (0, 1] fills the largest budget at d*.
+  """
+  from salaad_jax.baselines import registry  # pylint: disable=import-outside-toplevel
+
+  fractions = sorted(float(b) for b in budgets)
+  if not fractions or not all(0.0 < f <= 1.0 for f in fractions):
+    raise ValueError(f"deployment budgets must be fractions in (0, 1], got {list(budgets)}")
+  if steps < 1:
+    raise ValueError(f"steps must be >= 1, got {steps}")
+  fields = dict(RECOMMENDED_FIXED)
+  fields["rank_target"] = registry.fill_rank_target(model, fractions[-1],
+                                                    fields["density_target"], sparse_format)
+  below = [f for f in dict.fromkeys(fractions) if f < fractions[-1]]
+  fields["consolidate_cut_budgets"] = ",".join(repr(b).removesuffix(".0") for b in [*below, 1.0]) if below else ""
+  fields["consolidate_from"] = min(0.5, max(ADMM_SHARE, fields["every_k"] / steps))
+  return fields
+
+
+PRESETS: dict[str, dict[str, Any]] = {"reference": _REFERENCE,
+                                      "recommended": RECOMMENDED_FIXED}
+
+# The reference preset's per-model exceptions (the authors'): {model: fields}.
+REFERENCE_OVERRIDES: dict[str, dict[str, Any]] = {
+    "130m": dict(k_beta=0.0013, rho=1e-8),
+    "350m": dict(k_beta=0.0013, rho=1e-8, every_k=25),
+    "1b": dict(k_beta=0.0013, rho=1e-8, every_k=5),
 }
-# rho: the reference's 1e-6 is for 10k+ steps of 60M+ models; 1e-3 is the
-# measured choice for 1000-3000 steps of the tiny and small models.
-# r* 0.12: the tiny model's structure fills 50 % of its dense bytes (bitmap S);
-# the run also trains its 40 % cut: every step's loss is 0.4 the whole
-# structure's plus 0.6 the cut's (--consolidate_cut_joint, two passes a step).
-MODEL_OVERRIDES["recommended"] = dict(
-    MODEL_OVERRIDES["reference"], tiny=dict(rho=1e-3, rho_embed=1e-3, rank_target=0.12,
-                                            consolidate_cut_budgets="0.4,1.0",
-                                            consolidate_cut_joint=0.6),
-    # small: consolidation in factors at 3x lr measured worse (5000 steps: 7.04
-    # against 5.14 at 50-60 % of the bytes), so it keeps the late projection.
-    small=dict(rho=1e-3, rho_embed=1e-3, consolidate_from=0.8, consolidate_params="projection",
-               consolidate_factor_lr=1.0))
 
 # The seeds the recommended preset's settings were chosen on (tinyshakespeare,
 # benchmarks/RESULTS.md "Levers"): benchmarks.compare does not report them.
@@ -85,24 +120,44 @@ _FIELDS = {f.name for f in dataclasses.fields(TrainConfig)}
 assert all(set(p) <= _FIELDS for p in PRESETS.values())
 
 
-def preset_fields(name: str, model: str) -> dict[str, Any]:
-  """The TrainConfig fields preset ``name`` sets for ``model`` ('' sets none)."""
+def preset_fields(name: str, model: str, steps: Optional[int] = None,
+                  budgets: Optional[Sequence[float]] = None,
+                  vocab_size: int = 0) -> dict[str, Any]:
+  """The TrainConfig fields preset ``name`` sets for ``model`` ('' sets none):
+  the reference's data, or the recommended rule for ``model`` (its preset's
+  vocabulary unless ``vocab_size`` > 0) trained ``steps`` steps (default:
+  TrainConfig's) for ``budgets`` (default DEPLOY_BUDGETS)."""
   if not name:
     return {}
   if name not in PRESETS:
     raise TrainError(f"--salaad_preset={name!r} is not a preset; known: {sorted(PRESETS)}")
-  return dict(PRESETS[name], **MODEL_OVERRIDES.get(name, {}).get(model, {}))
+  if name == "reference":
+    return dict(_REFERENCE, **REFERENCE_OVERRIDES.get(model, {}))
+  if model not in CONFIGS:
+    raise TrainError(f"--model={model!r} is not a model preset; known: {sorted(CONFIGS)}")
+  mcfg = CONFIGS[model]
+  if vocab_size > 0:
+    mcfg = dataclasses.replace(mcfg, vocab_size=int(vocab_size))
+  try:
+    return recommended_fields(mcfg, TrainConfig.steps if steps is None else int(steps),
+                              DEPLOY_BUDGETS if budgets is None else budgets)
+  except ValueError as e:
+    raise TrainError(f"--salaad_preset=recommended for --model={model}: {e}") from None
 
 
 def config_with_preset(name: str, **fields) -> TrainConfig:
   """A TrainConfig from preset ``name`` (for ``fields['model']``, default the
   TrainConfig default), overridden by ``fields``."""
-  model = fields.get("model", TrainConfig.model)
-  return TrainConfig(**{**preset_fields(name, model), **fields, "salaad_preset": name})
+  budgets = fields.get("deploy_budgets")
+  preset = preset_fields(name, fields.get("model", TrainConfig.model), fields.get("steps"),
+                         fractions(budgets, "deploy_budgets") if budgets else None,
+                         fields.get("vocab_size", 0))
+  return TrainConfig(**{**preset, **fields, "salaad_preset": name})
 
 
-def with_preset(fields: dict[str, Any], model: str) -> dict[str, Any]:
+def with_preset(fields: dict[str, Any], model: str, steps: Optional[int] = None,
+                budgets: Optional[Sequence[float]] = None) -> dict[str, Any]:
   """``fields`` with the preset it names in ``salaad_preset`` (if any)
-  expanded underneath: the preset's fields for ``model``, then ``fields``
-  (which win)."""
-  return {**preset_fields(fields.get("salaad_preset", ""), model), **fields}
+  expanded underneath: the preset's fields for ``model`` (``steps``,
+  ``budgets``: :func:`preset_fields`), then ``fields`` (which win)."""
+  return {**preset_fields(fields.get("salaad_preset", ""), model, steps, budgets), **fields}
