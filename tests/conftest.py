@@ -89,8 +89,10 @@ from helpers import ROOT, SHAKESPEARE, TINY_FLAGS  # pylint: disable=wrong-impor
 # ---------------------------------------------------------------------------
 
 
-# Session fixtures that train (through ``cached_dir``): a test requesting one is slow.
-TRAINED_FIXTURES = ("shakespeare_runs", "compared")
+# Fixtures that train or start an app (the session's through ``cached_dir``,
+# the modules' own): a test requesting one is slow.
+TRAINED_FIXTURES = ("shakespeare_runs", "compared", "fair", "reference", "pretrained",
+                    "one_device_run")
 
 
 @pytest.hookimpl(tryfirst=True)
@@ -190,6 +192,11 @@ def pretrain_app(*args, devices: int = 1, timeout: float = 240,
   """``python -m experiments.pretrain --flagfile=tiny.flags *args``."""
   return run_app("experiments.pretrain", f"--flagfile={TINY_FLAGS}", *args, devices=devices,
                  timeout=timeout, **kwargs)
+
+
+def compare_app(*args, timeout: float = 900) -> subprocess.CompletedProcess:
+  """``python -m benchmarks.compare *args``."""
+  return run_app("benchmarks.compare", *args, timeout=timeout)
 
 
 # ---------------------------------------------------------------------------

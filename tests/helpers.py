@@ -1,7 +1,8 @@
 """What the test modules share besides fixtures (those are in conftest.py):
 the repository's paths, the tiny flag file and the real text beside the
 repository (tests that need it skip when it is absent), a tiny training
-config, the train losses a run logged, the check that an app refused its
+config, the train losses a run logged, the tiny model's shapes and
+``benchmarks.compare``'s test settings, the check that an app refused its
 input with one clear line, and a two-block problem for the transform with
 NumPy read-outs of its state.
 
@@ -10,6 +11,7 @@ conftest.py imports this module once it has set XLA's flags up.
 
 from __future__ import annotations
 
+import csv
 import os
 import subprocess
 from pathlib import Path
@@ -24,6 +26,7 @@ import salaad_jax as sj
 from salaad_jax.deploy import allocation
 from salaad_jax.train import TrainConfig
 from salaad_jax.train.metrics import read_records
+from salaad_jax.train.state import model_config
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_FLAGS = str(ROOT / "experiments" / "configs" / "tiny.flags")
@@ -56,6 +59,19 @@ TINY_RUN = dict(model="tiny", dtype="float32", source="synthetic:order=1", token
 def tiny_config(method: str = "dense", **overrides) -> TrainConfig:
   """``TrainConfig`` of ``TINY_RUN`` for ``method``, fields replaced by ``overrides``."""
   return TrainConfig(**{**TINY_RUN, "method": method, **overrides})
+
+
+# The tiny model's shapes (benchmarks.compare's byte vocabulary), and the
+# settings tests/test_compare*.py run ``benchmarks.compare`` on.
+TINY_MODEL = model_config(TrainConfig(model="tiny", vocab_size=256))
+COMPARE_COMMON = ["--source=synthetic:order=1", "--steps=4", "--batch_size=4", "--seq_len=16",
+                  "--eval_batches=2"]
+
+
+def read_csv(path) -> list[dict]:
+  """The rows of the CSV file at ``path`` (a header line, then the rows)."""
+  with open(path) as f:
+    return list(csv.DictReader(f))
 
 
 def train_losses(workdir) -> list[tuple[int, float]]:

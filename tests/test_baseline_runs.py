@@ -16,6 +16,9 @@ from salaad_jax.train.run import load_run
 from salaad_jax.train.state import build, init_state
 
 
+pytestmark = pytest.mark.slow  # every test trains the tiny model
+
+
 def tiny(method, **overrides) -> TrainConfig:
   """The tiny run of tests/helpers.py at rank 4."""
   return tiny_config(method, **{"method_options": {"rank": "4"}, **overrides})

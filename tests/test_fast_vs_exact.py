@@ -1,5 +1,7 @@
 """Quality guard: the fast SVT path trains like the exact (full SVD) path."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -12,16 +14,17 @@ from salaad_jax import data, models
 pytestmark = pytest.mark.slow
 
 
-def _train(svt: str, steps: int = 120, data_seed: int = 0):
+@functools.cache
+def _setup(svt: str):
+  """(initial params, transform, jitted step) of a run with ``svt``:
+  built once per path, so the two exact runs share one compiled step."""
   cfg = models.get_config("tiny", dtype=jnp.float32, max_len=32)
   model = models.Llama(cfg)
   params = models.init_params(cfg, jax.random.key(0), seq=32)
-  ds = data.make_dataset("synthetic", seq_len=32, batch_size=8, seed=data_seed)
   base = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(3e-3, b2=0.95))
   tx = sj.salaad(base, every_k=5, rho=1.0, rank_target=0.15, density_target=0.05,
                  k_alpha=0.2, k_beta=0.02, svt=svt, alpha_init="sigma_k",
                  max_rank=32 if svt == "fast" else None)
-  state = tx.init(params)
 
   @jax.jit
   def step(p, s, b):
@@ -31,6 +34,13 @@ def _train(svt: str, steps: int = 120, data_seed: int = 0):
     u, s = tx.update(g, s, p)
     return optax.apply_updates(p, u), s, loss
 
+  return params, tx, step
+
+
+def _train(svt: str, steps: int = 120, data_seed: int = 0):
+  params, tx, step = _setup(svt)
+  state = tx.init(params)
+  ds = data.make_dataset("synthetic", seq_len=32, batch_size=8, seed=data_seed)
   losses = []
   for _ in range(steps):
     b = next(ds)

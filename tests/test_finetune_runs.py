@@ -184,6 +184,7 @@ def _app(module, *args, timeout=300):
   return run_app(module, *args, timeout=timeout)
 
 
+@pytest.mark.slow  # starts the apps
 def test_finetune_app_chains_losa_rounds_and_writes_a_summary(tmp_path):
   common = ["--model=tiny", "--dtype=float32", "--seq_len=16", "--batch_size=4",
             "--warmup_steps=0", "--eval_batches=2", "--log_every=2", "--eval_every=0",

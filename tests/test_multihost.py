@@ -92,6 +92,7 @@ def _steps(workdir: Path) -> list:
   return sorted(int(s) for s in os.listdir(d) if s.isdigit()) if d.is_dir() else []
 
 
+@pytest.mark.slow  # starts three processes
 def test_two_processes_killed_resumed_match_one_process(tmp_path):
   logs, wd = tmp_path / "logs", tmp_path / "multi"
   logs.mkdir()

@@ -1,13 +1,12 @@
 """``python -m experiments.pretrain`` end to end, in subprocesses: the tiny
-flag file, SALAAD against dense on real text, SIGTERM + exact resume,
-sharded SALAAD against one device, and one-line errors for bad input."""
+flag file, SALAAD against dense on real text, a resume with another
+configuration refused, and one-line errors for bad input.  SIGTERM + exact
+resume and sharded SALAAD against one device: tests/test_pretrain_exact.py."""
 
 import json
 import os
 import re
-import signal
-import subprocess
-import sys
+import shutil
 
 import numpy as np
 import pytest
@@ -17,16 +16,28 @@ from salaad_jax.train import presets
 from salaad_jax.train import load_run, make_eval_dataset, evaluate
 from salaad_jax.train.metrics import read_records
 
-from conftest import app_env as _env, pretrain_app as pretrain, run_app, run_app_cases
-from helpers import NEEDS_SHAKESPEARE, ROOT, TINY_FLAGS, assert_one_line_error, train_losses
+from conftest import pretrain_app as pretrain, run_app, run_app_cases
+from helpers import NEEDS_SHAKESPEARE, TINY_FLAGS, assert_one_line_error
 
 pytestmark = pytest.mark.slow  # every test starts the app in a subprocess
 
 
-def test_tiny_flagfile_runs_and_reports(tmp_path):
-  wd = tmp_path / "run"
-  out = pretrain(f"--workdir={wd}", "--steps=40", "--log_every=10", "--eval_every=20",
-                 "--checkpoint_every=20", "--warmup_steps=5")
+# The tiny flag file for 40 steps: metrics every 10, an evaluation and a
+# checkpoint every 20.
+TINY_ARGS = ["--steps=40", "--log_every=10", "--eval_every=20", "--checkpoint_every=20",
+             "--warmup_steps=5"]
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+  """(workdir, the app's output) of the tiny flag file run with TINY_ARGS,
+  once for the module; a test that runs the app on it again works on a copy."""
+  wd = tmp_path_factory.mktemp("tiny") / "run"
+  return wd, pretrain(f"--workdir={wd}", *TINY_ARGS)
+
+
+def test_tiny_flagfile_runs_and_reports(tiny_run):
+  wd, out = tiny_run
   assert out.returncode == 0, out.stderr[-2000:]
   lines = out.stdout.splitlines()
   step_lines = [l for l in lines if l.startswith("step ")]
@@ -75,53 +86,6 @@ def test_salaad_reaches_its_targets_within_10_percent_of_dense(shakespeare_runs)
   # The deployable surrogate X_hat = L + S is as good as the dense X.
   hat = sj.surrogate_params(salaad.params, salaad.opt_state)
   assert evaluate(salaad.model, hat, ds, 10)["loss"] <= 1.10 * loss_d
-
-
-def test_sigterm_checkpoints_and_the_resumed_run_is_exact(tmp_path):
-  args = ["--steps=40", "--batch_size=16", "--log_every=1", "--eval_every=0",
-          "--checkpoint_every=0", "--warmup_steps=5"]
-  ref = pretrain(f"--workdir={tmp_path / 'ref'}", *args)
-  assert ref.returncode == 0, ref.stderr[-2000:]
-  wd = tmp_path / "run"
-  cmd = [sys.executable, "-m", "experiments.pretrain", f"--flagfile={TINY_FLAGS}",
-         f"--workdir={wd}", *args]
-  proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(1), stdout=subprocess.PIPE,
-                          stderr=subprocess.PIPE, text=True)
-  try:
-    for line in proc.stdout:
-      if line.startswith("step ") and int(line.split()[1].split("/")[0]) >= 8:
-        proc.send_signal(signal.SIGTERM)
-        break
-    rest, err = proc.communicate(timeout=120)
-  finally:
-    proc.kill()
-  assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
-  assert "(SIGTERM); checkpoint saved" in rest
-  stopped = max(int(s) for s in os.listdir(wd / "checkpoints"))
-  assert 8 <= stopped < 40
-  resumed = pretrain(f"--workdir={wd}", *args)
-  assert resumed.returncode == 0, resumed.stderr[-2000:]
-  assert f"resumed from {wd / 'checkpoints'} at step {stopped}" in resumed.stdout
-  assert train_losses(wd) == train_losses(tmp_path / "ref")  # bit-identical on CPU
-
-
-def test_sharded_salaad_matches_one_device(tmp_path):
-  args = ["--steps=6", "--batch_size=16", "--log_every=1", "--eval_every=0",
-          "--checkpoint_every=0", "--every_k=2", "--warmup_steps=2"]
-  one = pretrain(f"--workdir={tmp_path / 'one'}", *args, devices=1)
-  assert one.returncode == 0, one.stderr[-2000:]
-  # data 2 x fsdp 2: each fake device runs its share of every ADMM round, so
-  # 4 devices keep this affordable on 2 cores.
-  many = pretrain(f"--workdir={tmp_path / 'many'}", "--mesh_fsdp=2", *args, devices=4,
-                  timeout=480)
-  assert many.returncode == 0, many.stderr[-2000:]
-  assert "devices 4 (jit)" in many.stdout
-  a, b = train_losses(tmp_path / "one"), train_losses(tmp_path / "many")
-  np.testing.assert_allclose([v for _, v in b], [v for _, v in a], rtol=1e-4)
-  s1 = sj.block_metrics(load_run(str(tmp_path / "one")).opt_state)
-  s8 = sj.block_metrics(load_run(str(tmp_path / "many")).opt_state)
-  for path in s1:
-    np.testing.assert_allclose(s8[path]["alpha"], s1[path]["alpha"], rtol=1e-3, atol=1e-9)
 
 
 BAD_INPUT = [
@@ -175,13 +139,13 @@ def test_batch_not_divisible_by_devices(tmp_path):
   assert not (tmp_path / "run").exists()
 
 
-def test_incompatible_resume_is_refused_and_the_workdir_kept(tmp_path):
-  wd = tmp_path / "run"
-  first = pretrain(f"--workdir={wd}", "--steps=5", "--eval_every=0", "--warmup_steps=1")
+def test_incompatible_resume_is_refused_and_the_workdir_kept(tiny_run, tmp_path):
+  first_wd, first = tiny_run
   assert first.returncode == 0, first.stderr[-2000:]
+  wd = tmp_path / "run"  # a copy: test_tiny_flagfile_runs_and_reports reads the run
+  shutil.copytree(first_wd, wd)
   files = {p: p.stat().st_mtime_ns for p in wd.rglob("*") if p.is_file()}
-  out = pretrain(f"--workdir={wd}", "--steps=5", "--eval_every=0", "--warmup_steps=1",
-                 "--rank_target=0.3", timeout=120)
+  out = pretrain(f"--workdir={wd}", *TINY_ARGS, "--rank_target=0.3", timeout=120)
   r_star = presets.preset_fields("recommended", "tiny")["rank_target"]  # tiny.flags' preset
   assert_one_line_error(out, f"different configuration (rank_target: {r_star} -> 0.3)")
   assert {p: p.stat().st_mtime_ns for p in wd.rglob("*") if p.is_file()} == files

@@ -232,6 +232,7 @@ register_method("test_sgd", _sgd_optimizer, options={"momentum": 0.9, "nesterov"
                 description="plain SGD (a test of the registry)", overwrite=True)
 
 
+@pytest.mark.slow  # trains the tiny model
 def test_registered_method_trains_through_the_loop(tmp_path):
   result = train_and_evaluate(tiny(method="test_sgd", lr=0.1, steps=4, log_every=2),
                               str(tmp_path), devices=jax.devices()[:1])
@@ -256,6 +257,7 @@ def test_method_options_and_unknown_method():
 # ----------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # trains the tiny model
 def test_stop_after_then_resume_reproduces_the_losses_bit_for_bit(tmp_path):
   one = jax.devices()[:1]
   full = train_and_evaluate(tiny(), str(tmp_path / "full"), devices=one)
@@ -306,6 +308,7 @@ register_method("test_blowup", _blowup_optimizer, overwrite=True,
                 description="diverges at step 6 (a test of non-finite detection)")
 
 
+@pytest.mark.slow  # trains the tiny model
 def test_non_finite_loss_stops_with_the_last_good_checkpoint(tmp_path):
   wd = str(tmp_path)
   with pytest.raises(NonFiniteLossError, match=r"non-finite loss \(nan\) at step 7; .*"
@@ -317,6 +320,7 @@ def test_non_finite_loss_stops_with_the_last_good_checkpoint(tmp_path):
   assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(run.params))
 
 
+@pytest.mark.slow  # trains the tiny model
 def test_incompatible_workdir_is_refused_and_left_alone(tmp_path):
   wd = str(tmp_path)
   train_and_evaluate(tiny(steps=4), wd, devices=jax.devices()[:1])
@@ -327,6 +331,7 @@ def test_incompatible_workdir_is_refused_and_left_alone(tmp_path):
   assert after == snapshot
 
 
+@pytest.mark.slow  # trains the tiny model
 def test_load_run_gives_back_a_usable_run(tmp_path):
   wd = str(tmp_path)
   result = train_and_evaluate(tiny(steps=4, eval_batches=3), wd, devices=jax.devices()[:1])
