@@ -17,6 +17,7 @@ from absl import flags
 
 from salaad_jax.train.config import TrainConfig, TrainError, fractions
 from salaad_jax.train.multihost import FLAG_FIELDS
+from salaad_jax.train import multihost
 from salaad_jax.train.presets import preset_fields
 from salaad_jax.train.methods import get_method, method_names
 
@@ -89,6 +90,11 @@ def config_from_flags(flag_values=flags.FLAGS) -> TrainConfig:
     else:
       values[field.name] = flag_values[field.name].value
   # A preset fills the fields no flag sets explicitly (command line or flag file).
+  if values["distributed"] and values["salaad_preset"]:
+    # The recommended rule reads the model's shapes (a JAX trace), and
+    # jax.distributed.initialize must come before any JAX call: join first.
+    multihost.initialize(True, values["coordinator_address"], values["num_processes"],
+                         values["process_id"])
   preset = preset_fields(values["salaad_preset"], values["model"], values["steps"],
                          fractions(values["deploy_budgets"], "deploy_budgets"),
                          values["vocab_size"])
