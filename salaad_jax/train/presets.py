@@ -23,7 +23,6 @@ Every choice, and what it was measured against, is in benchmarks/RESULTS.md
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any, Optional, Sequence
 
 from salaad_jax.models.configs import CONFIGS, LlamaConfig
