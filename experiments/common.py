@@ -24,7 +24,13 @@ from salaad_jax.train.metrics import format_duration
 def _without_orbax_traceback(record) -> bool:
   """Drops the stack of Orbax's own error records (e.g. of a failed background
   save, which the app reports as one ``error:`` line) and of asyncio's reports
-  of its write tasks' exceptions; keeps their message."""
+  of its write tasks' exceptions; keeps their message.  asyncio's "Future
+  exception was never retrieved" for a checkpoint read or write still in
+  flight after the first failure is dropped: the app reports that failure as
+  its one ``error:`` line, and the record could print after it."""
+  if record.name == "asyncio" and record.getMessage().startswith(
+      "Future exception was never retrieved"):
+    return False
   if f"{os.sep}orbax{os.sep}" in (record.pathname or "") or record.name == "asyncio":
     record.exc_info, record.exc_text, record.stack_info = None, None, None
   return True

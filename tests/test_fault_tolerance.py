@@ -234,3 +234,25 @@ def test_apps_drop_only_tracebacks_of_callbacks_into_a_closed_event_loop(monkeyp
 
 async def _await(future):
   return await future
+
+
+def test_apps_drop_asyncio_reports_of_unretrieved_futures_only():
+  """An unretrieved future's exception (a checkpoint read in flight after the
+  first failure) could print after the app's one error line: dropped; other
+  asyncio and Orbax records keep their message, without their stack."""
+  import logging  # pylint: disable=import-outside-toplevel
+
+  def record(name, msg, path="x.py"):
+    try:
+      raise ValueError("OUT_OF_RANGE")
+    except ValueError:
+      return logging.LogRecord(name, logging.ERROR, path, 1, msg, None, sys.exc_info())
+
+  late = record("asyncio", "Future exception was never retrieved\nfuture: <Future ...>")
+  assert not common._without_orbax_traceback(late)  # pylint: disable=protected-access
+  for kept in (record("asyncio", "Task exception was never retrieved"),
+               record("absl", "save failed", path=f"{os.sep}orbax{os.sep}a.py")):
+    assert common._without_orbax_traceback(kept)  # pylint: disable=protected-access
+    assert kept.exc_info is None and kept.getMessage()
+  other = record("absl", "something else")
+  assert common._without_orbax_traceback(other) and other.exc_info is not None  # pylint: disable=protected-access
