@@ -16,7 +16,6 @@ from typing import Any, Optional, Sequence
 from absl import flags
 
 from salaad_jax.train.config import TrainConfig, TrainError, fractions
-from salaad_jax.train.multihost import FLAG_FIELDS
 from salaad_jax.train import multihost
 from salaad_jax.train.presets import preset_fields
 from salaad_jax.train.methods import get_method, method_names
@@ -62,13 +61,13 @@ def define_distributed_flags(flag_values=flags.FLAGS) -> None:
   """Only --distributed, --coordinator_address, --num_processes and
   --process_id (for the apps that read runs rather than train them)."""
   for field in dataclasses.fields(TrainConfig):
-    if field.name in FLAG_FIELDS:
+    if field.name in multihost.FLAG_FIELDS:
       _define(field, flag_values)
 
 
 def distributed_settings(flag_values=flags.FLAGS) -> dict:
   """Those flags' values, as ``multihost.initialize`` takes them."""
-  return {name: flag_values[name].value for name in FLAG_FIELDS}
+  return {name: flag_values[name].value for name in multihost.FLAG_FIELDS}
 
 
 def parse_method_options(items) -> dict[str, str]:
