@@ -17,9 +17,10 @@ For each model size, in one process:
     allocated globally at a byte budget and stored as ``--fmt`` in bf16
     (``deploy.compress``), then put in its runtime form by
     ``models.runtime.prepare`` with a product ('coo', 'ell', 'dense',
-    'auto'); a variant 'lowrank' spends the same budget on triplets only
-    (the split without S), what a time-pricing allocator gives on a device
-    where the sparse product costs more than it saves.
+    'auto', 'adaptive'); a variant 'lowrank' spends the same budget on
+    triplets only (the split without S; product 'adaptive'), what a
+    time-pricing allocator gives on a device where the sparse product costs
+    more than it saves.
 
 A budget is a fraction of the dense model's bytes (b_w P_model), or, for a
 model where the parameters outside the blocks alone take more than the
@@ -58,8 +59,9 @@ from salaad_jax.models.structured import structured_dense
 
 _MODELS = flags.DEFINE_list("models", ["small", "60m"], "model presets")
 _VARIANTS = flags.DEFINE_list(
-    "variants", ["0.4:ell", "0.5:coo", "0.5:ell", "0.5:auto", "0.5:lowrank", "0.6:ell"],
-    "deployments as budget:product (product coo, ell, dense, auto, lowrank)")
+    "variants", ["0.4:adaptive", "0.5:ell", "0.5:auto", "0.5:adaptive", "0.5:lowrank",
+                 "0.6:adaptive"],
+    "deployments as budget:product (product coo, ell, dense, auto, adaptive, lowrank)")
 _FMT = flags.DEFINE_enum("fmt", "bitmap", ["coo", "csr", "bitmap"], "stored sparse format")
 _RANK = flags.DEFINE_float("posthoc_rank", 0.4, "post-hoc split: rank, a fraction of min(m, n)")
 _DENSITY = flags.DEFINE_float("posthoc_density", 0.05, "post-hoc split: density of S")
@@ -194,7 +196,7 @@ def _deployments(cfg, dense_params, variants):
     counts = accounting.account(None, alloc, _FMT.value, "bfloat16")
     t0 = time.perf_counter()
     params, layouts = runtime.prepare(art.params, art.layouts,
-                                      "ell" if product == "lowrank" else product,
+                                      "adaptive" if product == "lowrank" else product,
                                       auto_rows=_AUTO_ROWS.value)
     block_bytes = 2 * _block_params(alloc)
     info = dict(budget=budget, budget_of=of, product=product,

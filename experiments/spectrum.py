@@ -79,7 +79,7 @@ _TIME_BATCH = flags.DEFINE_integer("time_batch", 0, "sequences in the timed batc
                                    lower_bound=0)
 _TIME_REPEATS = flags.DEFINE_integer("time_repeats", 5, "timed rounds (after one warm-up "
                                      "call); the median is reported", lower_bound=1)
-_TIME_PRODUCT = flags.DEFINE_enum("time_product", "ell", list(PRODUCTS),
+_TIME_PRODUCT = flags.DEFINE_enum("time_product", "adaptive", list(PRODUCTS),
                                   "runtime form of the timed deployments "
                                   "(salaad_jax.models.runtime)")
 _OUT_DIR = flags.DEFINE_string("out_dir", "", "output directory; '': <workdir>/spectrum")

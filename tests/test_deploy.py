@@ -315,7 +315,7 @@ def test_export_records_the_forward_time_when_asked(trained, tmp_path):
   fwd = manifest["forward"]
   # Wall-clock numbers are not asserted, only that they were measured.
   assert min(fwd["forward_ms"], fwd["dense_forward_ms"], fwd["forward_vs_dense"]) > 0
-  assert (fwd["product"], fwd["batch"], fwd["seq"], fwd["repeats"]) == ("ell", 2, 8, 2)
+  assert (fwd["product"], fwd["batch"], fwd["seq"], fwd["repeats"]) == ("adaptive", 2, 8, 2)
   assert fwd["device"] and fwd["backend"] == jax.default_backend()
   assert deploy.read_manifest(tmp_path / "timed")["forward"] == fwd
   assert "forward" not in deploy.export_budget(tmp_path / "untimed", params, state, 0.6, CFG)

@@ -377,3 +377,26 @@ def test_cached_generation_matches_uncached_token_for_token(f32_model, temperatu
     assert not np.array_equal(other, cached)
   np.testing.assert_array_equal(generate(model, params, prompt, 0, jax.random.key(0)),
                                 prompt)
+
+
+def test_projection_accumulates_in_float32_and_rounds_once():
+  """``llama.Dense``: bfloat16 x bfloat16 with a float32 accumulator,
+  rounded to bfloat16 once: against the float64 product of the same
+  bfloat16 inputs, at most half a bfloat16 step off (a bfloat16
+  accumulator over 512 terms is several steps off); float32 unchanged."""
+  from salaad_jax.models.llama import Dense
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(size=(64, 512)), jnp.bfloat16)
+  layer = Dense(96, use_bias=False, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
+  params = layer.init(jax.random.key(0), x)
+  got = jax.jit(layer.apply)(params, x)
+  assert got.dtype == jnp.bfloat16
+  ref = np.asarray(x, np.float64) @ np.asarray(params["params"]["kernel"], np.float64)
+  terms = np.abs(np.asarray(x, np.float64)) @ np.abs(np.asarray(params["params"]["kernel"],
+                                                                np.float64))
+  half_step = np.abs(ref) * 2.0 ** -8  # bfloat16 has 8 significant bits
+  assert np.all(np.abs(np.asarray(got, np.float64) - ref) <= half_step + 1e-6 * terms)
+  x32 = x.astype(jnp.float32)
+  layer32 = Dense(96, use_bias=False)
+  p32 = layer32.init(jax.random.key(0), x32)
+  np.testing.assert_array_equal(layer32.apply(p32, x32), nn.Dense(96, use_bias=False).apply(p32, x32))

@@ -409,7 +409,7 @@ def test_app_writes_table_csv_plot_and_reads_baselines(runs, tmp_path):
   assert "SLTrain r=8 ppl 14.000" in md and "| 0.4 | 52761 params (40.0%) |" in md
   assert "Forward time of the deployed model by budget" in md
   first = json.loads((out_dir / "spectrum.json").read_text())[0]
-  assert first["batch_losses"] and first["forward_setup"]["product"] == "ell"
+  assert first["batch_losses"] and first["forward_setup"]["product"] == "adaptive"
   assert first["forward_setup"]["batch"] == 8 and first["forward_setup"]["repeats"] == 5
   png = (out_dir / "spectrum.png").read_bytes()
   assert png[:8] == b"\x89PNG\r\n\x1a\n" and _png_width(png) == 2 * 880  # two panels

@@ -13,6 +13,7 @@ from salaad_jax import deploy
 from salaad_jax.models import (BlockLayout, Llama, LlamaConfig, StructuredDense, generate,
                                generate_uncached, init_params, runtime, structured_dense,
                                timing)
+from salaad_jax.models import structured
 from salaad_jax.models.structured import ell_product
 
 FORMATS = ("coo", "csr", "bitmap")
@@ -39,6 +40,57 @@ def _arrays(a, b, s, fmt):
     out.update(sp_bitmap=np.packbits((s != 0).reshape(-1).astype(np.uint8)))
   return {k: jnp.asarray(v, jnp.float32 if v.dtype == np.float64 else v.dtype)
           for k, v in out.items()}
+
+
+def _runtime_arrays(a, b, s, fmt):
+  """A block's parameters in a runtime format ('ell' or 'flat')."""
+  rows, cols = (x.astype(np.int32) for x in np.nonzero(s))
+  values = s[rows, cols].astype(np.float32)
+  out = {"lr_a": jnp.asarray(a, jnp.float32), "lr_b": jnp.asarray(b, jnp.float32)}
+  if fmt == "flat":
+    return out | {"sp_flat": jnp.asarray(rows * s.shape[1] + cols, jnp.int32),
+                  "sp_values": jnp.asarray(values)}, 0
+  ell_rows, ell_values = runtime.ell_arrays(rows, cols, values, s.shape[1])
+  return out | {"sp_ell_rows": jnp.asarray(ell_rows),
+                "sp_values": jnp.asarray(ell_values)}, ell_rows.shape[1]
+
+
+@pytest.mark.parametrize("dense_rows", [0, 6])  # factored, and materialised from 6 rows
+@pytest.mark.parametrize("fmt", FORMATS + ("ell", "flat"))
+def test_block_matches_the_matrix_factored_and_materialised(fmt, dense_rows):
+  a, b, s = _block()
+  if fmt in FORMATS:
+    params, width = _arrays(a, b, s, fmt), 0
+  else:
+    params, width = _runtime_arrays(a, b, s, fmt)
+  layout = BlockLayout(12, 10, 3, int(np.count_nonzero(s)), fmt, width, dense_rows)
+  layer = StructuredDense(10, layouts=(("", layout),), dtype=jnp.float32)
+  for rows in (1, 5, 6, 9):  # under and over the materialising threshold
+    x = np.random.default_rng(rows).normal(size=(rows, 12)).astype(np.float32)
+    y = jax.jit(layer.apply)({"params": params}, jnp.asarray(x))
+    np.testing.assert_allclose(y, x @ (a @ b.T + s), atol=1e-4, rtol=1e-5)
+  kernel = structured.materialise(layout, params["lr_a"], params["lr_b"], params["sp_values"],
+                                  {k: v for k, v in params.items() if k.startswith("sp_")
+                                   and k != "sp_values"})
+  np.testing.assert_allclose(kernel, a @ b.T + s, atol=1e-5)
+
+
+def test_materialised_product_is_the_path_above_dense_rows():
+  """The layer switches on the (static) rows of x: under ``dense_rows`` the
+  factored product (x A) B^T, from ``dense_rows`` on A B^T and then x X_hat
+  (read from the products in the traced program)."""
+  a, b, s = _block()
+  params, _ = _runtime_arrays(a, b, s, "flat")
+  layout = BlockLayout(12, 10, 3, int(np.count_nonzero(s)), "flat", 0, 6)
+  layer = StructuredDense(10, layouts=(("", layout),), dtype=jnp.float32)
+
+  def products(rows):
+    jaxpr = jax.make_jaxpr(layer.apply)({"params": params}, jnp.ones((rows, 12)))
+    return [tuple(e.outvars[0].aval.shape) for e in jaxpr.jaxpr.eqns
+            if e.primitive.name == "dot_general"]
+
+  assert products(5) == [(5, 3), (5, 10)]  # (x A) B^T (and S by a scatter-add)
+  assert products(6) == [(12, 10), (6, 10)]  # A B^T, then x X_hat
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
@@ -169,7 +221,7 @@ def test_artifact_stores_compact_arrays(model_and_blocks):
 # The runtime form: indices decoded at load, the faster products.
 # ---------------------------------------------------------------------------
 
-PRODUCTS = ("coo", "ell", "dense", "auto")
+PRODUCTS = ("coo", "ell", "dense", "auto", "adaptive")
 
 
 @pytest.mark.parametrize("product", PRODUCTS)
@@ -191,6 +243,12 @@ def test_runtime_products_match_dense_reconstruction(model_and_blocks, fmt, prod
                    for p in jax.tree_util.tree_flatten_with_path(rt_params)[0])
   if product == "dense":  # only the all-empty block stays structured
     assert all(lay.rank == lay.nnz == 0 for lay in rt_layouts.values())
+  if product == "adaptive":  # entries as flat positions, a threshold from the ladder
+    assert {lay.fmt for lay in rt_layouts.values()} == {"flat"}
+    assert {lay.dense_rows for lay in rt_layouts.values()} <= {0, *runtime.LADDER}
+    leaves = {str(p[-1].key) for p, _ in jax.tree_util.tree_flatten_with_path(rt_params)[0]
+              if "layers_" in str(p[0])}
+    assert leaves <= {"lr_a", "lr_b", "sp_values", "sp_flat", "scale"}
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
@@ -218,6 +276,30 @@ def test_ell_product_matches_the_matrix(rows):
   np.testing.assert_allclose(got, x @ s, atol=1e-5)
 
 
+def test_dense_rows_is_the_count_from_which_on_the_materialised_product_is_faster(
+    monkeypatch):
+  """``runtime.dense_rows`` on scripted timings: the smallest ladder count
+  from which on (every larger count too) X_hat materialised was faster."""
+  a, b, s = _block()
+  params, _ = _runtime_arrays(a, b, s, "flat")
+  layout = BlockLayout(12, 10, 3, int(np.count_nonzero(s)), "flat")
+
+  def scripted(wins):  # wins[rows]: the materialised product is faster at rows
+    def time_rounds(calls, repeats):  # (factored, materialised), ladder descending
+      assert len(calls) == 2 and repeats == 5
+      return [[1.0], [0.5 if wins[order.pop(0)] else 2.0]]
+    return time_rounds
+
+  for wins, expected, untimed in [({16: 0, 64: 1, 256: 1, 1024: 1}, 64, 0),
+                                  ({16: 1, 64: 0, 256: 1, 1024: 1}, 256, 1),  # 64 loses
+                                  ({16: 1, 64: 1, 256: 1, 1024: 0}, 0, 3),
+                                  ({16: 1, 64: 1, 256: 1, 1024: 1}, 16, 0)]:
+    order = [1024, 256, 64, 16]
+    monkeypatch.setattr(runtime.timing, "time_rounds", scripted(wins))
+    assert runtime.dense_rows(params, layout, jnp.float32) == expected
+    assert len(order) == untimed  # the search stops at the first count that loses
+
+
 def test_prepare_rejects_an_unknown_product(model_and_blocks):
   params, blocks = model_and_blocks
   art = deploy.compress(params, blocks, deploy.allocate(blocks, 0.7), "coo", "float32")
@@ -241,7 +323,7 @@ def test_time_rounds_interleaves_warm_up_then_rounds():
     timing.median_ratio([1.0], [1.0, 2.0])
 
 
-@pytest.mark.parametrize("product", ("ell", "dense"))
+@pytest.mark.parametrize("product", ("ell", "dense", "adaptive"))
 def test_structured_kv_cache_generation_matches_uncached(model_and_blocks, product):
   params, blocks = model_and_blocks
   art = deploy.compress(params, blocks, deploy.allocate(blocks, 0.7), "bitmap", "float32")

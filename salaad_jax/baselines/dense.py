@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import flax.linen as nn
-
 from salaad_jax.baselines import accounting, spec
+from salaad_jax.models import llama
 
 
 def footprint(config, costs: accounting.ByteCosts = accounting.ByteCosts()
@@ -20,7 +19,7 @@ def method() -> spec.MethodSpec:
   return spec.MethodSpec(
       name="dense",
       hparams={},
-      dense_cls=lambda config: nn.Dense,
+      dense_cls=lambda config: llama.Dense,
       optimizer=spec.reference_adamw,
       footprint=footprint,
       to_dense=lambda variables: variables["params"],

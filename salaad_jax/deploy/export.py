@@ -229,7 +229,7 @@ def load(path: str, product: Optional[str] = None):
 
   ``model`` is the Llama that evaluates ``params`` (None when the artifact
   was exported without a model config; ``params`` then come back as
-  stored).  With a ``product`` ('coo', 'ell', 'dense', 'auto':
+  stored).  With a ``product`` ('adaptive', 'coo', 'ell', 'dense', 'auto':
   ``models.runtime.prepare``) the structured blocks come back in that
   runtime form, their indices decoded here, once; without one, as stored.
   """
@@ -253,7 +253,7 @@ def load(path: str, product: Optional[str] = None):
 
 
 def runtime_model(config: LlamaConfig, params, layouts: dict[str, BlockLayout], fmt: str,
-                  dtype: str, product: str = "ell"):
+                  dtype: str, product: str = "adaptive"):
   """(model, params) applying an artifact's stored ``params`` in the runtime
   form of ``product`` (``models.runtime.prepare``: indices decoded here,
   once); a 'dense' artifact as it is."""

@@ -45,14 +45,15 @@ class ForwardTiming:
     repeats: timed rounds after the warm-up.
     warmup: untimed calls of each model first (the first one compiles).
     product: the runtime form of the structured blocks, one of
-      ``models.runtime.PRODUCTS`` ('ell', 'coo', 'dense', 'auto').
+      ``models.runtime.PRODUCTS`` ('adaptive', 'ell', 'coo', 'dense',
+      'auto').
   """
 
   batch: Optional[int] = None
   seq: Optional[int] = None
   repeats: int = 5
   warmup: int = 1
-  product: str = "ell"
+  product: str = "adaptive"
 
   def __post_init__(self):
     for name in ("batch", "seq"):

@@ -15,13 +15,15 @@ Every projection is a 2-D kernel of shape (in, out) at a fixed path, e.g.
 `params/layers_3/attn/q_proj/kernel`, `params/layers_0/mlp/down_proj/kernel`;
 the layers are a plain Python loop (not `nn.scan`) so each block owns its
 matrices. The class building these projections is `Llama.dense_cls`
-(default `nn.Dense`); a replacement must accept
+(default `Dense`: `nn.Dense` accumulating in float32); a replacement must accept
 `dense_cls(features, *, use_bias, dtype, param_dtype, kernel_init, name)`
 and keep the same parameter names to stay path-compatible.
 
 Numerics: parameters are stored in `config.param_dtype`, activations and
-matmuls run in `config.dtype`; RMSNorm, rotary angles and softmax run in
-float32, and the output head accumulates into float32 logits.
+matmuls run in `config.dtype`; every projection accumulates in float32 and
+rounds its result to `config.dtype` once (`dot_general_f32`); RMSNorm,
+rotary angles and softmax run in float32, and the output head accumulates
+into float32 logits.
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ from salaad_jax.models.configs import LlamaConfig
 
 __all__ = [
     "RMSNorm", "apply_rotary", "rotary_angles", "Attention", "MLP", "Block",
-    "Llama", "init_params", "init_cache", "count_params", "cross_entropy_loss",
+    "Llama", "Dense", "dot_general_f32", "init_params", "init_cache", "count_params", "cross_entropy_loss",
     "generate", "generate_uncached",
 ]
 
@@ -48,6 +50,28 @@ Array = jax.Array
 DenseCls = Callable[..., nn.Module]
 
 _INIT_STD = 0.02
+
+
+def dot_general_f32(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None):
+  """``lax.dot_general`` accumulating in float32, its result in the operands'
+  dtype (or ``preferred_element_type``).
+
+  For bfloat16 operands this is the same rounding as a bfloat16 product with
+  a float32 accumulator, made explicit: XLA:CPU runs a bfloat16 x bfloat16 ->
+  bfloat16 dot on a generic path several times slower than the same dot
+  with a float32 result (benchmarks/RESULTS.md, "Inference of a deployed
+  model").  For float32 operands it is ``lax.dot_general`` itself.
+  """
+  out = jax.lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
+                            preferred_element_type=jnp.float32)
+  return out.astype(preferred_element_type or jnp.result_type(lhs, rhs))
+
+
+class Dense(nn.Dense):
+  """``nn.Dense`` whose product accumulates in float32 (``dot_general_f32``):
+  the default projection of ``Llama``."""
+
+  dot_general: Any = dot_general_f32
 
 
 class RMSNorm(nn.Module):
@@ -129,7 +153,7 @@ class Attention(nn.Module):
   """
 
   config: LlamaConfig
-  dense_cls: DenseCls = nn.Dense
+  dense_cls: DenseCls = Dense
 
   @nn.compact
   def __call__(self, x: Array, positions: Array, decode: bool = False) -> Array:
@@ -179,7 +203,7 @@ class MLP(nn.Module):
   """SwiGLU: W_down (silu(x W_gate) * (x W_up)), hidden width d_ff."""
 
   config: LlamaConfig
-  dense_cls: DenseCls = nn.Dense
+  dense_cls: DenseCls = Dense
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
@@ -194,7 +218,7 @@ class Block(nn.Module):
   """Pre-norm block: x += Attn(RMSNorm(x)); x += MLP(RMSNorm(x))."""
 
   config: LlamaConfig
-  dense_cls: DenseCls = nn.Dense
+  dense_cls: DenseCls = Dense
 
   @nn.compact
   def __call__(self, x: Array, positions: Array, decode: bool = False) -> Array:
@@ -223,7 +247,7 @@ class Llama(nn.Module):
   """
 
   config: LlamaConfig
-  dense_cls: DenseCls = nn.Dense
+  dense_cls: DenseCls = Dense
 
   @nn.compact
   def __call__(self, tokens: Array, *, positions: Array | None = None,
@@ -292,7 +316,7 @@ class Llama(nn.Module):
 
 def init_params(config: LlamaConfig, rng: Array, batch: int = 1,
                 seq: int | None = None, *,
-                dense_cls: DenseCls = nn.Dense) -> dict:
+                dense_cls: DenseCls = Dense) -> dict:
   """Initialise `Llama(config)` and return `variables['params']`.
 
   Parameter shapes do not depend on (batch, seq); seq defaults to

@@ -16,14 +16,24 @@ outside any jitted function, so the forward never decodes an index
     product 'auto'   per block, whichever of 'ell' and 'dense' runs the
                      block faster on this device at ``auto_rows`` rows of x
                      (median of a few timed calls, ``models.timing``)
+    product 'adaptive'  S as its entries' flat positions (4 + b_w bytes an
+                     entry at runtime); a call on few rows of x (decoding)
+                     takes the factored product (a gather of x and a
+                     scatter-add), a call on at least the block's
+                     ``dense_rows`` rows (prefill) materialises X_hat for the
+                     call and runs one matmul.  ``dense_rows`` is where the
+                     materialised product starts to run faster on this device:
+                     timed on one block of each shape class at the row
+                     counts ``ladder`` (0: never)
 
 The low-rank part stays two thin matmuls, (x A) B^T, in every product but
-'dense'.  The runtime bytes of the result (``tree_bytes``) are what the
+'dense' (and 'adaptive' above its ``dense_rows``).  The runtime bytes of the result (``tree_bytes``) are what the
 device holds; the artifact's stored bytes are unchanged by the choice.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
@@ -34,9 +44,10 @@ import numpy as np
 from salaad_jax.models import timing
 from salaad_jax.models.structured import BlockLayout, StructuredDense
 
-__all__ = ["PRODUCTS", "decoded_entries", "ell_arrays", "prepare", "tree_bytes"]
+__all__ = ["PRODUCTS", "decoded_entries", "dense_rows", "ell_arrays", "prepare", "tree_bytes"]
 
-PRODUCTS = ("coo", "ell", "dense", "auto")
+PRODUCTS = ("coo", "ell", "dense", "auto", "adaptive")
+LADDER = (16, 64, 256, 1024)
 
 
 def tree_bytes(tree) -> int:
@@ -101,24 +112,53 @@ def _as_product(product: str, layout: BlockLayout, node, entries, dtype):
     return {"kernel": _dense_kernel(layout, node, rows, cols, values, dtype)}, None
   out = _low_rank(node)
   if not layout.nnz:
-    return out, BlockLayout(layout.m, layout.n, layout.rank, 0, "coo")
+    return out, BlockLayout(layout.m, layout.n, layout.rank, 0,
+                            "flat" if product == "adaptive" else "coo")
   if product == "coo":
     out.update(sp_values=jnp.asarray(values, dtype), sp_rows=jnp.asarray(rows),
                sp_cols=jnp.asarray(cols))
     return out, BlockLayout(layout.m, layout.n, layout.rank, layout.nnz, "coo")
+  if product == "adaptive":
+    flat = rows.astype(np.int64) * layout.n + cols
+    if flat.size and flat.max() >= 2 ** 31:
+      raise ValueError(f"a ({layout.m}, {layout.n}) block has more positions than int32 holds")
+    out.update(sp_values=jnp.asarray(values, dtype), sp_flat=jnp.asarray(flat, jnp.int32))
+    return out, BlockLayout(layout.m, layout.n, layout.rank, layout.nnz, "flat")
   ell_rows, ell_values = ell_arrays(rows, cols, values, layout.n)
   out.update(sp_values=jnp.asarray(ell_values, dtype), sp_ell_rows=jnp.asarray(ell_rows))
   return out, BlockLayout(layout.m, layout.n, layout.rank, layout.nnz, "ell", ell_rows.shape[1])
 
 
-def _block_ms(params, layout, rows: int, dtype, repeats: int) -> float:
+def _block_call(params, layout, rows: int, dtype):
+  """A call of the block's forward on ``rows`` rows of x, without arguments."""
   layouts = () if layout is None else (("", layout),)
   n = layout.n if layout is not None else params["kernel"].shape[1]
   m = layout.m if layout is not None else params["kernel"].shape[0]
   layer = StructuredDense(n, layouts=layouts, dtype=dtype, param_dtype=dtype)
   x = jnp.ones((rows, m), dtype)
   fn = jax.jit(layer.apply)
-  return timing.median_ms(timing.time_rounds([lambda: fn({"params": params}, x)], repeats)[0])
+  return lambda: fn({"params": params}, x)
+
+
+def _block_ms(params, layout, rows: int, dtype, repeats: int) -> float:
+  call = _block_call(params, layout, rows, dtype)
+  return timing.median_ms(timing.time_rounds([call], repeats)[0])
+
+
+def dense_rows(params, layout: BlockLayout, dtype, ladder=LADDER, repeats: int = 5) -> int:
+  """The fewest rows of x from ``ladder`` from which on (at every larger
+  count of the ladder too) the block runs faster materialised than
+  factored on this device, timed (interleaved) at each count; 0 when the
+  materialised product is not faster at the largest count."""
+  rows_from = 0
+  for rows in sorted(ladder, reverse=True):
+    calls = [_block_call(params, dataclasses.replace(layout, dense_rows=d), rows, dtype)
+             for d in (0, 1)]
+    factored, whole = (timing.median_ms(t) for t in timing.time_rounds(calls, repeats))
+    if whole > factored:
+      break
+    rows_from = rows
+  return rows_from
 
 
 def _node(tree, module: str):
@@ -135,7 +175,7 @@ def _nested_copy(tree):
 
 
 def prepare(params, layouts: Mapping[str, BlockLayout], product: str = "ell", *,
-            auto_rows: int = 2048, auto_repeats: int = 5):
+            auto_rows: int = 2048, auto_repeats: int = 5, ladder=LADDER):
   """(runtime params, runtime layouts) of a structured model, for
   ``Llama(config, dense_cls=structured_dense(runtime layouts))``.
 
@@ -145,7 +185,8 @@ def prepare(params, layouts: Mapping[str, BlockLayout], product: str = "ell", *,
     layouts: {module path: BlockLayout} of its structured blocks.
     product: 'coo' | 'ell' | 'dense' | 'auto' (module docstring).
     auto_rows, auto_repeats: rows of x and timed calls per candidate for
-      'auto'.
+      'auto' (and the timed calls per row count for 'adaptive').
+    ladder: the row counts at which 'adaptive' times its blocks.
 
   Returns:
     The parameters with every block in its runtime form (a block turned
@@ -156,6 +197,7 @@ def prepare(params, layouts: Mapping[str, BlockLayout], product: str = "ell", *,
     raise ValueError(f"structured product must be one of {PRODUCTS}, got {product!r}")
   tree = _nested_copy(params)
   out_layouts = {}
+  crossover: dict[tuple, int] = {}  # shape class -> dense_rows, for 'adaptive'
   for module, layout in sorted(layouts.items()):
     node = _node(tree, module)
     if node is None:  # rank 0 and no sparse entry: an all-zero block, no parameters
@@ -170,6 +212,11 @@ def prepare(params, layouts: Mapping[str, BlockLayout], product: str = "ell", *,
       new, new_layout = candidates[int(np.argmin(times))]
     else:
       new, new_layout = _as_product(product, layout, node, entries, dtype)
+    if product == "adaptive":
+      shape_class = (layout.m, layout.n, layout.rank > 0, layout.nnz > 0)
+      if shape_class not in crossover:
+        crossover[shape_class] = dense_rows(new, new_layout, dtype, ladder, auto_repeats)
+      new_layout = dataclasses.replace(new_layout, dense_rows=crossover[shape_class])
     node.clear()
     node.update(new)
     if new_layout is not None:

@@ -26,6 +26,15 @@ a runtime format, so no index is decoded inside the forward:
     (x S)_c = sum_j x_{rows[c, j]} values[c, j]: a row gather of x^T, no
     scatter.
 
+    flat    sp_flat (nnz,) int32 = row * n + col, sp_values (nnz,): the
+            entries' positions in X_hat, 4 index bytes per entry
+
+A block whose layout has ``dense_rows`` > 0 computes a call on at least that
+many rows of x (a prefill) with X_hat materialised for the call,
+A B^T + S accumulated in float32 and rounded once, and one matmul: the
+block is held compact and costs one dense block of memory while it runs;
+fewer rows (decoding) take the factored product above.
+
 A part that is empty
 (r = 0 or nnz = 0) has no parameters.  Per-block shapes differ, so the layer
 reads them from a table keyed by the module path (e.g.
@@ -45,10 +54,12 @@ import jax
 import jax.numpy as jnp
 from flax.linen.dtypes import promote_dtype
 
-__all__ = ["BlockLayout", "StructuredDense", "structured_dense"]
+from salaad_jax.models.llama import dot_general_f32
+
+__all__ = ["BlockLayout", "StructuredDense", "materialise", "structured_dense"]
 
 SPARSE_FORMATS = ("coo", "csr", "bitmap")
-RUNTIME_FORMATS = ("ell",)
+RUNTIME_FORMATS = ("ell", "flat")
 # Up to this many rows of x the ELL product gathers x's columns directly; above
 # it, the rows of x^T (contiguous over tokens), which vectorises.
 ELL_DIRECT_ROWS = 16
@@ -58,7 +69,9 @@ _ZEROS = nn.initializers.zeros_init()
 @dataclasses.dataclass(frozen=True)
 class BlockLayout:
   """Static shape of one structured block: matrix (m, n), rank, nnz, format
-  (and for the runtime format 'ell' its width w, the largest column count)."""
+  (and for the runtime format 'ell' its width w, the largest column count);
+  ``dense_rows`` > 0: calls on at least that many rows of x run on X_hat
+  materialised for the call (module docstring)."""
 
   m: int
   n: int
@@ -66,12 +79,14 @@ class BlockLayout:
   nnz: int
   fmt: str = "coo"
   width: int = 0
+  dense_rows: int = 0
 
   def __post_init__(self):
     if self.fmt not in SPARSE_FORMATS + RUNTIME_FORMATS:
       raise ValueError(f"sparse format must be one of {SPARSE_FORMATS + RUNTIME_FORMATS}, "
                        f"got {self.fmt!r}")
-    if min(self.m, self.n) <= 0 or self.rank < 0 or not 0 <= self.nnz <= self.m * self.n:
+    if (min(self.m, self.n) <= 0 or self.rank < 0 or not 0 <= self.nnz <= self.m * self.n
+        or self.dense_rows < 0):
       raise ValueError(f"invalid block layout {self}")
     if self.fmt == "ell" and self.nnz and not self.nnz / self.n <= self.width <= self.m:
       raise ValueError(f"an 'ell' block of {self.nnz} entries over {self.n} columns needs a "
@@ -83,6 +98,9 @@ def sparse_rows_cols(layout: BlockLayout, idx: Mapping[str, jax.Array]):
   k = layout.nnz
   if layout.fmt == "coo":
     return idx["sp_rows"], idx["sp_cols"]
+  if layout.fmt == "flat":
+    flat = idx["sp_flat"]
+    return flat // layout.n, flat % layout.n
   if layout.fmt == "csr":
     rows = jnp.searchsorted(idx["sp_row_ptr"], jnp.arange(k, dtype=jnp.int32),
                             side="right") - 1
@@ -95,7 +113,8 @@ def sparse_rows_cols(layout: BlockLayout, idx: Mapping[str, jax.Array]):
 _INDEX_PARAMS = {"coo": (("sp_rows", "nnz"), ("sp_cols", "nnz")),
                  "csr": (("sp_cols", "nnz"), ("sp_row_ptr", "m+1")),
                  "bitmap": (("sp_bitmap", "bits"),),
-                 "ell": (("sp_ell_rows", "n,w"),)}
+                 "ell": (("sp_ell_rows", "n,w"),),
+                 "flat": (("sp_flat", "nnz"),)}
 
 
 def index_shapes(layout: BlockLayout) -> dict[str, tuple[tuple[int, ...], Any]]:
@@ -167,7 +186,7 @@ class StructuredDense(nn.Module):
       kernel = self.param("kernel", self.kernel_init, (x.shape[-1], self.features),
                           self.param_dtype)
       x, kernel = promote_dtype(x, kernel, dtype=self.dtype)
-      y = x @ kernel
+      y = dot_general_f32(x, kernel, (((x.ndim - 1,), (0,)), ((), ())))
     else:
       if (x.shape[-1], self.features) != (layout.m, layout.n):
         raise ValueError(
@@ -183,19 +202,23 @@ class StructuredDense(nn.Module):
     dtype = self.dtype or x.dtype
     lead = x.shape[:-1]
     xs = jnp.asarray(x, dtype).reshape(-1, layout.m)
-    out = jnp.zeros((xs.shape[0], layout.n), jnp.float32)
+    a = b = values = None
     if layout.rank:
-      a = self.param("lr_a", _ZEROS, (layout.m, layout.rank),
-                     self.param_dtype)
-      b = self.param("lr_b", _ZEROS, (layout.n, layout.rank),
-                     self.param_dtype)
-      t = jnp.dot(xs, jnp.asarray(a, dtype), preferred_element_type=jnp.float32)
-      out = out + jnp.dot(t.astype(dtype), jnp.asarray(b, dtype).T,
-                          preferred_element_type=jnp.float32)
+      a = jnp.asarray(self.param("lr_a", _ZEROS, (layout.m, layout.rank), self.param_dtype), dtype)
+      b = jnp.asarray(self.param("lr_b", _ZEROS, (layout.n, layout.rank), self.param_dtype), dtype)
     if layout.nnz:
       values = self.param("sp_values", _ZEROS, values_shape(layout), self.param_dtype)
       idx = {name: self.param(name, _ZEROS, shape, dt)
              for name, (shape, dt) in index_shapes(layout).items()}
+    if layout.dense_rows and xs.shape[0] >= layout.dense_rows:
+      kernel = materialise(layout, a, b, values, idx if layout.nnz else {})
+      out = jnp.dot(xs, kernel.astype(dtype), preferred_element_type=jnp.float32)
+      return out.astype(dtype).reshape(lead + (layout.n,))
+    out = jnp.zeros((xs.shape[0], layout.n), jnp.float32)
+    if layout.rank:
+      t = jnp.dot(xs, a, preferred_element_type=jnp.float32)
+      out = out + jnp.dot(t.astype(dtype), b.T, preferred_element_type=jnp.float32)
+    if layout.nnz:
       if layout.fmt == "ell":
         out = out + ell_product(xs, idx["sp_ell_rows"], values)
       else:
@@ -203,6 +226,26 @@ class StructuredDense(nn.Module):
         contrib = xs[:, rows].astype(jnp.float32) * values.astype(jnp.float32)
         out = out.at[:, cols].add(contrib)
     return out.astype(dtype).reshape(lead + (layout.n,))
+
+
+def materialise(layout: BlockLayout, a, b, values, idx: Mapping[str, jax.Array]) -> jax.Array:
+  """X_hat = A B^T + S (float32, (m, n)) of a block from its parameters
+  (a, b None when rank 0; values None when nnz 0)."""
+  if layout.rank:
+    kernel = jax.lax.dot_general(a, b, (((1,), (1,)), ((), ())),
+                                 preferred_element_type=jnp.float32)
+  else:
+    kernel = jnp.zeros((layout.m, layout.n), jnp.float32)
+  if not layout.nnz:
+    return kernel
+  v = values.astype(jnp.float32)
+  if layout.fmt == "ell":
+    cols = jnp.broadcast_to(jnp.arange(layout.n, dtype=jnp.int32)[:, None], v.shape)
+    return kernel.at[idx["sp_ell_rows"], cols].add(v)  # padding adds 0 at row 0
+  if layout.fmt == "flat":
+    return kernel.reshape(-1).at[idx["sp_flat"]].add(v).reshape(layout.m, layout.n)
+  rows, cols = sparse_rows_cols(layout, idx)
+  return kernel.at[rows, cols].add(v)
 
 
 def structured_dense(layouts: Mapping[str, BlockLayout]) -> Callable[..., nn.Module]:

@@ -16,13 +16,13 @@ import importlib
 import re
 from typing import Any, Callable, Mapping, Optional
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
 
 import salaad_jax as sj
 from salaad_jax import structure
+from salaad_jax.models import llama
 from salaad_jax.train.config import (TrainConfig, TrainError, alpha_init_value, cut_budgets,
                                      sparse_capacity_value)
 from salaad_jax.train.optim import base_optimizer
@@ -41,7 +41,8 @@ class Method:
     make_optimizer: ``(config, schedule) -> optax.GradientTransformation``;
       its ``update`` is called as ``update(grads, opt_state, params)``.
     dense_cls: ``config -> class`` for the model's attention/MLP projections
-      (see ``salaad_jax.models.Llama.dense_cls``); None: ``nn.Dense``.
+      (see ``salaad_jax.models.Llama.dense_cls``); None: ``Llama``'s default
+      (``salaad_jax.models.llama.Dense``).
     transform_params: ``(config, params, rng) -> params`` applied once to the
       initialised params (e.g. an SVD initialisation); None: identity.
     metrics: ``(params, opt_state) -> {name: scalar}`` logged with the loss.
@@ -79,7 +80,7 @@ class Method:
   model_variables: Optional[Callable[[TrainConfig], Callable[[dict], dict]]] = None
 
   def model_dense_cls(self, config: TrainConfig):
-    return nn.Dense if self.dense_cls is None else self.dense_cls(config)
+    return llama.Dense if self.dense_cls is None else self.dense_cls(config)
 
 
 _REGISTRY: dict[str, Method] = {}
