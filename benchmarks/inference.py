@@ -32,7 +32,9 @@ Measured per variant: prefill latency (one forward of ``--prefill`` =
 batch x seq tokens, all logits), decode throughput (greedy, one
 token per step with the KV cache, ``--new_tokens`` steps after a
 ``--prompt``-token prompt, at each ``--decode_batches``), the bytes of the
-weights as held on the device (runtime form) and as stored (artifact).
+weights as held on the device (runtime form) and as stored (artifact), and
+XLA's temporary buffers of the compiled prefill (activations, and the X_hat
+of a block materialised for the call while it lives).
 Every variant is compiled and run once first; then ``--repeats`` rounds,
 each timing one call of every variant in turn for each measurement
 (interleaved, so machine load drifting during the run hits all of them
@@ -116,6 +118,10 @@ class Variant:
     self.runtime_bytes, self.stored_bytes = runtime.tree_bytes(params), stored_bytes
     self.prefill_tokens = prefill_tokens
     self.prefill = jax.jit(lambda p, t: model.apply({"params": p}, t))
+    # XLA's temporary buffers of the compiled prefill: activations, and for
+    # a block materialised per call its X_hat while it lives.
+    stats = self.prefill.lower(params, prefill_tokens).compile().memory_analysis()
+    self.prefill_temp_bytes = None if stats is None else int(stats.temp_size_in_bytes)
     new = _NEW.value
 
     def decode(p, cache, token):
@@ -245,6 +251,7 @@ def run_model(name: str, variants) -> dict:
   for v, info in zip(runs, infos):
     row = dict(model=name, variant=v.name, **info, runtime_bytes=v.runtime_bytes,
                stored_bytes=v.stored_bytes, runtime_over_dense=v.runtime_bytes / base.runtime_bytes,
+               prefill_temp_bytes=v.prefill_temp_bytes,
                stored_over_dense=v.stored_bytes / base.stored_bytes)
     for key, times in v.times.items():
       ms = timing.median_ms(times)
@@ -262,15 +269,17 @@ def run_model(name: str, variants) -> dict:
 def print_table(results) -> None:
   batches = [int(b) for b in _DECODE_BATCHES.value]
   head = ("| model | variant | bytes stored / dense | of blocks | runtime weights / dense "
-          "| prefill ms | x dense | " + " | ".join(f"decode b{b} tok/s | x dense" for b in batches)
-          + " |")
-  print("\n" + head + "\n|" + "---|" * (7 + 2 * len(batches)))
+          "| prefill temp MB | prefill ms | x dense | "
+          + " | ".join(f"decode b{b} tok/s | x dense" for b in batches) + " |")
+  print("\n" + head + "\n|" + "---|" * (8 + 2 * len(batches)))
   for res in results:
     for r in res["rows"]:
       dec = " | ".join(f"{r[f'decode_b{b}_tok_s']:.0f} | {r[f'decode_b{b}_x_dense']:.2f}"
                        for b in batches)
+      temp = r["prefill_temp_bytes"]
       print(f"| {r['model']} | {r['variant']} | {r['bytes_fraction']:.3f} | "
             f"{r['block_bytes_fraction']:.3f} | {r['runtime_over_dense']:.3f} | "
+            f"{'n/a' if temp is None else f'{temp / 2 ** 20:.1f}'} | "
             f"{r['prefill_ms']:.1f} | {r['prefill_x_dense']:.2f} | {dec} |")
 
 

@@ -211,6 +211,14 @@ class StructuredDense(nn.Module):
       idx = {name: self.param(name, _ZEROS, shape, dt)
              for name, (shape, dt) in index_shapes(layout).items()}
     if layout.dense_rows and xs.shape[0] >= layout.dense_rows:
+      # X_hat must wait for x, or XLA builds every layer's X_hat up front and
+      # holds them all: tie the factors to x by an exact zero (0 * [x_00 is
+      # NaN], finite whatever x holds).
+      tie = (xs[0, 0] != xs[0, 0]).astype(dtype) * jnp.zeros((), dtype)
+      if layout.rank:
+        a = a + tie
+      else:
+        values = values + tie.astype(values.dtype)
       kernel = materialise(layout, a, b, values, idx if layout.nnz else {})
       out = jnp.dot(xs, kernel.astype(dtype), preferred_element_type=jnp.float32)
       return out.astype(dtype).reshape(lead + (layout.n,))
