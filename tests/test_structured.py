@@ -251,12 +251,20 @@ def test_runtime_products_match_dense_reconstruction(model_and_blocks, fmt, prod
     assert leaves <= {"lr_a", "lr_b", "sp_values", "sp_flat", "scale"}
 
 
+@pytest.mark.parametrize("product,dense_rows", [("ell", None), ("adaptive", 0),
+                                                ("adaptive", 1)])
 @pytest.mark.parametrize("fmt", FORMATS)
-def test_runtime_ell_in_bfloat16_is_within_bf16_tolerance(model_and_blocks, fmt):
+def test_runtime_products_in_bfloat16_are_within_bf16_tolerance(model_and_blocks, fmt, product,
+                                                                dense_rows):
+  """bf16 runtime forms against the float32 dense reconstruction; 'adaptive'
+  with its factored (dense_rows 0) and its materialised product (1)."""
   params, blocks = model_and_blocks
   alloc = deploy.allocate(blocks, 0.7)
   art = deploy.compress(params, blocks, alloc, fmt, "bfloat16")
-  rt_params, rt_layouts = runtime.prepare(art.params, art.layouts, "ell")
+  rt_params, rt_layouts = runtime.prepare(art.params, art.layouts, product, ladder=(1,),
+                                          auto_repeats=1)
+  if dense_rows is not None:
+    rt_layouts = {k: dataclasses.replace(v, dense_rows=dense_rows) for k, v in rt_layouts.items()}
   cfg = CFG.replace(param_dtype="bfloat16", dtype="bfloat16")
   got = jax.jit(Llama(cfg, dense_cls=structured_dense(rt_layouts)).apply)(
       {"params": rt_params}, _tokens())
