@@ -66,10 +66,9 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-import re
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any, NamedTuple, Optional, Union
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, NamedTuple, Optional
 
 import jax
 import numpy as np
@@ -78,7 +77,7 @@ from salaad_jax import stats
 from salaad_jax import structure as st
 from salaad_jax.deploy import accounting as acc
 from salaad_jax.deploy import allocation
-from salaad_jax.deploy.allocation import METHODS, allocate, resolve_budget
+from salaad_jax.deploy.allocation import METHODS, allocate
 from salaad_jax.deploy.calibration import activation_weights
 from salaad_jax.deploy.compress import compress, dense_reconstruction
 from salaad_jax.deploy.evaluation import (BatchEvaluator, SpectrumError, paired_se,  # noqa: F401
@@ -87,6 +86,8 @@ from salaad_jax.deploy.forward_time import ForwardTiming
 from salaad_jax.deploy.spectrum_forward import (TIME_COLUMNS, SpectrumForward,  # noqa: F401
                                                 forward_of)
 from salaad_jax.deploy.posthoc import posthoc_factors
+from salaad_jax.deploy.budgets import (DEFAULT_BUDGETS, Budget, parse_budgets,  # noqa: F401
+                                       resolve_budgets)
 from salaad_jax.deploy.spectra import Blocks, spectra
 from salaad_jax.deploy.summary import read_summary
 
@@ -94,88 +95,12 @@ from salaad_jax.deploy.summary import read_summary
 # that need it: importing salaad_jax.deploy stays light, and the training
 # package may import deploy modules without a cycle.
 
-Budget = Union[int, float]
 Progress = Optional[Callable[[str], Any]]
 
 COLUMNS = ("series", "source", "allocation", "budget", "unit", "budget_value", "budget_fraction",
            "fmt", "params", "params_fraction", "bytes", "bytes_fraction", "loss", "loss_se",
            "perplexity", "tokens", "rel_error", "kept_rank", "kept_nnz", "solver", "step",
            "workdir")
-DEFAULT_BUDGETS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
-
-
-# ---------------------------------------------------------------------------
-# Budgets.
-# ---------------------------------------------------------------------------
-
-_INT = re.compile(r"^\d[\d_]*$")
-
-
-def _parse_one(token: str) -> Budget:
-  t = token.strip()
-  if not t:
-    raise SpectrumError("empty budget in the list (two commas in a row?)")
-  try:
-    if t.endswith("%"):
-      value = float(t[:-1]) / 100.0
-    elif _INT.match(t):
-      value = int(t.replace("_", ""))
-    else:
-      value = float(t)
-  except ValueError:
-    raise SpectrumError(f"budget {t!r} is neither a fraction (0.4, 40%) nor a parameter "
-                        "count (an integer)") from None
-  return value
-
-
-def _check_syntax(b: Budget, token) -> Budget:
-  if isinstance(b, float):
-    if not math.isfinite(b) or not 0.0 < b <= 1.0:
-      hint = " (write an absolute parameter count as an integer)" if b > 1 else ""
-      raise SpectrumError(f"budget {token!r} is not a fraction in (0, 1] of the dense "
-                          f"parameter count{hint}")
-  elif b <= 0:
-    raise SpectrumError(f"budget {token!r} must be a positive count")
-  elif b == 1:
-    raise SpectrumError(f"budget {token!r} is an absolute count of 1; write 1.0 for 100 % "
-                        "of the dense model")
-  return b
-
-
-def parse_budgets(budgets: Union[str, Iterable[Any]]) -> list[Budget]:
-  """Budgets from '0.3,0.4,50%,120000' or a sequence of numbers/strings.
-
-  A float (or 'N%') is a share of the dense parameter count in (0, 1]; an
-  integer is an absolute parameter count.  Raises SpectrumError on a token
-  that is neither, a fraction outside (0, 1], a count <= 0, or no budget.
-  """
-  items = budgets.split(",") if isinstance(budgets, str) else list(budgets)
-  out = []
-  for item in items:
-    if isinstance(item, str):
-      value = _parse_one(item)
-    elif isinstance(item, (bool, np.bool_)) or not isinstance(
-        item, (int, float, np.integer, np.floating)):
-      raise SpectrumError(f"budget {item!r} is not a number")
-    else:
-      value = int(item) if isinstance(item, (int, np.integer)) else float(item)
-    out.append(_check_syntax(value, item))
-  if not out:
-    raise SpectrumError("no budget given")
-  return out
-
-
-def _resolve(budgets: Sequence[Budget], full: int, minimum: int,
-             unit: str) -> list[tuple[Budget, int]]:
-  """(budget as given, absolute target in ``unit``), deduplicated, ascending."""
-  seen = {}
-  for b in budgets:
-    try:
-      value = resolve_budget(b, full, minimum, unit)
-    except ValueError as e:
-      raise SpectrumError(str(e)) from None
-    seen.setdefault(value, b)
-  return sorted(((b, v) for v, b in seen.items()), key=lambda x: x[1])
 
 
 # ---------------------------------------------------------------------------
@@ -446,7 +371,7 @@ def capacity_spectrum(run_or_workdir, budgets, *, methods: Sequence[str] = ("hpa
   total, rest = blocks.total_params, blocks.rest_params
   b_w = acc.value_bytes(dtype)
   scale = 1 if unit == "params" else b_w
-  targets = _resolve(wanted, total * scale, rest * scale, unit)
+  targets = resolve_budgets(wanted, total * scale, rest * scale, unit)
   dense_run, dense_dir = _dense_run_of(dense_workdir, run, say)
   summaries = [_read_baseline(w) for w in baseline_workdirs]
   evaluator = make_evaluator(run.config, eval_split or run.config.eval_split,
