@@ -90,25 +90,47 @@ def loss(params):
              for p, q in zip(jax.tree.leaves(params), jax.tree.leaves(t)))
 
 
+# The transform of each case and the compiled step of each transform, built
+# once per process: the runs of one case (to its end, one step short, resumed
+# from the checkpoint) compile its step once.  A transform holds no state of
+# its own, so a run gets nothing from the one before but the compiled program.
+_TRANSFORMS = {}
+_STEPS = {}
+
+
 def run(name: str, steps: int = STEPS, start=None):
   """(params, state) after ``steps`` steps of case ``name``, from the
   initial params and state or from ``start`` = (params, state)."""
   make, joint = CASES[name]
-  return run_transform(make(), steps, start, joint)
+  if name not in _TRANSFORMS:
+    _TRANSFORMS[name] = make()
+  return run_transform(_TRANSFORMS[name], steps, start, joint)
+
+
+def _step(tx, joint: bool):
+  """The jitted train step of ``tx`` on :func:`loss`."""
+  key = (id(tx), joint)
+  if key not in _STEPS:
+    grad_fn = jax.grad(loss)
+
+    @jax.jit
+    def step(params, state):
+      extra = {"grad_fn": grad_fn} if joint else {}
+      updates, state = tx.update(grad_fn(params), state, params, **extra)
+      return optax.apply_updates(params, updates), state
+
+    _STEPS[key] = (tx, step)  # tx kept alive: its id stays its own
+  return _STEPS[key][1]
 
 
 def run_transform(tx, steps: int, start=None, joint: bool = False):
   """:func:`run` for the transform ``tx`` (``joint``: its update takes grad_fn)."""
   params = initial_params()
   params, state = start if start is not None else (params, tx.init(params))
-  grad_fn = jax.grad(loss)
-
-  @jax.jit
-  def step(params, state):
-    extra = {"grad_fn": grad_fn} if joint else {}
-    updates, state = tx.update(grad_fn(params), state, params, **extra)
-    return optax.apply_updates(params, updates), state
-
+  # Committed to the one device, as a restored checkpoint's arrays are, so
+  # that a resumed run calls the step with the arguments the others give it.
+  params, state = jax.device_put((params, state), jax.devices()[0])
+  step = _step(tx, joint)
   for _ in range(steps):
     params, state = step(params, state)
   return params, state

@@ -66,6 +66,11 @@ def _cut_problem(seed):
   return sigmas, sparses
 
 
+# The cut compiled once per overhead and form of the budget (a share or a
+# count): called op by op, its bisection loop compiles anew at every call.
+_global_cut = jax.jit(cons.global_cut, static_argnames=("overhead",))
+
+
 def _kept_items(got) -> set:
   """``global_cut``'s masks as ``cut_oracle``'s items."""
   items = set()
@@ -83,9 +88,9 @@ def test_global_cut_keeps_the_best_gain_per_cost_within_the_share(seed, drop, by
   sigmas, sparses = _cut_problem(seed)
   # by_count: the budget as a parameter count (up to past the total) instead of a share
   keep = float(np.floor(drop * 160)) if by_count else None
-  got = cons.global_cut([jnp.asarray(x, jnp.float32) for x in sigmas],
-                        [jnp.asarray(x, jnp.float32) for x in sparses], drop, keep=keep,
-                        overhead=overhead)
+  got = _global_cut([jnp.asarray(x, jnp.float32) for x in sigmas],
+                    [jnp.asarray(x, jnp.float32) for x in sparses], drop, keep=keep,
+                    overhead=overhead)
   want = cut_oracle(sigmas, sparses, drop, keep, overhead)
   if keep is None:
     # A share's budget (1 - drop) x total is rounded to float32 in the cut:
@@ -120,9 +125,9 @@ def test_global_cut_keeps_the_item_that_fits_its_budget_exactly(seed, overhead):
     assert _kept_items(cut(jnp.float32(cost))) == kept, cost
     assert _kept_items(cut(jnp.float32(cost - 1))) == before, cost - 1
     before = kept
-  everything = cons.global_cut(sigmas32, sparses32, 0.0, overhead=overhead)
+  everything = _global_cut(sigmas32, sparses32, 0.0, overhead=overhead)
   assert _kept_items(everything) == prefixes[-1][1]
-  assert not _kept_items(cons.global_cut(sigmas32, sparses32, 1.0, overhead=overhead))
+  assert not _kept_items(_global_cut(sigmas32, sparses32, 1.0, overhead=overhead))
 
 
 def test_cut_factor_grads_are_the_cut_models_and_plain_uncut():

@@ -24,7 +24,7 @@ def test_golden_comparison_can_fail():
 
 
 def test_resumed_run_with_cut_budgets_draws_the_same_cuts():
-  """A run resumed from the checkpoint (a new transform, three cut budgets,
+  """A run resumed from the checkpoint (the case's transform: three cut budgets,
   jitter) ends where the uninterrupted run ends."""
   restored, _ = gc.restored_checkpoint()
   params, state = gc.run(gc.CHECKPOINT_CASE, gc.STEPS - gc.CHECKPOINT_STEP,

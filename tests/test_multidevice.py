@@ -44,9 +44,15 @@ def _run_jit(params, xs, tx, steps):
   return params, state
 
 
-def test_pmap_matches_jit():
+@pytest.fixture(scope="module")
+def jit_reference():
+  """(params, state) after 4 steps of ``_setup()``'s problem under jit."""
+  return _run_jit(*_setup(), 4)
+
+
+def test_pmap_matches_jit(jit_reference):
   params, xs, tx = _setup()
-  ref_p, ref_s = _run_jit(params, xs, tx, 4)
+  ref_p, ref_s = jit_reference
   state = tx.init(params)
   rep = jax.tree.map(lambda x: jnp.stack([x] * N_DEV), (params, state))
   shards = xs.reshape(N_DEV, -1, xs.shape[-1])
@@ -69,9 +75,9 @@ def test_pmap_matches_jit():
   assert int(s0.num_rounds) == 2
 
 
-def test_sharded_mesh_matches_jit():
+def test_sharded_mesh_matches_jit(jit_reference):
   params, xs, tx = _setup()
-  ref_p, ref_s = _run_jit(params, xs, tx, 4)
+  ref_p, ref_s = jit_reference
   mesh = Mesh(np.array(jax.devices()[:N_DEV]).reshape(4, 2), ("data", "model"))
   # FSDP-style: shard kernels along their first axis over 'data'.
   def spec(x):

@@ -15,8 +15,15 @@ settings.load_profile("fast")
 
 
 def matrices(min_side=2, max_side=12):
-  shape = hst.tuples(hst.integers(min_side, max_side), hst.integers(min_side, max_side))
-  return shape.flatmap(lambda s: hnp.arrays(np.float32, s, elements=FLOATS))
+  """Float32 matrices with sides in [min_side, max_side], of a few shapes: the
+  corners (square, wide, tall) and one odd shape in between.  The operators
+  run op by op, and every new shape compiles each op again, so the values
+  vary from example to example and the shapes come from this small set."""
+  mid = (min_side + max_side) // 2
+  shapes = [(min_side, min_side), (min_side, max_side), (max_side, min_side),
+            (mid | 1, mid - 1), (max_side, max_side)]
+  return hst.sampled_from(shapes).flatmap(
+      lambda s: hnp.arrays(np.float32, s, elements=FLOATS))
 
 
 @given(matrices(), hst.floats(0, 5))
@@ -78,7 +85,8 @@ def test_n_m_mask_errors():
     prox.n_m_mask(jnp.ones((8, 2)), 5, 4)
 
 
-@given(hnp.arrays(np.float32, hst.integers(1, 30), elements=hst.floats(0, 10, allow_subnormal=False, width=32)),
+@given(hnp.arrays(np.float32, hst.sampled_from([1, 2, 7, 16, 30]),
+                  elements=hst.floats(0, 10, allow_subnormal=False, width=32)),
        hst.floats(0.5, 1.0))
 def test_effective_rank_matches_definition(sig, e):
   sig = np.sort(np.where(sig < 1e-6, 0, sig))[::-1]  # float32 squares of tinier underflow

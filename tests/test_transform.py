@@ -130,6 +130,10 @@ def _structured(m, n, r, d, noise, rng):
   return (low + sparse + noise * rng.normal(size=(m, n))).astype(np.float32)
 
 
+# Read at every step of a toy run: one compiled program, not its ops one by one.
+_block_metrics = jax.jit(sj.block_metrics)
+
+
 def _quadratic_toy(rank_target, density_target, steps, mode="adaptive",
                    sparse_mode="soft", seed=0, deriv_start=50):
   """Trains X towards a noisy low-rank + sparse target T with loss
@@ -158,7 +162,7 @@ def _quadratic_toy(rank_target, density_target, steps, mode="adaptive",
   history = []
   for _ in range(steps):
     params, state = step(params, state)
-    m = sj.block_metrics(state)
+    m = jax.device_get(_block_metrics(state))
     history.append({k: (float(v["alpha"]), float(v["beta"])) for k, v in m.items()})
   return params, state, history
 
