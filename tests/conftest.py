@@ -82,6 +82,13 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
 # The paths the suite shares (tests/helpers.py, which imports JAX: only once
 # the environment above is set), imported by name from here too.
 from helpers import ROOT, SHAKESPEARE, TINY_FLAGS  # pylint: disable=wrong-import-position
+from hypothesis import settings  # pylint: disable=wrong-import-position
+
+# One hypothesis profile for the whole suite, whatever runs first: 40 examples
+# per property (a test's own @settings wins), no deadline (the first example
+# of a property compiles its XLA programs).
+settings.register_profile("suite", max_examples=40, deadline=None)
+settings.load_profile("suite")
 
 
 # ---------------------------------------------------------------------------

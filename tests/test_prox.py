@@ -5,13 +5,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hypothesis import given, settings, strategies as hst
+from hypothesis import given, strategies as hst
 
 from salaad_jax import prox
 
 FLOATS = hst.floats(-10, 10, allow_nan=False, allow_subnormal=False, width=32)
-settings.register_profile("fast", max_examples=40, deadline=None)
-settings.load_profile("fast")
 
 
 def matrices(min_side=2, max_side=12):
