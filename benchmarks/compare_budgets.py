@@ -32,6 +32,7 @@ from salaad_jax.deploy import accounting as deploy_accounting
 from salaad_jax.deploy.allocation import AUTO_FORMAT, resolve_budget
 from salaad_jax.models.configs import LlamaConfig
 from salaad_jax.train.config import TrainConfig, cut_budgets as config_cut_budgets
+from salaad_jax.train import presets
 
 UNITS = ("params", "bytes")
 FORMATS = (*deploy_accounting.SPARSE_FORMATS, AUTO_FORMAT)
@@ -65,7 +66,8 @@ def cut_budgets(mcfg: LlamaConfig, fractions: Sequence[float], fill: float,
   deployed at ``fractions`` of the dense model in ``unit``: the budgets below
   ``fill`` (in bytes themselves; in parameters p plus the blocks' bitmaps'
   share of the dense bytes, the harness's conversion back), then 1.0 (the
-  whole structure), each drawn equally often; [] when none is below."""
+  whole structure) once per cut, so that the whole is drawn in half the
+  steps (``presets.cut_draws``); [] when none is below."""
   below = sorted(float(f) for f in fractions if f < fill)
   if not below:
     return []
@@ -75,7 +77,7 @@ def cut_budgets(mcfg: LlamaConfig, fractions: Sequence[float], fill: float,
     bitmaps = sum(deploy_accounting.sparse_overhead_bytes("bitmap", m, n)
                   for m, n in blocks.shapes.values())
     below = [min(1.0, f + bitmaps / full) for f in below]
-  return below + [1.0]
+  return presets.cut_draws(below)
 
 
 def target(mcfg: LlamaConfig, fraction: float, unit: str) -> int:

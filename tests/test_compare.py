@@ -317,7 +317,7 @@ def test_a_run_that_trained_its_cuts_is_deployed_at_them():
 
 def test_cut_budgets_are_the_deployments_below_the_fill_and_the_whole():
   assert cb.cut_budgets(TINY, [0.6, 0.4, 0.5], 0.5, "bytes") == [0.4, 1.0]
-  assert cb.cut_budgets(TINY, [0.3, 0.4, 0.6], 0.6, "bytes") == [0.3, 0.4, 1.0]
+  assert cb.cut_budgets(TINY, [0.3, 0.4, 0.6], 0.6, "bytes") == [0.3, 0.4, 1.0, 1.0]
   assert cb.cut_budgets(TINY, [0.4, 0.6], 0.4, "bytes") == []
   # in parameters: the byte fraction whose harness conversion gives p back
   blocks = accounting.model_blocks(TINY)

@@ -42,7 +42,7 @@ def test_with_preset_expands_the_named_preset_under_explicit_fields():
   assert got["rank_target"] == 0.3 and got["salaad_preset"] == "recommended"
   assert (got["consolidate_from"], got["density_target"], got["rho"]) == (0.01, 0.08, 1e-3)
   assert (got["consolidate_params"], got["consolidate_factor_lr"]) == ("factors", 1.0)
-  assert (got["consolidate_cut_budgets"], got["consolidate_cut_joint"]) == ("0.4,0.5,1", 0.0)
+  assert (got["consolidate_cut_budgets"], got["consolidate_cut_joint"]) == ("0.4,0.5,1,1", 0.0)
   rule = presets.with_preset({"salaad_preset": "recommended"}, "tiny", 1000, (0.3, 0.7))
   assert rule["rank_target"] == pytest.approx(_filled_rank(CONFIGS["tiny"], 0.7))
   assert presets.with_preset({"k_alpha": 1.0}, "tiny") == {"k_alpha": 1.0}
@@ -88,11 +88,13 @@ def jax_path(path) -> str:
 @pytest.mark.parametrize("model", ["tiny", "small"])
 def test_recommended_rule_fills_the_largest_budget_and_cuts_the_others(model):
   """The rule: r* by the hand count above, the cuts at the smaller budgets and
-  the whole structure, the ADMM share min(1/2, max(1 %, K / steps)); nothing
-  per model."""
+  the whole structure in half the draws, the ADMM share
+  min(1/2, max(1 %, K / steps)); nothing per model."""
   got = presets.preset_fields("recommended", model, 5000, (0.6, 0.4, 0.5))
   assert got["rank_target"] == pytest.approx(_filled_rank(CONFIGS[model], 0.6), rel=1e-12)
-  assert got["consolidate_cut_budgets"] == "0.4,0.5,1"
+  assert got["consolidate_cut_budgets"] == "0.4,0.5,1,1"
+  assert presets.preset_fields("recommended", model, 5000, (0.4, 0.6))[
+      "consolidate_cut_budgets"] == "0.4,1"
   assert got["consolidate_from"] == 0.01
   assert presets.preset_fields("recommended", model, 500)["consolidate_from"] == 10 / 500
   assert presets.preset_fields("recommended", model, 8)["consolidate_from"] == 0.5
@@ -109,8 +111,8 @@ def test_recommended_rule_property_rank_grows_with_the_largest_budget(budgets):
   higher = presets.recommended_fields(CONFIGS["small"], 1000, [min(1.0, max(budgets) + 0.05)])
   assert 0 < got["rank_target"] <= higher["rank_target"] <= 1
   cuts = [float(c) for c in got["consolidate_cut_budgets"].split(",") if c]
-  assert cuts == ([*sorted({b for b in budgets if b < max(budgets)}), 1.0]
-                  if min(budgets) < max(budgets) else [])
+  below = sorted({b for b in budgets if b < max(budgets)})
+  assert cuts == below + [1.0] * len(below)  # the whole in half the draws
 
 
 def test_recommended_rule_refuses_budgets_it_cannot_fill():

@@ -74,8 +74,10 @@ def recommended_fields(model: LlamaConfig, steps: int,
     the format cheapest at d*);
   * the global allocator's cut at every smaller budget is trained too, one
     cut or the whole structure drawn per step (one pass per step, so the run
-    costs what an SLTrain run of its size costs):
-    ``consolidate_cut_budgets = sorted(smaller budgets) + [1]``;
+    costs what an SLTrain run of its size costs), the whole in half the
+    steps and the cuts sharing the other half:
+    ``consolidate_cut_budgets = sorted(smaller budgets) + [1] * (their
+    count)`` (RESULTS.md, row G and "G on fresh seeds");
   * rho 1e-3 on every block (it only acts during the ADMM share).
 
   Measured at the tiny (132k) and small (857k) models for 1000-5000 steps;
@@ -96,9 +98,19 @@ def recommended_fields(model: LlamaConfig, steps: int,
   fields["rank_target"] = registry.fill_rank_target(model, fractions[-1],
                                                     fields["density_target"], sparse_format)
   below = [f for f in dict.fromkeys(fractions) if f < fractions[-1]]
-  fields["consolidate_cut_budgets"] = ",".join(repr(b).removesuffix(".0") for b in [*below, 1.0]) if below else ""
+  fields["consolidate_cut_budgets"] = ",".join(repr(b).removesuffix(".0")
+                                               for b in cut_draws(below))
   fields["consolidate_from"] = min(0.5, max(ADMM_SHARE, fields["every_k"] / steps))
   return fields
+
+
+def cut_draws(below: Sequence[float]) -> list[float]:
+  """The recommended ``consolidate_cut_budgets`` for cuts at ``below`` (each
+  < 1): those budgets, then 1.0 (the whole structure) once per cut, so a step
+  draws the whole in half the steps and each cut in an equal share of the
+  rest; [] when there is no cut."""
+  below = list(below)
+  return [*below, *[1.0] * len(below)]
 
 
 PRESETS: dict[str, dict[str, Any]] = {"reference": _REFERENCE,
