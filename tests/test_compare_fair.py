@@ -69,7 +69,7 @@ def test_fair_protocol_tunes_equally_and_matches_flops(fair):
   assert control.consolidate_factor_lr == salaad.consolidate_factor_lr
   assert {("salaad_no_admm", b) for b in ("0.4", "0.5", "0.6")} <= set(by)
   # It trained its cuts at 40 and 50 % (the budgets below the 60 % its structure fills).
-  assert cfg_lib.cut_budgets(salaad) == (0.4, 0.5, 1.0)
+  assert cfg_lib.cut_budgets(salaad) == (0.4, 0.5, 1.0, 1.0)  # the whole in half the draws
   # The curve: every 0.05 from 0.3 up to what the structure fills, both allocators.
   fill = float(by["salaad_trained", ""]["bytes_fraction"])
   for alloc in ("cut", "global"):

@@ -24,7 +24,7 @@ outside any jitted function, so the forward never decodes an index
                      call and runs one matmul.  ``dense_rows`` is where the
                      materialised product starts to run faster on this device:
                      timed on one block of each shape class at the row
-                     counts ``ladder`` (0: never)
+                     counts ``ladder`` (0: never), once per process
 
 The low-rank part stays two thin matmuls, (x A) B^T, in every product but
 'dense' (and 'adaptive' above its ``dense_rows``).  The runtime bytes of the result (``tree_bytes``) are what the
@@ -48,6 +48,9 @@ __all__ = ["PRODUCTS", "decoded_entries", "dense_rows", "ell_arrays", "prepare",
 
 PRODUCTS = ("coo", "ell", "dense", "auto", "adaptive")
 LADDER = (16, 64, 256, 1024)
+# 'adaptive': (device kind, dtype, ladder, m, n, has L, has S) -> dense_rows,
+# timed once per process (a spectrum prepares many budgets of one model).
+_CROSSOVER: dict[tuple, int] = {}
 
 
 def tree_bytes(tree) -> int:
@@ -197,7 +200,6 @@ def prepare(params, layouts: Mapping[str, BlockLayout], product: str = "ell", *,
     raise ValueError(f"structured product must be one of {PRODUCTS}, got {product!r}")
   tree = _nested_copy(params)
   out_layouts = {}
-  crossover: dict[tuple, int] = {}  # shape class -> dense_rows, for 'adaptive'
   for module, layout in sorted(layouts.items()):
     node = _node(tree, module)
     if node is None:  # rank 0 and no sparse entry: an all-zero block, no parameters
@@ -213,10 +215,11 @@ def prepare(params, layouts: Mapping[str, BlockLayout], product: str = "ell", *,
     else:
       new, new_layout = _as_product(product, layout, node, entries, dtype)
     if product == "adaptive":
-      shape_class = (layout.m, layout.n, layout.rank > 0, layout.nnz > 0)
-      if shape_class not in crossover:
-        crossover[shape_class] = dense_rows(new, new_layout, dtype, ladder, auto_repeats)
-      new_layout = dataclasses.replace(new_layout, dense_rows=crossover[shape_class])
+      key = (jax.devices()[0].device_kind, jnp.dtype(dtype).name, tuple(ladder), layout.m,
+             layout.n, layout.rank > 0, layout.nnz > 0)
+      if key not in _CROSSOVER:  # timed once per process, device and shape class
+        _CROSSOVER[key] = dense_rows(new, new_layout, dtype, ladder, auto_repeats)
+      new_layout = dataclasses.replace(new_layout, dense_rows=_CROSSOVER[key])
     node.clear()
     node.update(new)
     if new_layout is not None:
