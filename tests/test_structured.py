@@ -389,3 +389,12 @@ def test_materialised_block_keeps_a_nan_in_its_row():
   got = np.asarray(jax.jit(model.apply)({"params": params}, jnp.asarray(x)))
   assert np.isnan(got[0]).all()
   np.testing.assert_allclose(got[1:], np.asarray(ref)[1:], rtol=1e-6)
+
+
+def test_an_empty_block_above_its_dense_rows_gives_zeros():
+  """Rank 0 and no entry: no parameters, and the materialised product is 0."""
+  layer = StructuredDense(5, layouts=(("", BlockLayout(4, 5, 0, 0, "flat", 0, 1)),))
+  x = jnp.ones((3, 4))
+  variables = layer.init(jax.random.key(0), x)
+  assert not variables.get("params")
+  np.testing.assert_array_equal(layer.apply(variables, x), np.zeros((3, 5)))

@@ -217,7 +217,7 @@ class StructuredDense(nn.Module):
       tie = (xs[0, 0] != xs[0, 0]).astype(dtype) * jnp.zeros((), dtype)
       if layout.rank:
         a = a + tie
-      else:
+      elif layout.nnz:
         values = values + tie.astype(values.dtype)
       kernel = materialise(layout, a, b, values, idx if layout.nnz else {})
       out = jnp.dot(xs, kernel.astype(dtype), preferred_element_type=jnp.float32)
