@@ -10,9 +10,11 @@ Speed conventions (the suite has to fit in a few minutes on 2 CPU cores):
   (below): keep shapes and configurations equal across tests where the
   assertion allows, so that they compile once per session.
 
-* ``@pytest.mark.slow`` marks a test that trains for more than a few seconds
-  or starts subprocesses.  ``pytest -q`` runs everything; ``pytest -q -m "not
-  slow"`` is the fast lane for development.
+* ``@pytest.mark.slow`` marks a test that trains (runs an optimiser over
+  several steps, a toy problem's included) and takes more than a second or
+  two, or starts subprocesses.  ``pytest -q`` runs everything; ``pytest -q -m
+  "not slow"`` is the fast lane for development (under 2 minutes on 2 cores):
+  the unit tests of the operators, models, accounting and deployment.
 * ``cached_dir(tmp_path_factory, key, build)`` builds a directory once per test session
   (across xdist workers: the first worker to take its lock builds it, the
   others wait and reuse it).  Use it for any trained run that tests in more

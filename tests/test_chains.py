@@ -113,6 +113,7 @@ def _masked():
                      optax.masked(optax.adamw(1e-2), not_mask))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("combinator", [_partitioned, _masked], ids=["partition", "masked"])
 def test_salaad_on_part_of_the_tree(problem, combinator):
   params, grad_fn = problem
@@ -131,6 +132,7 @@ def test_salaad_on_part_of_the_tree(problem, combinator):
 # ---------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_multisteps_runs_rounds_on_applied_updates(problem):
   params, grad_fn = problem
   k, groups = 3, 4
@@ -181,6 +183,7 @@ class TinyLM(nn.Module):
     return nn.Dense(32, name="head")(h)
 
 
+@pytest.mark.slow
 def test_harness_grad_accum_equals_multisteps():
   model = TinyLM()
   params = model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"]
@@ -212,6 +215,7 @@ def test_harness_grad_accum_equals_multisteps():
   chex.assert_trees_all_close(m.params, a.params, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("grad_accum", [1, 2])
 def test_train_step_passes_the_gradient_at_other_params(grad_accum):
   # A transformation that steps by the gradient at params / 2, via grad_fn:
@@ -250,6 +254,7 @@ def test_train_step_passes_the_gradient_at_other_params(grad_accum):
 # ---------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_apply_if_finite_skips_a_nan_step_without_touching_the_state(problem):
   params, grad_fn = problem
   tx = optax.apply_if_finite(sj.salaad(optax.adam(1e-2), every_k=1, rho=1e-2),
@@ -272,6 +277,7 @@ def test_apply_if_finite_skips_a_nan_step_without_touching_the_state(problem):
                          before["dual"]["mlp_up"]["kernel"])
 
 
+@pytest.mark.slow
 def test_inject_hyperparams_over_rho(problem):
   params, grad_fn = problem
   make = optax.inject_hyperparams(sj.salaad, static_args=sj.STATIC_ARGS)

@@ -70,6 +70,7 @@ SETTINGS = {
 
 @pytest.mark.parametrize("name,coupled", [("topk_auto", True), ("soft_0.5", True),
                                           ("topk_rounds", False)])
+@pytest.mark.slow
 def test_compact_equals_dense_when_capacity_never_binds(name, coupled):
   kw, cap = SETTINGS[name]
   make = ((lambda c: sj.salaad(optax.adam(1e-2), every_k=2, rho=0.05, sparse_capacity=c, **kw))

@@ -30,6 +30,7 @@ FORMS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("form", FORMS)
 def test_accepts_extra_args_and_does_not_recompile(form):
   opt = FORMS[form]()
@@ -49,6 +50,7 @@ def test_accepts_extra_args_and_does_not_recompile(form):
   assert not compiles, compiles
 
 
+@pytest.mark.slow
 def test_wrapped_in_inject_hyperparams():
   params = _params()
   grads = jax.grad(_loss)(params)
@@ -73,6 +75,7 @@ def test_wrapped_in_inject_hyperparams():
   assert not np.allclose(u2["dense"]["kernel"], u_inj["dense"]["kernel"])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 @pytest.mark.parametrize("form", FORMS)
 def test_preserves_dtype_and_works_under_multisteps(form, dtype):
@@ -92,6 +95,7 @@ def test_preserves_dtype_and_works_under_multisteps(form, dtype):
   assert any(np.any(np.asarray(u, np.float32) != 0) for u in jax.tree.leaves(updates))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_state_shapes_and_dtypes_stable_under_lax_cond(dtype):
   opt = sj.salaad(optax.adam(1e-2), every_k=1, rho=1e-2, state_dtype=None)
@@ -114,6 +118,7 @@ def test_state_shapes_and_dtypes_stable_under_lax_cond(dtype):
   assert state.sparse["dense"]["kernel"].values.dtype == dtype  # S's values, compact
 
 
+@pytest.mark.slow
 def test_tree_map_params_on_state():
   params = _params()
   opt = sj.salaad(optax.adam(1e-2))
@@ -136,6 +141,7 @@ def test_tree_map_params_on_state():
   assert specs.sparse["proj"]["kernel"] == "P"
 
 
+@pytest.mark.slow
 def test_composes_in_a_chain_with_a_flax_model():
   import flax.linen as nn
 

@@ -19,6 +19,7 @@ from salaad_jax import consolidate as cons
 from salaad_jax import prox
 
 
+@pytest.mark.slow
 def test_factors_keep_the_current_structure():
   """consolidate_structure='current' with factors: the first projection keeps
   the controller's rank and S's support, and the factor steps never leave
@@ -53,6 +54,7 @@ def consolidated(request):
   return request.param, run_steps(tx, params, 9, lr_target=0.5)
 
 
+@pytest.mark.slow
 def test_consolidation_trains_the_surrogate_at_the_target_structure(consolidated):
   svt, hist = consolidated
   masks = None
@@ -84,6 +86,7 @@ def test_consolidation_trains_the_surrogate_at_the_target_structure(consolidated
   assert np.abs(block_leaf(p3, "a") - l3 - sparse_leaf(s3, "a")).max() > 1e-3
 
 
+@pytest.mark.slow
 def test_consolidation_keeps_the_current_structure():
   params = two_blocks(2)
   kw = dict(every_k=1, rho=0.5, rank_target=0.2, density_target=0.1, k_alpha=1.0,
@@ -99,6 +102,7 @@ def test_consolidation_keeps_the_current_structure():
                                     sparse_leaf(before, name) != 0)
 
 
+@pytest.mark.slow
 def test_nested_dropout_trains_the_full_surrogate_through_truncations():
   params = two_blocks(4)
   tx = sj.salaad(optax.adam(3e-2), every_k=2, rho=0.2, rank_target=0.25, density_target=0.1,
@@ -122,6 +126,7 @@ def test_nested_dropout_trains_the_full_surrogate_through_truncations():
   assert loss(*hist[-1]) < loss(*hist[2])  # and the full surrogate improves
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("capacity, factor_lr", [(None, 1.0), ("auto", 1.0), (None, 0.4)])
 def test_factor_consolidation_steps_the_factors_by_the_chain_rule(capacity, factor_lr):
   # SGD on a count-dependent learning rate: the oracle below also checks
@@ -164,6 +169,7 @@ def test_factor_consolidation_steps_the_factors_by_the_chain_rule(capacity, fact
   assert not np.any(factor_leaves(hist[2][1], "a")[0])
 
 
+@pytest.mark.slow
 def test_factor_consolidation_starts_from_the_projection():
   kw = dict(every_k=2, rho=0.2, rank_target=0.25, density_target=0.1, consolidate_from=3,
             svt="exact")
@@ -189,6 +195,7 @@ def test_factor_consolidation_starts_from_the_projection():
     dict(consolidate_global_dropout=0.8), dict(consolidate_cut_budgets=(0.3, 0.6)),
     dict(consolidate_cut_budgets=(0.4, 0.7), consolidate_cut_overhead=1 / 16),
     dict(consolidate_cut_budgets=(0.3, 0.6), consolidate_cut_jitter=0.1)])
+@pytest.mark.slow
 def test_global_dropout_trains_the_cut_through_its_gradients(cut):
   lr = 0.02
   tx = sj.salaad(optax.sgd(lr), every_k=2, rho=0.2, rank_target=0.5, density_target=0.1,
@@ -331,6 +338,7 @@ def test_joint_cut_loss_needs_its_gradient_and_a_cut():
       sj.salaad(optax.sgd(0.1), consolidate_cut_budgets=(0.3,), consolidate_cut_joint=bad, **kw)
 
 
+@pytest.mark.slow
 def test_blocks_of_one_shape_are_projected_as_a_group_each_onto_its_own_svd():
   """Three blocks of one shape (one vmapped group) and one of another: at
   learning rate 0 X never moves, so the first projection makes each block's

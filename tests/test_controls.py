@@ -34,6 +34,7 @@ def _oracle(x, rank, density):
   return low, np.asarray(x, np.float64) - low, int(np.ceil(density * x.size - 1e-9))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("support", ["largest", "random"])
 def test_no_admm_structure_is_the_svd_of_the_first_iterate(support):
   """consolidate_from=0: the very first step chooses the structure from the

@@ -35,6 +35,7 @@ def _random_adapters(adapters, key, scale=0.1):
 # --------------------------------------------------------------------- LoRA
 
 
+@pytest.mark.slow
 def test_lora_starts_at_the_base_and_trains_only_adapters(dense_params):
   adapters = lora.init(dense_params, 4, jax.random.key(2))
   assert set(lora.flat(adapters)) == set(lora.target_paths(dense_params))
@@ -282,6 +283,7 @@ def test_calibration_statistics(dense_params):
   assert set(calib.sq_norms) == set(lora.target_paths(dense_params))
 
 
+@pytest.mark.slow
 def test_losa_rounds_keep_the_sparsity_mask_exactly(dense_params):
   alpha, target, rounds = 8.0, 0.5, 3
   state = losa.init(dense_params)

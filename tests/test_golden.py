@@ -9,6 +9,7 @@ import pytest
 
 import golden_cases as gc
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(gc.CASES))
 def test_run_matches_its_golden_state(name):
   params, state = gc.run(name)
@@ -16,6 +17,7 @@ def test_run_matches_its_golden_state(name):
     gc.assert_matches(gc.flatten({"params": params, "opt_state": state}), want, name)
 
 
+@pytest.mark.slow
 def test_golden_comparison_can_fail():
   params, state = gc.run("admm", gc.STEPS - 1)  # one step short
   with np.load(gc.fixture_path("admm")) as want:
@@ -23,6 +25,7 @@ def test_golden_comparison_can_fail():
       gc.assert_matches(gc.flatten({"params": params, "opt_state": state}), want, "admm")
 
 
+@pytest.mark.slow
 def test_resumed_run_with_cut_budgets_draws_the_same_cuts():
   """A run resumed from the checkpoint (the case's transform: three cut budgets,
   jitter) ends where the uninterrupted run ends."""

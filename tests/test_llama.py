@@ -277,6 +277,7 @@ def test_cross_entropy_loss_matches_numpy():
   assert float(loss) == 0.0 and float(count) == 0.0
 
 
+@pytest.mark.slow
 def test_adamw_learns_a_repeated_sequence():
   cfg = CONFIGS["tiny"]  # bf16 compute, float32 params.
   model = Llama(cfg)

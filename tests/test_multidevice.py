@@ -50,6 +50,7 @@ def jit_reference():
   return _run_jit(*_setup(), 4)
 
 
+@pytest.mark.slow
 def test_pmap_matches_jit(jit_reference):
   params, xs, tx = _setup()
   ref_p, ref_s = jit_reference
@@ -75,6 +76,7 @@ def test_pmap_matches_jit(jit_reference):
   assert int(s0.num_rounds) == 2
 
 
+@pytest.mark.slow
 def test_sharded_mesh_matches_jit(jit_reference):
   params, xs, tx = _setup()
   ref_p, ref_s = jit_reference
@@ -104,6 +106,7 @@ def test_sharded_mesh_matches_jit(jit_reference):
   np.testing.assert_allclose(s.dual["b"]["kernel"], ref_s.dual["b"]["kernel"], rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_joint_cut_loss_under_pmap_matches_one_device():
   # The harness's step with the joint cut loss: its second pass (grad_fn,
   # called inside the transform's consolidation branch) is pmean-ed too, so 8

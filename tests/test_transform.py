@@ -29,6 +29,7 @@ def _hold_fixed(tx, params, rounds):
   return state
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("svt", ["exact", "fast"])
 def test_robust_pca_recovery(svt):
   l0, s0, mask = _rpca_problem()
@@ -167,6 +168,7 @@ def _quadratic_toy(rank_target, density_target, steps, mode="adaptive",
   return params, state, history
 
 
+@pytest.mark.slow
 def test_controller_reaches_rank_and_density_targets():
   _, state, history = _quadratic_toy(0.25, 0.1, 500)
   for path, m in sj.block_metrics(state).items():
@@ -180,6 +182,7 @@ def test_controller_reaches_rank_and_density_targets():
       assert a >= 0 and b >= 0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("deriv_start", [50, 10_000])
 def test_controller_never_goes_negative_when_targets_exceed_reach(deriv_start):
   # Targets of 1.0 push both weights down (rate - target <= 0); the clamp must
@@ -198,6 +201,7 @@ def test_controller_never_goes_negative_when_targets_exceed_reach(deriv_start):
       assert float(m["alpha"]) == 0.0 and float(m["beta"]) == 0.0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sparse_mode", ["topk", "rows", "2:4"])
 def test_sparse_modes(sparse_mode):
   _, state, _ = _quadratic_toy(0.25, 0.25, 150, sparse_mode=sparse_mode)
@@ -222,6 +226,7 @@ def test_sparse_modes(sparse_mode):
     assert min(rows_kept) < 1.0  # some block drops rows
 
 
+@pytest.mark.slow
 def test_hard_cut_mode_sets_density_exactly():
   _, state, _ = _quadratic_toy(0.25, 0.1, 30, mode="hard_cut")
   for path, m in sj.block_metrics(state).items():
@@ -333,6 +338,7 @@ def test_error_update_without_params():
     tx.update(_params(), state)
 
 
+@pytest.mark.slow
 def test_spread_rounds_runs_each_block_once_per_k_steps():
   rng = np.random.default_rng(0)
   params = {f"l{i}": {"kernel": jnp.asarray(rng.normal(size=(8, 6 + i % 2)), jnp.float32)}
