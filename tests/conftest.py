@@ -73,7 +73,7 @@ os.environ.setdefault("NPROC", "8")
 # Each xdist worker (and the apps and kernels it starts, which inherit it) on
 # its own share of the CPUs: one core each when there are as many workers as
 # cores (``-n auto``).  Unpinned, the XLA:CPU thread pools (NPROC threads
-# each, below) of the workers and their apps contend for every core: on 2
+# each, above) of the workers and their apps contend for every core: on 2
 # cores the fast lane took 1 min 45 s pinned against 2 min 01 s unpinned,
 # back to back.
 _WORKER = os.environ.get("PYTEST_XDIST_WORKER", "")
