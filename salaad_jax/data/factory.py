@@ -110,15 +110,7 @@ def make_dataset(source: str, *, seq_len: int, batch_size: int,
   kind, sep, rest = source.partition(':')
 
   if kind == 'synthetic':
-    if corpus is not None and sep:
-      raise ValueError(
-          f'Source {source!r} has options and corpus is also given; pass one')
-    if not (isinstance(tokenizer, ByteTokenizer) or
-            (isinstance(tokenizer, str) and tokenizer == 'byte')):
-      raise ValueError(
-          f"The synthetic source emits bytes and needs tokenizer='byte', got "
-          f'{tokenizer!r}')
-    return SyntheticDataset(corpus or parse_synthetic(source), **common)
+    return _synthetic_dataset(source, corpus, tokenizer, common)
 
   if kind == 'tfds' and sep:
     if not rest:
@@ -128,24 +120,40 @@ def make_dataset(source: str, *, seq_len: int, batch_size: int,
                          max_in_memory_bytes=max_in_memory_bytes,
                          streaming=streaming, **common)
 
-  if kind == 'text' and sep:
-    pattern = rest
-  elif sep and len(kind) > 1 and not _looks_like_path(source):
-    raise ValueError(
-        f"Unknown data source {source!r}: expected 'synthetic', "
-        "'tfds:<name>', 'text:<path or glob>' or a path to text files")
-  elif _looks_like_path(source):
-    pattern = source
-  else:
-    raise ValueError(
-        f"Unknown data source {source!r}: expected 'synthetic', "
-        "'tfds:<name>', 'text:<path or glob>' or a path to text files")
+  pattern = _text_pattern(source)
   paths = resolve_text_paths(pattern)
   tok = get_tokenizer(tokenizer)
   stream = split_stream(text_file_tokens(paths, tok), split, val_fraction,
                         name=f'text {pattern!r}')
   return TokenArrayDataset(stream, tokenizer=tok, name=f'text {pattern!r}',
                            **common)
+
+
+def _synthetic_dataset(source: str, corpus, tokenizer, common: dict):
+  """The synthetic source's dataset (its language from ``corpus`` or the
+  source's options, never both; bytes only)."""
+  if corpus is not None and ':' in source:
+    raise ValueError(
+        f'Source {source!r} has options and corpus is also given; pass one')
+  if not (isinstance(tokenizer, ByteTokenizer) or
+          (isinstance(tokenizer, str) and tokenizer == 'byte')):
+    raise ValueError(
+        f"The synthetic source emits bytes and needs tokenizer='byte', got "
+        f'{tokenizer!r}')
+  return SyntheticDataset(corpus or parse_synthetic(source), **common)
+
+
+def _text_pattern(source: str) -> str:
+  """The path or glob of a text source: after 'text:', or the source itself
+  when it looks like a path."""
+  kind, sep, rest = source.partition(':')
+  if kind == 'text' and sep:
+    return rest
+  if _looks_like_path(source):
+    return source
+  raise ValueError(
+      f"Unknown data source {source!r}: expected 'synthetic', "
+      "'tfds:<name>', 'text:<path or glob>' or a path to text files")
 
 
 def _tfds_dataset(name: str, tok: Tokenizer, *, data_dir, text_key, download,
