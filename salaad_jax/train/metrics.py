@@ -3,6 +3,7 @@ throughput/ETA, and the one-line progress format."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
@@ -47,23 +48,49 @@ def truncate_after(path: str, step: int) -> None:
   os.replace(tmp, path)
 
 
-def _summary_writer(logdir: str):
-  """(writer, add_scalar) from tensorboardX, torch or flax (TensorFlow); (None, None)
-  when none of them is installed."""
-  try:
-    from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
-  except ImportError:
-    try:
-      from torch.utils.tensorboard import SummaryWriter  # pylint: disable=g-import-not-at-top
-    except ImportError:
-      try:
-        from flax.metrics import tensorboard  # pylint: disable=g-import-not-at-top
-      except ImportError:
-        return None, None
-      writer = tensorboard.SummaryWriter(logdir)
-      return writer, writer.scalar
+# The TensorBoard writers tried in order: (module that must be installed,
+# how to make a writer for a log folder).  Each is looked up with
+# ``importlib.util.find_spec`` before it is imported: torch's writer needs the
+# ``tensorboard`` package and flax's TensorFlow, and importing torch only to
+# find ``tensorboard`` missing costs a run seconds.
+def _tensorboardx(logdir: str):
+  from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
   writer = SummaryWriter(logdir)
   return writer, writer.add_scalar
+
+
+def _torch(logdir: str):
+  from torch.utils.tensorboard import SummaryWriter  # pylint: disable=g-import-not-at-top
+  writer = SummaryWriter(logdir)
+  return writer, writer.add_scalar
+
+
+def _flax(logdir: str):
+  from flax.metrics import tensorboard  # pylint: disable=g-import-not-at-top
+  writer = tensorboard.SummaryWriter(logdir)
+  return writer, writer.scalar
+
+
+_WRITERS = (("tensorboardX", _tensorboardx), ("tensorboard", _torch), ("tensorflow", _flax))
+
+
+def _installed(module: str) -> bool:
+  try:
+    return importlib.util.find_spec(module) is not None
+  except (ImportError, ValueError):
+    return False
+
+
+def _summary_writer(logdir: str):
+  """(writer, add_scalar) from tensorboardX, torch (with ``tensorboard``) or
+  flax (with TensorFlow), the first installed; (None, None) when none is."""
+  for module, make in _WRITERS:
+    if _installed(module):
+      try:
+        return make(logdir)
+      except ImportError:  # installed but broken (e.g. torch absent): the next one
+        continue
+  return None, None
 
 
 class _TensorBoard:
@@ -74,7 +101,7 @@ class _TensorBoard:
 
   def add_scalars(self, step: int, record: Mapping[str, Any]) -> None:
     for key, value in record.items():
-      if isinstance(value, (int, float)) and not isinstance(value, bool) and key != "step":
+      if isinstance(value, (int, float)) and not isinstance(value, bool):
         self._add(key, value, step)
 
   def close(self) -> None:
@@ -108,7 +135,7 @@ class MetricsLog:
       if self.tensorboard is not None:
         prefix = "" if kind == "train" else f"{kind}/"
         self.tensorboard.add_scalars(step, {prefix + k: v for k, v in out.items()
-                                            if k not in ("kind",)})
+                                            if k not in ("kind", "step")})
     return out
 
   def close(self) -> None:
