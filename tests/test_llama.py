@@ -11,6 +11,7 @@ from flax import traverse_util
 from salaad_jax.models import (CONFIGS, Llama, LlamaConfig, count_params,
                                cross_entropy_loss, generate, generate_uncached,
                                get_config, init_cache, init_params)
+from salaad_jax.models import llama
 from salaad_jax.models.llama import RMSNorm, apply_rotary
 
 F32_TINY = get_config("tiny", dtype=jnp.float32)
@@ -321,6 +322,33 @@ def test_generate_greedy_matches_stepwise_argmax(f32_model):
     seq[:, t] = np.argmax(apply({"params": params}, jnp.asarray(seq))[:, t - 1],
                           -1)
   np.testing.assert_array_equal(out, seq)
+
+
+def test_generate_compiles_once_per_model_and_shape(f32_model):
+  model, params, _ = f32_model
+  prompt = _tokens(5, 2, 3, F32_TINY.vocab_size)
+  before = llama._generate_compiled.jitted._cache_size()
+  first = generate(model, params, prompt, 4, jax.random.key(0), 0.0)
+  # An equal model (another instance), another key and temperature: no new program.
+  again = generate(Llama(F32_TINY), params, prompt, 4, jax.random.key(1), 0.5)
+  assert llama._generate_compiled.jitted._cache_size() == before + 1
+  np.testing.assert_array_equal(first[:, :3], again[:, :3])
+  # A model that cannot be a static argument runs uncompiled, to the same tokens.
+  class Unhashable:  # the model's interface, without a hash
+    __hash__ = None
+
+    def __init__(self, inner):
+      self.inner, self.config = inner, inner.config
+
+    def apply(self, *args, **kwargs):
+      return self.inner.apply(*args, **kwargs)
+
+    def init(self, *args, **kwargs):
+      return self.inner.init(*args, **kwargs)
+
+  eager = generate(Unhashable(model), params, prompt, 4, jax.random.key(0), 0.0)
+  np.testing.assert_array_equal(eager, first)
+  assert llama._generate_compiled.jitted._cache_size() == before + 1
 
 
 def test_generate_sampling(f32_model):

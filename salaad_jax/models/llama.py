@@ -396,21 +396,9 @@ def _next_token(last: Array, rng: Array, i, temperature: Array) -> Array:
   return jnp.where(temperature > 0, sampled, greedy).astype(jnp.int32)
 
 
-def generate(model: Llama, params: Any, prompt_tokens: Array,
-             max_new_tokens: int, rng: Array,
-             temperature: float | Array = 1.0) -> Array:
-  """Autoregressive sampling with a KV cache.
-
-  The prompt (P tokens) runs once through ``model`` with ``decode=True``,
-  filling the cache (``init_cache``); each of the N = max_new_tokens steps
-  then runs one token and draws y_i ~ softmax(logits / temperature) with key
-  fold_in(rng, i), or argmax when temperature <= 0 (greedy): the same draws
-  as ``generate_uncached``, at O(1) tokens of work per step instead of a
-  full forward. Jit-friendly with N static; temperature may be traced.
-
-  Returns:
-    int32[batch, P + N]: the prompt followed by the sampled tokens.
-  """
+def _generate(model: Llama, params: Any, prompt_tokens: Array,
+              max_new_tokens: int, rng: Array,
+              temperature: float | Array = 1.0) -> Array:
   buffer, prompt_len = _check_generate_args(model, prompt_tokens, max_new_tokens)
   n = int(max_new_tokens)
   if n == 0:
@@ -437,15 +425,9 @@ def generate(model: Llama, params: Any, prompt_tokens: Array,
   return jax.lax.fori_loop(1, n, step, (buffer, cache))[0]
 
 
-def generate_uncached(model: Llama, params: Any, prompt_tokens: Array,
-                      max_new_tokens: int, rng: Array,
-                      temperature: float | Array = 1.0) -> Array:
-  """Autoregressive sampling without a KV cache (the reference of ``generate``).
-
-  A fixed buffer int32[batch, P + N] is filled one token per
-  ``lax.fori_loop`` step; each step runs the full forward pass (causality
-  makes the unfilled tail irrelevant) and draws the token as ``generate``.
-  """
+def _generate_uncached(model: Llama, params: Any, prompt_tokens: Array,
+                       max_new_tokens: int, rng: Array,
+                       temperature: float | Array = 1.0) -> Array:
   buffer, prompt_len = _check_generate_args(model, prompt_tokens, max_new_tokens)
   temperature = jnp.asarray(temperature, jnp.float32)
 
@@ -458,3 +440,57 @@ def generate_uncached(model: Llama, params: Any, prompt_tokens: Array,
     return jax.lax.dynamic_update_slice(buf, token[:, None], (0, pos))
 
   return jax.lax.fori_loop(0, int(max_new_tokens), step, buffer)
+
+
+def _compiled(impl):
+  """``impl`` jit-compiled with the model and the number of new tokens static."""
+  jitted = jax.jit(impl, static_argnums=(0, 3))
+
+  def call(model, params, prompt_tokens, max_new_tokens, rng, temperature=1.0):
+    n = int(max_new_tokens)
+    try:
+      hash(model)
+    except TypeError:  # an unhashable attribute: it cannot be a static argument
+      return impl(model, params, prompt_tokens, n, rng, temperature)
+    return jitted(model, params, prompt_tokens, n, rng, temperature)
+
+  call.jitted = jitted
+  return call
+
+
+_generate_compiled = _compiled(_generate)
+_generate_uncached_compiled = _compiled(_generate_uncached)
+
+
+def generate(model: Llama, params: Any, prompt_tokens: Array,
+             max_new_tokens: int, rng: Array,
+             temperature: float | Array = 1.0) -> Array:
+  """Autoregressive sampling with a KV cache.
+
+  The prompt (P tokens) runs once through ``model`` with ``decode=True``,
+  filling the cache (``init_cache``); each of the N = max_new_tokens steps
+  then runs one token and draws y_i ~ softmax(logits / temperature) with key
+  fold_in(rng, i), or argmax when temperature <= 0 (greedy): the same draws
+  as ``generate_uncached``, at O(1) tokens of work per step instead of a
+  full forward.  Compiled once per model, prompt shape and N (a model whose
+  attributes cannot be hashed runs it uncompiled); inside a caller's jit, N
+  must be static and temperature may be traced.
+
+  Returns:
+    int32[batch, P + N]: the prompt followed by the sampled tokens.
+  """
+  return _generate_compiled(model, params, prompt_tokens, max_new_tokens, rng, temperature)
+
+
+def generate_uncached(model: Llama, params: Any, prompt_tokens: Array,
+                      max_new_tokens: int, rng: Array,
+                      temperature: float | Array = 1.0) -> Array:
+  """Autoregressive sampling without a KV cache (the reference of ``generate``).
+
+  A fixed buffer int32[batch, P + N] is filled one token per
+  ``lax.fori_loop`` step; each step runs the full forward pass (causality
+  makes the unfilled tail irrelevant) and draws the token as ``generate``;
+  compiled as ``generate`` is.
+  """
+  return _generate_uncached_compiled(model, params, prompt_tokens, max_new_tokens, rng,
+                                     temperature)
