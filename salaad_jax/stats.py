@@ -96,14 +96,18 @@ def surrogate_params(params, opt_state):
 
 
 def primal_residual(params, opt_state) -> dict[str, jax.Array]:
-  """||X - L - S||_F / ||X||_F per block."""
+  """||X - L - S||_F / ||X||_F per block; where X = 0 (a block its step's cut
+  drops whole, training in factors) ||L + S|| / ||L + S||: 1, or 0 when L + S
+  is 0 too."""
   hats = surrogate_blocks(opt_state)
   out = {}
   for path, x in jax.tree_util.tree_flatten_with_path(params)[0]:
     p = st.path_str(path)
     if p in hats:
       xf = jnp.asarray(x, _F32)
-      out[p] = jnp.linalg.norm(xf - hats[p]) / jnp.maximum(jnp.linalg.norm(xf), 1e-30)
+      x_norm = jnp.linalg.norm(xf)
+      scale = jnp.where(x_norm > 0, x_norm, jnp.linalg.norm(hats[p]))
+      out[p] = jnp.linalg.norm(xf - hats[p]) / jnp.maximum(scale, 1e-30)
   return out
 
 

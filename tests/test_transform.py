@@ -284,6 +284,13 @@ def test_surrogate_and_residual_accessors():
   assert sj.block_paths(state) == ["w/kernel"]
   summ = sj.summary(params, state)
   assert set(summ) == {"rank_rate", "density", "alpha", "beta", "primal_residual"}
+  # A block whose params are 0 (a cut that drops it whole): all of L + S is
+  # missing, a residual of 1 (not a division by 0); 0 when L + S is 0 too.
+  zero = jax.tree.map(jnp.zeros_like, params)
+  assert float(sj.primal_residual(zero, state)["w/kernel"]) == pytest.approx(1.0)
+  assert np.isfinite(float(sj.summary(zero, state)["primal_residual"]))
+  empty = jax.tree.map(jnp.zeros_like, state)
+  assert float(sj.primal_residual(zero, empty)["w/kernel"]) == 0.0
 
 
 # ---------------------------------------------------------------------------
