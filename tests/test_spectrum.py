@@ -387,15 +387,15 @@ def test_app_writes_table_csv_plot_and_reads_baselines(runs, tmp_path):
   sm.write_summary(tmp_path / "sltrain", method="sltrain", params=60000, bytes=150000,
                    perplexity=14.0, sparsity=0.97, label="SLTrain r=8")
   out_dir = tmp_path / "out"
-  out = app(f"--workdir={salaad}", f"--dense_workdir={dense}", "--budgets=0.3,40%,0.5",
+  out = app(f"--workdir={salaad}", f"--dense_workdir={dense}", "--budgets=40%,0.5",
             f"--baseline_workdirs={tmp_path / 'sltrain'}", f"--out_dir={out_dir}")
   assert out.returncode == 0, out.stderr[-3000:]
   progress = [l for l in out.stdout.splitlines() if l.startswith("[")]
-  assert len(progress) == 12 and progress[-1].startswith("[12/12] posthoc[dense]/global")
+  assert len(progress) == 8 and progress[-1].startswith("[8/8] posthoc[dense]/global")
   assert sorted(os.listdir(out_dir)) == ["spectrum.csv", "spectrum.json", "spectrum.md",
                                          "spectrum.png"]
   table = list(csv.DictReader(io.StringIO((out_dir / "spectrum.csv").read_text())))
-  assert len(table) == 2 + 12 + 1 and tuple(table[0]) == sp.COLUMNS + sp.TIME_COLUMNS
+  assert len(table) == 2 + 8 + 1 and tuple(table[0]) == sp.COLUMNS + sp.TIME_COLUMNS
   base = table[-1]
   assert (base["series"], base["source"], base["params"], base["perplexity"]) == (
       "SLTrain r=8", "baseline", "60000", "14")
