@@ -14,7 +14,6 @@ same tokens.
 from __future__ import annotations
 
 import statistics
-import time
 
 from absl import app, flags
 import jax
@@ -22,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from salaad_jax.models import Llama, generate, get_config, init_params
-from salaad_jax.models import llama
+from salaad_jax.models import llama, timing
 
 _MODELS = flags.DEFINE_list("models", ["tiny", "small"], "model presets")
 _NEW = flags.DEFINE_integer("new_tokens", 48, "tokens generated per call")
@@ -30,19 +29,11 @@ _PROMPT = flags.DEFINE_integer("prompt", 16, "prompt tokens")
 _REPEATS = flags.DEFINE_integer("repeats", 5, "timed calls after the first")
 
 
-def _seconds(fn) -> float:
-  t = time.perf_counter()
-  jax.block_until_ready(fn())
-  return time.perf_counter() - t
-
-
 def _time(run) -> tuple[float, float, np.ndarray]:
-  """(first call s, median later call s, tokens of the first call)."""
-  t = time.perf_counter()
-  tokens = jax.block_until_ready(run(0))
-  first = time.perf_counter() - t
-  later = [_seconds(lambda k=k: run(k)) for k in range(1, _REPEATS.value + 1)]
-  return first, statistics.median(later), np.asarray(tokens)
+  """(first call s, median later call s, tokens of a call with key 0)."""
+  first = timing.time_call(lambda: run(0))
+  later = [timing.time_call(lambda k=k: run(k)) for k in range(1, _REPEATS.value + 1)]
+  return first, statistics.median(later), np.asarray(run(0))
 
 
 def main(argv):
@@ -59,9 +50,8 @@ def main(argv):
     model, params = Llama(cfg), init_params(cfg, jax.random.key(0))
     prompt = jax.random.randint(jax.random.key(1), (2, _PROMPT.value), 0, cfg.vocab_size,
                                 dtype=jnp.int32)
-    key = lambda k: jax.random.key(k)
-    eager = _time(lambda k: llama._generate(model, params, prompt, _NEW.value, key(k), 0.0))
-    compiled = _time(lambda k: generate(model, params, prompt, _NEW.value, key(k), 0.0))
+    call = lambda fn: lambda k: fn(model, params, prompt, _NEW.value, jax.random.key(k), 0.0)
+    eager, compiled = _time(call(llama._generate)), _time(call(generate))
     same = bool(np.array_equal(eager[2], compiled[2]))
     print(f"| {name} | {eager[0]:.2f} | {compiled[0]:.2f} | {eager[1]:.3f} | "
           f"{compiled[1]:.3f} | {eager[1] / compiled[1]:.0f}x | {'yes' if same else 'NO'} |",
