@@ -18,7 +18,8 @@ if __name__ == "__main__":  # compile as the test session does (tests/conftest.p
   os.environ.setdefault("JAX_PLATFORMS", "cpu")
   os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
   os.environ.setdefault("XLA_FLAGS", "--xla_backend_optimization_level=0 "
-                        "--xla_cpu_use_fusion_emitters=false")
+                        "--xla_cpu_use_fusion_emitters=false "
+                        "--xla_cpu_parallel_codegen_split_count=1")
 
 import jax
 import jax.numpy as jnp
@@ -147,7 +148,10 @@ def fixture_path(name: str) -> Path:
 
 
 # Not bitwise: a reordering of float32 operations may move the last bits,
-# which a few SVDs and thresholds amplify a little.
+# which a few SVDs and thresholds amplify a little.  The fixtures hold what the
+# test session's XLA flags (conftest.py; the same as ``main`` below) compute:
+# other flags reorder operations enough to flip the signs of singular vectors
+# (L = U diag(s) V^T stays within 1e-5) and one threshold decision.
 RTOL, ATOL = 1e-4, 1e-5
 
 
@@ -164,14 +168,15 @@ def assert_matches(got: dict, want, what: str):
       np.testing.assert_array_equal(g, w, err_msg=f"{what} {key}")
 
 
-def restored_checkpoint():
-  """(state, data state) of the fixture checkpoint, restored against the
+def restored_checkpoint(directory=CHECKPOINT):
+  """(state, data state) of the checkpoint at ``directory`` (the fixture's:
+  written by earlier code), step CHECKPOINT_STEP, restored against the
   abstract state of today's code."""
   from salaad_jax.train.checkpoint import Checkpointer  # pylint: disable=import-outside-toplevel
   tx, _ = CASES[CHECKPOINT_CASE]
   abstract = jax.eval_shape(lambda p: {"params": p, "opt_state": tx().init(p)},
                             initial_params())
-  ckpt = Checkpointer(str(CHECKPOINT), reader=True)
+  ckpt = Checkpointer(str(directory), reader=True)
   restored, data = ckpt.restore(abstract, CHECKPOINT_STEP)
   ckpt.close()
   return restored, data
