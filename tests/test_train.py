@@ -353,27 +353,3 @@ def test_load_run_gives_back_a_usable_run(tmp_path):
   with open(os.path.join(wd, "config.json")) as fh:
     assert json.load(fh)["vocab_size"] == 256
   assert isinstance(run.opt_state, tuple) and not isinstance(run.opt_state, TrainState)
-
-
-def test_compiled_initialisation_takes_the_seed_as_an_input():
-  """The executor's jitted init gets the seed's key data as an argument: one
-  program for every seed (so a seed sweep compiles it once), the same state
-  as the seed baked in, and different weights for different seeds."""
-  from salaad_jax.train import build  # pylint: disable=import-outside-toplevel
-  from salaad_jax.train.executors import make_executor  # pylint: disable=import-outside-toplevel
-  from salaad_jax.train.state import init_state, seed_key_data  # pylint: disable=import-outside-toplevel
-
-  def setup(seed):
-    config = tiny(seed=seed, seq_len=16, vocab_size=256)
-    parts = build(config)
-    return config, parts, make_executor(config, parts.model, parts.method, parts.tx)
-
-  (c0, p0, e0), (c1, _, e1) = setup(0), setup(1)
-  k0, k1 = seed_key_data(c0), seed_key_data(c1)
-  assert e0._init.lower(None, k0).as_text() == e1._init.lower(None, k1).as_text()
-  s0, s1 = e0.init(), e1.init()
-  baked = jax.jit(lambda: init_state(c0, p0.model, p0.method, p0.tx))()
-  jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
-               s0, baked)
-  emb = lambda s: np.asarray(s.params["embed"]["embedding"])
-  assert not np.array_equal(emb(s0), emb(s1))

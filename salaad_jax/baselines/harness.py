@@ -86,8 +86,10 @@ def _dense_cls(config: TrainConfig):
 
 def _register(name: str, options: dict, description: str) -> None:
   spec = make_method(name)
+  # SLTrain's support is drawn from the seed as a Python int (spec_for).
   register_method(name, _optimizer, dense_cls=_dense_cls, options=options,
                   description=description,
+                  runtime_fields=("lr",) if name == "sltrain" else ("lr", "seed"),
                   constant_collections=spec.constant_collections, overwrite=True)
 
 

@@ -126,8 +126,8 @@ class _Trainer:
                              calibration_batches(lambda: calibration_dataset(config)),
                              saved_params(checkpoint_dir(workdir))
                              if cfg_lib.starts_pretrained(config) else None)
-    self.executor = make_executor(config, self.parts.model, self.parts.method, self.parts.tx,
-                                  devices, initial)
+    self.executor = make_executor(config, self.parts.model, self.parts.method,
+                                  devices=devices, initial=initial)
     del initial
     prepare_workdir(workdir, config)
     self.ckpt = Checkpointer(checkpoint_dir(workdir),

@@ -65,6 +65,11 @@ class Method:
       model applies for ``TrainState.params`` (e.g. W + (alpha / r) A B).
       The function must be hashable (a module-level function or a
       ``functools.partial``).  None: the variables as they are.
+    runtime_fields: the TrainConfig fields ``make_optimizer`` accepts as
+      traced values, so that they are inputs of the compiled programs rather
+      than constants (see ``salaad_jax.train.programs``): 'lr' (read through
+      the schedule) and 'seed'.  A method that needs a field as a Python
+      value (e.g. to build its model from it) leaves it out.
   """
 
   name: str
@@ -78,6 +83,7 @@ class Method:
   constant_collections: tuple[str, ...] = ()
   from_pretrained: Optional[Callable[..., Params]] = None
   model_variables: Optional[Callable[[TrainConfig], Callable[[dict], dict]]] = None
+  runtime_fields: tuple[str, ...] = ("lr", "seed")
 
   def model_dense_cls(self, config: TrainConfig):
     return llama.Dense if self.dense_cls is None else self.dense_cls(config)
@@ -90,13 +96,14 @@ _plugins_loaded = False
 def register_method(name: str, make_optimizer, *, dense_cls=None, transform_params=None,
                     metrics=None, eval_params=None, options=None, description: str = "",
                     constant_collections=(), from_pretrained=None, model_variables=None,
-                    overwrite: bool = False) -> Method:
+                    runtime_fields=("lr", "seed"), overwrite: bool = False) -> Method:
   """Adds a method to the registry and returns it (see :class:`Method`)."""
   if name in _REGISTRY and not overwrite:
     raise ValueError(f"method {name!r} is already registered (pass overwrite=True)")
   method = Method(name, make_optimizer, dense_cls, transform_params, metrics,
                   eval_params, dict(options or {}), description,
-                  tuple(constant_collections), from_pretrained, model_variables)
+                  tuple(constant_collections), from_pretrained, model_variables,
+                  tuple(runtime_fields))
   _REGISTRY[name] = method
   return method
 

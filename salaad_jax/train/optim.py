@@ -10,15 +10,20 @@ from salaad_jax.train.config import TrainConfig
 
 def make_schedule(config: TrainConfig) -> optax.Schedule:
   """Linear warm-up from 0 to ``lr`` over ``warmup_steps``, then either a cosine
-  decay to ``min_lr_ratio * lr`` at ``steps`` or a constant ``lr``."""
+  decay to ``min_lr_ratio * lr`` at ``steps`` or a constant ``lr``.
+
+  ``config.lr`` may be a traced value (a compiled program's input: see
+  ``salaad_jax.train.programs``): the schedule is optax's
+  ``warmup_cosine_decay_schedule`` written with the ratio itself as the
+  cosine's floor, which needs no Python test of the peak value."""
+  warm = optax.linear_schedule(0.0, config.lr, max(config.warmup_steps, 1)
+                               if config.schedule == "constant" else config.warmup_steps)
   if config.schedule == "constant":
-    warm = optax.linear_schedule(0.0, config.lr, max(config.warmup_steps, 1))
-    return optax.join_schedules([warm, optax.constant_schedule(config.lr)],
-                                [config.warmup_steps])
-  return optax.warmup_cosine_decay_schedule(
-      init_value=0.0, peak_value=config.lr, warmup_steps=config.warmup_steps,
-      decay_steps=max(config.steps, config.warmup_steps + 1),
-      end_value=config.lr * config.min_lr_ratio)
+    rest = optax.constant_schedule(config.lr)
+  else:
+    decay_steps = max(config.steps, config.warmup_steps + 1) - config.warmup_steps
+    rest = optax.cosine_decay_schedule(config.lr, decay_steps, alpha=config.min_lr_ratio)
+  return optax.join_schedules([warm, rest], [config.warmup_steps])
 
 
 def base_optimizer(config: TrainConfig, schedule: optax.Schedule,
