@@ -131,7 +131,9 @@ def effective_rank(sigma: jax.Array, energy=0.999) -> jax.Array:
   # A relative slack of a few ulps keeps energy=1.0 from demanding the exact
   # float sum.
   short = csum < energy * total * (1.0 - 4 * jnp.finfo(_F32).eps)
-  k = jnp.sum(short.astype(jnp.int32)) + 1
+  # The running sum can end more than that below ``jnp.sum``'s total (they
+  # round differently); all of the spectrum always holds its energy.
+  k = jnp.minimum(jnp.sum(short.astype(jnp.int32)) + 1, s2.shape[-1])
   return jnp.where(total > 0, k, 0).astype(jnp.int32)
 
 
