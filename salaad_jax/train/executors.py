@@ -50,12 +50,12 @@ class JitExecutor:
     shd.check_batch_divisible("eval_batch_size", eval_batch_size(config), n)
     self._initial, self._key_data = initial, seed_key_data(config)
     self._values = {} if tx is not None else programs.runtime_values(config, method)
+    self._batch_sharding = shd.batch_sharding(self.mesh)
     where = ("jit", self.mesh.axis_names, self.mesh.devices.shape,
              tuple(d.id for d in self.mesh.devices.flat))
     self.abstract, self._init, self._step = _programs(
         self, where, config, model, method, tx, initial)
     self.shardings = jax.tree.map(lambda x: x.sharding, self.abstract)
-    self._batch_sharding = shd.batch_sharding(self.mesh)
 
   def _compile(self, config, model, method, tx, initial):
     """(abstract state, jitted init, jitted step); the last two take the
@@ -63,10 +63,10 @@ class JitExecutor:
     init_fn, step_fn = _program_functions(config, model, method, tx)
     abstract = jax.eval_shape(init_fn, initial, self._key_data, self._values)
     shardings = shd.state_shardings(abstract, self.mesh)
-    batch_sharding = shd.batch_sharding(self.mesh)
     init = jax.jit(init_fn, out_shardings=shardings)
     step = jax.jit(functools.partial(step_fn, grad_accum=config.grad_accum),
-                   in_shardings=(shardings, batch_sharding, NamedSharding(self.mesh, P())),
+                   in_shardings=(shardings, self._batch_sharding,
+                                 NamedSharding(self.mesh, P())),
                    out_shardings=(shardings, NamedSharding(self.mesh, P())),
                    donate_argnums=0)
     return shd.with_shardings(abstract, shardings), init, step
@@ -169,10 +169,10 @@ def _programs(executor, where, config: TrainConfig, model, method, tx, initial):
 
 
 def _program_functions(config: TrainConfig, model, method, tx):
-  """(init(initial, key_data, values), step(state, batch, values, **kw)): with
-  ``tx`` None the optimiser is the method's for ``config`` with ``values``
-  for its runtime fields (and nothing else of config's host fields), else
-  ``tx`` itself (``values`` is then empty)."""
+  """(init(initial, key_data, values), step(state, batch, values, **kw)).
+  With ``tx`` None the optimiser is the method's, built from the program
+  config (host fields reset) with ``values`` for its runtime fields; else it
+  is ``tx`` itself (``values`` is then empty)."""
   if tx is not None:
     make_tx, config = (lambda values: tx), config
   else:
