@@ -72,6 +72,7 @@ def sweep():
   return runs, constant
 
 
+@pytest.mark.slow  # trains
 def test_a_seed_and_lr_sweep_compiles_once(sweep):
   runs, _ = sweep
   (e0, _), (e1, _) = runs.values()
@@ -79,6 +80,7 @@ def test_a_seed_and_lr_sweep_compiles_once(sweep):
   assert e0._step._cache_size() == 1 and e0._init._cache_size() == 1
 
 
+@pytest.mark.slow  # trains
 def test_inputs_train_as_the_values_compiled_in(sweep):
   runs, constant = sweep
   (_, a), (_, b) = runs.values()
