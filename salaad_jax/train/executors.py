@@ -56,6 +56,11 @@ class JitExecutor:
     self.abstract, self._init, self._step = _programs(
         self, where, config, model, method, tx, initial)
     self.shardings = jax.tree.map(lambda x: x.sharding, self.abstract)
+    # On every device of the mesh once (global arrays, with any number of
+    # processes), so that a step passes them without a host transfer.
+    replicated = NamedSharding(self.mesh, P())
+    self._values = {k: jax.make_array_from_callback((), replicated, lambda _, v=v: v)
+                    for k, v in self._values.items()}
 
   def _compile(self, config, model, method, tx, initial):
     """(abstract state, jitted init, jitted step); the last two take the
